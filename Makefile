@@ -1,0 +1,32 @@
+# Quick start: `make eval` runs the main job, `make test` runs the test suite.
+# Both create .venv and install the project with its dependencies when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the project so the `torch>=2.4` requirement is already met: on a machine that has
+# the CPU wheel locally pip takes it; elsewhere PyPI's build (CUDA on Linux). Override for another build:
+#   make test TORCH_SPEC="torch==2.5.1"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+BIN := $(VENV)/bin
+
+.PHONY: setup eval test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+eval: $(STAMP)
+	$(BIN)/invgan verify --dataset mnist5k
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	RUN_SLOW=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

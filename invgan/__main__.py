@@ -1,0 +1,3 @@
+from invgan.cli import app
+
+app()

@@ -1,0 +1,108 @@
+"""`invgan`: the front door. Parses arguments and calls one function per command; nothing else."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="Evaluate GAN-inversion adversarial defenses (Defense-GAN, InvGAN, RED) at scale.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class Kind(str, Enum):
+    gan = "gan"
+    classifier = "classifier"
+    inverter = "inverter"
+
+
+class GanLoss(str, Enum):
+    wgan_gp = "wgan-gp"
+    dcgan = "dcgan"
+
+
+@app.command()
+def train(
+    kind: Kind = typer.Argument(..., help="gan (generator + critic), classifier, or inverter (needs a trained generator)"),
+    dataset: str = typer.Option("digits", help="digits | mnist5k | mnist | fashion-mnist | cifar10"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder with the dataset files (mnist, fashion-mnist, cifar10)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps [classifier: 50 epochs, gan 20000, inverter 5000]"),
+    batch_size: Optional[int] = typer.Option(None, help="global batch size, split across processes"),
+    lr: Optional[float] = typer.Option(None, help="learning rate [classifier 0.1, gan 1e-4, inverter 2e-4]"),
+    seed: int = typer.Option(0),
+    augment_shift: int = typer.Option(2, help="classifier: random translations of up to N pixels (0: off)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | mps; default: Accelerate picks (CUDA when present)"),
+    out: Optional[Path] = typer.Option(None, help="folder for the model files [weights/<dataset>]"),
+    work_dir: Optional[Path] = typer.Option(None, help="resumable training state [runs/train/<dataset>-<kind>]"),
+    checkpoint_every: int = typer.Option(200, help="save resumable state every N steps"),
+    max_minutes: Optional[float] = typer.Option(None, help="stop and save after this many minutes; rerun to continue"),
+    gan_loss: GanLoss = typer.Option(GanLoss.wgan_gp, help="GAN objective"),
+    n_critic: int = typer.Option(5, help="critic steps per generator step"),
+    generator: Optional[Path] = typer.Option(None, help="inverter: generator file stem [<out>/generator]"),
+    eta: float = typer.Option(1.0, help="inverter: hinge margin η of L_semantic"),
+    lambda_adv: float = typer.Option(1.0, help="inverter: λ1"),
+    lambda_semantic: float = typer.Option(100.0, help="inverter: λ2"),
+    lambda_latent: float = typer.Option(1.0, help="inverter: λ3"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train a model with Accelerate; rerunning the same command resumes from the last saved state.
+
+    Examples:  invgan train classifier --dataset digits
+               invgan train gan --dataset mnist5k --max-minutes 60
+               invgan train inverter --dataset mnist5k
+    """
+    from jobs.train import TrainConfig, run
+
+    cfg = TrainConfig(kind=kind.value, dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
+                      seed=seed, augment_shift=augment_shift, device=device, out=out, work_dir=work_dir, checkpoint_every=checkpoint_every,
+                      max_minutes=max_minutes, gan_loss=gan_loss.value, n_critic=n_critic, generator=generator, eta=eta,
+                      lambda_adv=lambda_adv, lambda_semantic=lambda_semantic, lambda_latent=lambda_latent,
+                      tracking_uri=tracking_uri, quiet=quiet)
+    result = run(cfg)
+    if result.get("files"):
+        typer.echo(f"{'finished' if result['finished'] else 'stopped'} at step {result['step']}: {result['metrics']}")
+        typer.echo("model files: " + ", ".join(f + ".safetensors" for f in result["files"]))
+        typer.echo(f"MLflow run {result['mlflow_run_id']} (open with: invgan ui)")
+
+
+@app.command()
+def verify(
+    dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
+    limit: Optional[int] = typer.Option(None, help="only the first N held-out images (default: the manifest's subset)"),
+    data_dir: Optional[Path] = typer.Option(None, help="dataset folder, if not embedded"),
+    weights: Optional[Path] = typer.Option(None, help="weights folder [weights/<dataset>]"),
+    write: bool = typer.Option(False, help="record the figures in the manifests (after training)"),
+) -> None:
+    """Measure the shipped models on the held-out split and compare with their manifests.
+
+    Classifier accuracy, Defense-GAN (10 restarts x 200 steps) and InvGAN (I(x) + 200 steps)
+    projection accuracy, reconstruction MSE.
+    """
+    from jobs.verify import main as verify_main
+
+    raise typer.Exit(verify_main(dataset=dataset, limit=limit, data_dir=data_dir, weights=weights, write=write))
+
+
+@app.command()
+def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None)) -> None:
+    """Open the MLflow UI on 127.0.0.1 for the project's run store."""
+    import subprocess
+    import sys
+
+    from jobs.common import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", "127.0.0.1", "--port", str(port)]))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,325 @@
+"""Training jobs (`invgan train gan|classifier|inverter`): Accelerate loops over invgan_core steps.
+
+Every loop is step-based and deterministic per step: step s draws its batch from a permutation seeded
+by (seed, epoch) and reseeds torch from (seed, step, process), so a run resumed from its last saved
+state ends with the same weights as an uninterrupted one. State (models, optimizers, RNG) is saved
+with `accelerator.save_state` every `checkpoint_every` steps into `<work_dir>/state`, swapped in
+atomically; rerunning the same command resumes from there. With N processes (torchrun or
+`accelerate.debug_launcher`) each takes 1/N of every global batch and DDP averages the gradients.
+
+Also runnable as `python -m jobs.train --help`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from invgan_core import training
+from invgan_core.checkpoint import atomic_write_json, load_model, save_model
+from invgan_core.data import SPLIT_SEED, load_dataset
+from invgan_core.models import build_model, default_arch, sample_prior
+from jobs.common import git_commit, runs_dir, start_mlflow, weights_stem
+
+Kind = Literal["gan", "classifier", "inverter"]
+
+# Defaults per kind, each with its reason.
+DEFAULTS = {
+    # RED appendix: SGD lr 0.1, momentum 0.5, batch 128, 50 epochs (steps below = 50 epochs of mnist5k).
+    "classifier": dict(lr=0.1, batch_size=128, steps=None),
+    # WGAN-GP as Defense-GAN trained its generators: Adam 1e-4, betas (0.5, 0.9), 5 critic steps.
+    "gan": dict(lr=1e-4, batch_size=64, steps=20000),
+    # InvGAN: Adam(β1 0.5, β2 0.999); the paper runs 100K iterations, a few thousand suffice for MNIST here.
+    "inverter": dict(lr=2e-4, batch_size=64, steps=5000),
+}
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind
+    dataset: str = "digits"
+    data_dir: Optional[Path] = None
+    steps: Optional[int] = Field(None, gt=0, description="optimizer steps (GAN: generator steps)")
+    batch_size: Optional[int] = Field(None, gt=0, description="global batch, split across processes")
+    lr: Optional[float] = Field(None, gt=0)
+    seed: int = 0
+    augment_shift: int = Field(2, ge=0, description="classifier: random translations of up to N pixels (0: off)")
+    device: Optional[Literal["cpu", "cuda", "mps"]] = None  # None: Accelerate picks (CUDA when present)
+    out: Optional[Path] = None  # final model files go to <out>/<model>; default weights/<dataset>
+    work_dir: Optional[Path] = None  # resumable state; default runs/train/<dataset>-<kind>
+    checkpoint_every: int = Field(200, gt=0)
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and save) after this wall time")
+    # GAN
+    gan_loss: Literal["wgan-gp", "dcgan"] = "wgan-gp"
+    n_critic: int = Field(5, gt=0)
+    gp_weight: float = 10.0
+    # inverter (InvGAN objective)
+    generator: Optional[Path] = None  # default <out>/generator
+    eta: float = Field(1.0, ge=0)
+    lambda_adv: float = 1.0
+    lambda_semantic: float = 100.0
+    lambda_latent: float = 1.0
+    # records
+    tracking_uri: Optional[str] = None
+    experiment: str = "train"
+    quiet: bool = False
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> "TrainConfig":
+        for key, value in DEFAULTS[self.kind].items():
+            if getattr(self, key) is None and value is not None:
+                setattr(self, key, value)
+        if self.out is None:
+            self.out = weights_stem(self.dataset, "x").parent
+        if self.work_dir is None:
+            self.work_dir = runs_dir() / "train" / f"{self.dataset}-{self.kind}"
+        if self.generator is None:
+            self.generator = self.out / "generator"
+        return self
+
+
+def _make_accelerator(device: str | None):
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch on this machine")
+    return Accelerator(cpu=device == "cpu")
+
+
+class BatchSampler:
+    """Global batch for step s from a per-epoch permutation seeded by (seed, epoch); this process's slice."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int):
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {world} processes")
+        self.n, self.bs, self.seed, self.rank, self.world = n, min(batch_size, n), seed, rank, world
+        self.per_epoch = n // self.bs
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        idx = perm[k * self.bs:(k + 1) * self.bs]
+        share = self.bs // self.world
+        return idx[self.rank * share:(self.rank + 1) * share]
+
+
+def _reseed(cfg: TrainConfig, step: int, rank: int) -> None:
+    torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+
+
+def _build(cfg: TrainConfig, image_shape, num_classes: int):
+    """Models and optimizers for one kind, as lists in a fixed order (the order of save/load_state)."""
+    if cfg.kind == "classifier":
+        f = build_model("classifier", default_arch("classifier", image_shape, num_classes))
+        return [f], [torch.optim.SGD(f.parameters(), lr=cfg.lr, momentum=0.5)]
+    if cfg.kind == "gan":
+        G = build_model("generator", default_arch("generator", image_shape))
+        D = build_model("discriminator", default_arch("discriminator", image_shape))
+        betas = (0.5, 0.9) if cfg.gan_loss == "wgan-gp" else (0.5, 0.999)
+        return [G, D], [torch.optim.Adam(G.parameters(), cfg.lr, betas=betas), torch.optim.Adam(D.parameters(), cfg.lr, betas=betas)]
+    G, _ = load_model(cfg.generator, kind="generator")
+    I = build_model("inverter", {**default_arch("inverter", image_shape), "latent_dim": G.latent_dim, "prior": G.prior})
+    D = build_model("discriminator", default_arch("discriminator", image_shape))
+    opts = [torch.optim.Adam(I.parameters(), cfg.lr, betas=(0.5, 0.999)), torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))]
+    return [I, D, G], opts
+
+
+def _evaluate(cfg: TrainConfig, models, test, device) -> dict[str, float]:
+    """Held-out figures recorded in the manifest."""
+    if cfg.kind == "classifier":
+        models[0].eval()
+        acc = training.accuracy(models[0], test.images, test.labels)
+        models[0].train()
+        return {"test_accuracy": acc, "test_examples": len(test)}
+    if cfg.kind == "inverter":
+        I, _, G = models
+        I.eval()
+        with torch.no_grad():
+            x = test.images[:1000].to(device)
+            mse = ((G(I(x)) - x) ** 2).flatten(1).mean(1).mean().item()
+            z = sample_prior(G.prior, 1000, G.latent_dim, torch.Generator().manual_seed(12345)).to(device)
+            latent_err = (I(G(z)) - z).norm(dim=1).mean().item()
+        I.train()
+        return {"test_reconstruction_mse": mse, "sample_latent_error": latent_err}
+    return {}
+
+
+def run(cfg: TrainConfig, accelerator=None) -> dict:
+    """Train one model kind to `cfg.steps`, resuming from `cfg.work_dir` when state is there.
+
+    Returns step, finished, mlflow_run_id and, on the main process, files, metrics and the models.
+    """
+    import mlflow
+
+    accelerator = accelerator or _make_accelerator(cfg.device)
+    main = accelerator.is_main_process
+    train, test = load_dataset(cfg.dataset, "train", cfg.data_dir), load_dataset(cfg.dataset, "test", cfg.data_dir)
+    if cfg.steps is None:  # classifier: 50 epochs, as in the RED appendix
+        cfg.steps = 50 * max(len(train) // cfg.batch_size, 1)
+    torch.manual_seed(cfg.seed)  # initial weights depend on the seed only
+    models, opts = _build(cfg, train.image_shape, train.num_classes)
+    trainable = models[:2] if cfg.kind != "classifier" else models
+    prepared = accelerator.prepare(*trainable, *opts)
+    prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+    loop = _Loop(cfg, accelerator, list(prepared[: len(trainable)]), list(prepared[len(trainable):]), models, train)
+
+    start, run_id = _resume(cfg, accelerator)
+    if main:
+        start_mlflow(cfg.tracking_uri, cfg.experiment)
+        mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.dataset}-{cfg.kind}")
+        if run_id is None:
+            mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
+            mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.dataset, "kind": cfg.kind})
+        run_id = mlflow.active_run().info.run_id
+    t0, step, status = time.monotonic(), start, "FAILED"
+    bar = _progress(cfg, start, main)
+    try:
+        while step < cfg.steps:
+            _reseed(cfg, step, accelerator.process_index)
+            metrics = loop.step(step)
+            step += 1
+            bar.update(1)
+            timed_out = False
+            if step % 50 == 0 or step == cfg.steps:
+                if main:
+                    mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
+                timed_out = _agree(accelerator, cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
+                _save_state(accelerator, cfg, step, run_id)
+            if timed_out:
+                break
+        bar.close()
+        accelerator.wait_for_everyone()
+        result = {"step": step, "finished": step >= cfg.steps, "mlflow_run_id": run_id, "work_dir": str(cfg.work_dir)}
+        result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
+        if main:
+            metrics = _evaluate(cfg, result["models"], test, accelerator.device)
+            mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=step)
+            result["files"] = _save_models(cfg, result["models"], train, metrics, step)
+            result["metrics"] = metrics
+        status = "FINISHED"
+        return result
+    finally:
+        if main:
+            mlflow.end_run(status=status)
+
+
+class _Loop:
+    """One optimisation step of each kind, on the prepared (possibly DDP-wrapped) models."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, wrapped, opts, models, train):
+        self.cfg, self.acc, self.wrapped, self.opts = cfg, accelerator, wrapped, opts
+        self.device = accelerator.device
+        self.images, self.labels = train.images, train.labels
+        self.sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        self.share = cfg.batch_size // accelerator.num_processes
+        self.weights = training.InverterWeights(cfg.lambda_adv, cfg.lambda_semantic, cfg.lambda_latent, cfg.eta)
+        if cfg.kind == "inverter":
+            self.G = models[2].to(self.device).eval().requires_grad_(False)
+        for model in wrapped:
+            model.train()
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, back = self.cfg, self.acc.backward
+        if cfg.kind == "classifier":
+            idx = self.sampler(step)
+            x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
+            x = training.random_shift(x, cfg.augment_shift)
+            return {"loss": training.classifier_step(self.wrapped[0], self.opts[0], x, y, backward=back)}
+        if cfg.kind == "gan":
+            G, D = self.wrapped
+            sample = self.acc.unwrap_model(G).sample_latent
+            for k in range(cfg.n_critic):
+                real = self.images[self.sampler(step * cfg.n_critic + k)].to(self.device)
+                d_loss = training.critic_step(G, D, self.opts[1], real, sample(len(real)), cfg.gan_loss,
+                                              gp_weight=cfg.gp_weight, backward=back)
+            g_loss = training.generator_step(G, D, self.opts[0], sample(self.share), cfg.gan_loss, backward=back)
+            return {"d_loss": d_loss, "g_loss": g_loss}
+        I, D = self.wrapped
+        return training.inverter_step(self.G, I, D, self.opts[0], self.opts[1], self.G.sample_latent(self.share),
+                                      self.weights, backward=back)
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """The main process's decision, shared with every process (so all stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([flag])[0])
+
+
+def _resume(cfg: TrainConfig, accelerator) -> tuple[int, str | None]:
+    """(step, MLflow run id) saved in the work dir, after loading the saved state; (0, None) on a fresh start."""
+    progress_file = cfg.work_dir / "progress.json"
+    if not progress_file.exists():
+        return 0, None
+    progress = json.loads(progress_file.read_text())
+    if progress.get("config") != _config_key(cfg):
+        raise SystemExit(f"{cfg.work_dir} holds a run with a different config; use another --work-dir or delete it")
+    accelerator.load_state(str(cfg.work_dir / "state"))
+    if accelerator.is_main_process:
+        print(f"resuming from step {progress['step']} saved in {cfg.work_dir / 'state'}")
+    return progress["step"], progress.get("mlflow_run_id")
+
+
+def _config_key(cfg: TrainConfig) -> dict:
+    """The config fields that must match for a resume to be valid (not steps, output or logging)."""
+    skip = {"steps", "out", "work_dir", "checkpoint_every", "max_minutes", "tracking_uri", "quiet", "device"}
+    return json.loads(cfg.model_dump_json(exclude=skip))
+
+
+def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) -> None:
+    """save_state into state.tmp, then swap it in and record the step: a kill never leaves half a state."""
+    tmp, final, old = cfg.work_dir / "state.tmp", cfg.work_dir / "state", cfg.work_dir / "state.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        atomic_write_json(cfg.work_dir / "progress.json", {"step": step, "mlflow_run_id": run_id, "config": _config_key(cfg)})
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _progress(cfg: TrainConfig, start: int, main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.kind} [{cfg.dataset}]",
+                disable=not main or cfg.quiet, unit="step", dynamic_ncols=True)
+
+
+def _save_models(cfg: TrainConfig, models, train, metrics: dict, step: int) -> list[str]:
+    names = {"classifier": ["classifier"], "gan": ["generator", "discriminator"], "inverter": ["inverter"]}[cfg.kind]
+    common = {
+        "dataset": cfg.dataset, "split": "train", "split_seed": SPLIT_SEED, "train_examples": len(train),
+        "training": {**json.loads(cfg.model_dump_json(exclude={"quiet"})), "steps_done": step},
+        "command": " ".join(shlex.quote(a) for a in ["invgan", "train", cfg.kind, *sys.argv[3:]]) if "invgan" in sys.argv[0] else shlex.join(sys.argv),
+        "git_commit": git_commit(), "metrics": metrics,
+    }
+    written = []
+    for name, model in zip(names, models):
+        save_model(cfg.out / name, model, kind=name, arch=model.arch, **common)
+        written.append(str(cfg.out / name))
+    return written
+
+
+if __name__ == "__main__":
+    from invgan.cli import app
+
+    sys.exit(app(["train", *sys.argv[1:]]))

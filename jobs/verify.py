@@ -1,0 +1,93 @@
+"""`invgan verify`: measure the shipped models on the held-out split and compare with their manifests.
+
+Figures (all on the test split of the dataset the models were trained on):
+- classifier accuracy on every held-out image;
+- Defense-GAN accuracy: f(G(z*)) with z* from 10 restarts x 200 steps (the papers' default);
+- InvGAN accuracy: z0 = I(x), 200 steps; and the pure encoder f(G(I(x))) (T = 0);
+- mean reconstruction MSE of each projection.
+The projections are costly, so they run on the first `limit` held-out images (the manifest records
+which). With --write the figures go into the manifests' `quality` field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from invgan_core.checkpoint import atomic_write_json, load_model, read_manifest
+from invgan_core.data import load_dataset
+from invgan_core.defenses import DefenseGAN, InvGAN
+from invgan_core.training import accuracy
+from jobs.common import WEIGHTS_DIR
+
+DEFAULT_SUBSET = 200  # held-out images the projection figures are measured on by default
+PROJECTION = dict(restarts=10, steps=200, lr=0.05)
+TOLERANCE = 0.02  # the issue's reproduction tolerance
+
+
+def measure(dataset: str, *, weights: Path | None = None, limit: int | None = None, data_dir=None,
+            chunk: int = 100, progress: bool = True) -> dict:
+    """Quality figures of weights/<dataset>/{classifier, generator, inverter} on the held-out split."""
+    root = Path(weights) if weights else WEIGHTS_DIR / dataset
+    f, _ = load_model(root / "classifier", kind="classifier")
+    G, _ = load_model(root / "generator", kind="generator")
+    I = load_model(root / "inverter", kind="inverter")[0] if (root / "inverter.json").exists() else None
+    test = load_dataset(dataset, "test", data_dir)
+    figures = {"classifier_accuracy": accuracy(f, test.images, test.labels), "classifier_examples": len(test)}
+    sub = test.subset(limit or DEFAULT_SUBSET)
+    defenses = {"defensegan": DefenseGAN(G, f, **PROJECTION)}
+    if I is not None:
+        defenses["invgan"] = InvGAN(G, I, f, steps=PROJECTION["steps"], lr=PROJECTION["lr"])
+        defenses["invgan_t0"] = InvGAN(G, I, f, steps=0)
+    for name, defense in defenses.items():
+        correct, mse, t0 = 0, 0.0, time.perf_counter()
+        chunks = range(0, len(sub), chunk)
+        for i in tqdm(chunks, desc=f"verify {name}", disable=not progress, unit="chunk"):
+            x, y = sub.images[i:i + chunk], sub.labels[i:i + chunk]
+            purified = defense.purify(x, sub.ids[i:i + chunk])
+            with torch.no_grad():
+                correct += (f(purified.x).argmax(1) == y).sum().item()
+            mse += purified.loss.sum().item()
+        figures[f"{name}_accuracy"] = correct / len(sub)
+        figures[f"{name}_mse"] = mse / len(sub)
+        figures[f"{name}_seconds_per_example"] = (time.perf_counter() - t0) / len(sub)
+    figures["projection_examples"] = len(sub)
+    figures["projection"] = dict(PROJECTION)
+    return figures
+
+
+def write_quality(root: Path, figures: dict) -> None:
+    """Record the figures in every manifest under `root` (the weights' sha256 is unchanged)."""
+    for name in ("classifier", "generator", "inverter"):
+        path = root / f"{name}.json"
+        if path.exists():
+            manifest = read_manifest(root / name)
+            manifest["quality"] = figures
+            atomic_write_json(path, manifest)
+
+
+def compare(figures: dict, recorded: dict) -> list[str]:
+    """Figures that differ from the recorded ones by more than the tolerance."""
+    return [f"{k}: measured {figures[k]:.4f}, manifest {recorded[k]:.4f}" for k in figures
+            if k.endswith("_accuracy") and k in recorded and abs(figures[k] - recorded[k]) > TOLERANCE]
+
+
+def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write: bool) -> int:
+    root = Path(weights) if weights else WEIGHTS_DIR / dataset
+    figures = measure(dataset, weights=root, limit=limit, data_dir=data_dir)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
+    if write:
+        write_quality(root, figures)
+        print(f"recorded in the manifests under {root}")
+        return 0
+    recorded = read_manifest(root / "generator").get("quality", {})
+    if recorded.get("projection_examples") != figures["projection_examples"]:
+        print(f"(manifest figures are on {recorded.get('projection_examples')} images; no comparison)")
+        return 0
+    bad = compare(figures, recorded)
+    print("\n".join(["differs from the manifest by more than 0.02:", *bad]) if bad else f"matches the manifests in {root} within {TOLERANCE}")
+    return 1 if bad else 0

@@ -1,0 +1,79 @@
+"""`project`: known answers on a linear generator, batch independence, restarts, clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invgan_core.inversion import project
+from invgan_core.models import build_model, default_arch
+from tests.core.test_training import LinearGenerator
+
+
+@pytest.fixture(scope="module")
+def small_G():
+    torch.manual_seed(0)
+    G = build_model("generator", default_arch("generator", (1, 8, 8)))
+    G.train()
+    with torch.no_grad():  # give batch norm non-trivial running statistics, then freeze them
+        for _ in range(5):
+            G(torch.randn(64, G.latent_dim))
+    return G.eval()
+
+
+def test_recovers_the_latent_of_a_linear_generator():
+    torch.manual_seed(1)
+    G = LinearGenerator(d=4, n=20)
+    z_true = torch.randn(16, 4)
+    x = G(z_true).detach()
+    p = project(G, x, ids=torch.arange(16), steps=400, lr=0.05, restarts=2)
+    assert (p.z - z_true).norm(dim=1).max() < 1e-3
+    assert p.loss.max() < 1e-7 and p.effective_iterations == 800
+
+
+def test_each_example_is_independent_of_its_batch(small_G):
+    x = torch.rand(32, 1, 8, 8)
+    ids = torch.arange(100, 132)
+    batch = project(small_G, x, ids=ids, steps=60, restarts=3, seed=7)
+    for i in (0, 17, 31):
+        alone = project(small_G, x[i:i + 1], ids=ids[i:i + 1], steps=60, restarts=3, seed=7)
+        torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
+        torch.testing.assert_close(alone.restart_losses[0], batch.restart_losses[i], atol=1e-6, rtol=1e-4)
+
+
+def test_keeps_the_best_restart_and_reports_a_trace(small_G):
+    x = torch.rand(8, 1, 8, 8)
+    p = project(small_G, x, ids=torch.arange(8), steps=30, restarts=5, keep_trace=True)
+    torch.testing.assert_close(p.loss, p.restart_losses.min(dim=1).values)
+    assert p.trace.shape == (8, 30)
+    assert (p.loss <= p.trace[:, 0]).all()  # Adam from the same start ends below where it began
+    torch.testing.assert_close(((small_G(p.z) - x) ** 2).flatten(1).mean(1), p.loss, atol=1e-6, rtol=1e-5)
+
+
+def test_more_steps_fit_better(small_G):
+    x = small_G(torch.randn(16, small_G.latent_dim)).detach()
+    short = project(small_G, x, ids=torch.arange(16), steps=5, restarts=2)
+    long = project(small_G, x, ids=torch.arange(16), steps=100, restarts=2)
+    assert long.loss.mean() < short.loss.mean()
+
+
+@pytest.mark.parametrize("constraint", ["clip", "stochastic_clip"])
+def test_constraints_keep_latents_in_the_box(constraint):
+    torch.manual_seed(2)
+    G = LinearGenerator(d=4, n=20, prior="uniform")
+    x = G(torch.rand(32, 4) * 6 - 3).detach()  # optima outside the box push z out
+    p = project(G, x, ids=torch.arange(32), steps=50, lr=0.2, constraint=constraint)
+    assert p.z.abs().max() <= 1.0
+
+
+def test_restores_the_generator_state_and_validates_inputs(small_G):
+    small_G.train()
+    project(small_G, torch.rand(2, 1, 8, 8), ids=[0, 1], steps=2)
+    assert small_G.training and all(p.requires_grad for p in small_G.parameters())
+    small_G.eval()
+    with pytest.raises(ValueError, match="expected"):
+        project(small_G, torch.rand(2, 1, 8, 8), ids=[0, 1], init=torch.zeros(3, small_G.latent_dim))
+    with pytest.raises(ValueError, match="ids"):
+        project(small_G, torch.rand(2, 1, 8, 8), ids=[0], steps=1)
+    with pytest.raises(ValueError, match="constraint"):
+        project(small_G, torch.rand(2, 1, 8, 8), ids=[0, 1], constraint="box")

@@ -23,8 +23,8 @@ class Kind(str, Enum):
 
 
 class GanLoss(str, Enum):
-    wgan_gp = "wgan-gp"
     dcgan = "dcgan"
+    wgan_gp = "wgan-gp"
 
 
 @app.command()
@@ -32,20 +32,21 @@ def train(
     kind: Kind = typer.Argument(..., help="gan (generator + critic), classifier, or inverter (needs a trained generator)"),
     dataset: str = typer.Option("digits", help="digits | mnist5k | mnist | fashion-mnist | cifar10"),
     data_dir: Optional[Path] = typer.Option(None, help="folder with the dataset files (mnist, fashion-mnist, cifar10)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps [classifier: 50 epochs, gan 20000, inverter 5000]"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps [classifier: 100 epochs, gan 20000, inverter 5000]"),
     batch_size: Optional[int] = typer.Option(None, help="global batch size, split across processes"),
-    lr: Optional[float] = typer.Option(None, help="learning rate [classifier 0.1, gan 1e-4, inverter 2e-4]"),
+    lr: Optional[float] = typer.Option(None, help="learning rate [classifier 0.1, gan 2e-4 (dcgan) / 1e-4 (wgan-gp), inverter 2e-4]"),
     seed: int = typer.Option(0),
-    augment_shift: int = typer.Option(2, help="classifier: random translations of up to N pixels (0: off)"),
+    augment_shift: Optional[int] = typer.Option(None, help="classifier: random translations of up to N pixels [image size // 14: 2 on MNIST, 0 on digits]"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps; default: Accelerate picks (CUDA when present)"),
     out: Optional[Path] = typer.Option(None, help="folder for the model files [weights/<dataset>]"),
     work_dir: Optional[Path] = typer.Option(None, help="resumable training state [runs/train/<dataset>-<kind>]"),
     checkpoint_every: int = typer.Option(200, help="save resumable state every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="stop and save after this many minutes; rerun to continue"),
-    gan_loss: GanLoss = typer.Option(GanLoss.wgan_gp, help="GAN objective"),
-    n_critic: int = typer.Option(5, help="critic steps per generator step"),
+    gan_loss: GanLoss = typer.Option(GanLoss.dcgan, help="GAN objective (Defense-GAN used wgan-gp; dcgan is 5x cheaper per step)"),
+    prior: str = typer.Option("normal", help="gan: latent prior, normal or uniform (the box [-1, 1]^d, for stochastic clipping)"),
+    n_critic: Optional[int] = typer.Option(None, help="critic steps per generator step [dcgan 1, wgan-gp 5]"),
     generator: Optional[Path] = typer.Option(None, help="inverter: generator file stem [<out>/generator]"),
-    eta: float = typer.Option(1.0, help="inverter: hinge margin η of L_semantic"),
+    eta: Optional[float] = typer.Option(None, help="inverter: hinge margin η of L_semantic [0.03·sqrt(pixels)]"),
     lambda_adv: float = typer.Option(1.0, help="inverter: λ1"),
     lambda_semantic: float = typer.Option(100.0, help="inverter: λ2"),
     lambda_latent: float = typer.Option(1.0, help="inverter: λ3"),
@@ -62,7 +63,7 @@ def train(
 
     cfg = TrainConfig(kind=kind.value, dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
                       seed=seed, augment_shift=augment_shift, device=device, out=out, work_dir=work_dir, checkpoint_every=checkpoint_every,
-                      max_minutes=max_minutes, gan_loss=gan_loss.value, n_critic=n_critic, generator=generator, eta=eta,
+                      max_minutes=max_minutes, gan_loss=gan_loss.value, prior=prior, n_critic=n_critic, generator=generator, eta=eta,
                       lambda_adv=lambda_adv, lambda_semantic=lambda_semantic, lambda_latent=lambda_latent,
                       tracking_uri=tracking_uri, quiet=quiet)
     result = run(cfg)
@@ -75,10 +76,10 @@ def train(
 @app.command()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
-    limit: Optional[int] = typer.Option(None, help="only the first N held-out images (default: the manifest's subset)"),
+    limit: Optional[int] = typer.Option(None, help="projections on the first N held-out images [48, the manifests' quick check]"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder, if not embedded"),
     weights: Optional[Path] = typer.Option(None, help="weights folder [weights/<dataset>]"),
-    write: bool = typer.Option(False, help="record the figures in the manifests (after training)"),
+    write: bool = typer.Option(False, help="after training: measure the whole held-out split and the quick check, record both in the manifests"),
 ) -> None:
     """Measure the shipped models on the held-out split and compare with their manifests.
 

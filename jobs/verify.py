@@ -6,7 +6,8 @@ Figures (all on the test split of the dataset the models were trained on):
 - InvGAN accuracy: z0 = I(x), 200 steps; and the pure encoder f(G(I(x))) (T = 0);
 - mean reconstruction MSE of each projection.
 The projections are costly, so they run on the first `limit` held-out images (the manifest records
-which). With --write the figures go into the manifests' `quality` field.
+which). `--write` measures the whole held-out split and the quick-check subset and records both in the
+manifests' `quality` field, keyed by the number of images (e.g. "n=1000", "n=48").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from invgan_core.defenses import DefenseGAN, InvGAN
 from invgan_core.training import accuracy
 from jobs.common import WEIGHTS_DIR
 
-DEFAULT_SUBSET = 200  # held-out images the projection figures are measured on by default
+CHECK_SUBSET = 48  # held-out images of the quick check (`invgan verify`, the shipped-weights test)
 PROJECTION = dict(restarts=10, steps=200, lr=0.05)
 TOLERANCE = 0.02  # the issue's reproduction tolerance
 
@@ -38,7 +39,7 @@ def measure(dataset: str, *, weights: Path | None = None, limit: int | None = No
     I = load_model(root / "inverter", kind="inverter")[0] if (root / "inverter.json").exists() else None
     test = load_dataset(dataset, "test", data_dir)
     figures = {"classifier_accuracy": accuracy(f, test.images, test.labels), "classifier_examples": len(test)}
-    sub = test.subset(limit or DEFAULT_SUBSET)
+    sub = test.subset(limit)
     defenses = {"defensegan": DefenseGAN(G, f, **PROJECTION)}
     if I is not None:
         defenses["invgan"] = InvGAN(G, I, f, steps=PROJECTION["steps"], lr=PROJECTION["lr"])
@@ -60,34 +61,40 @@ def measure(dataset: str, *, weights: Path | None = None, limit: int | None = No
     return figures
 
 
-def write_quality(root: Path, figures: dict) -> None:
-    """Record the figures in every manifest under `root` (the weights' sha256 is unchanged)."""
+def write_quality(root: Path, dataset: str, data_dir=None) -> dict:
+    """Measure on the whole held-out split and on the check subset; record both in every manifest."""
+    quality = {}
+    for limit in (None, CHECK_SUBSET):
+        figures = measure(dataset, weights=root, limit=limit, data_dir=data_dir)
+        quality[f"n={figures['projection_examples']}"] = figures
     for name in ("classifier", "generator", "inverter"):
-        path = root / f"{name}.json"
-        if path.exists():
+        if (root / f"{name}.json").exists():
             manifest = read_manifest(root / name)
-            manifest["quality"] = figures
-            atomic_write_json(path, manifest)
+            manifest["quality"] = quality
+            atomic_write_json(root / f"{name}.json", manifest)
+    return quality
 
 
 def compare(figures: dict, recorded: dict) -> list[str]:
-    """Figures that differ from the recorded ones by more than the tolerance."""
+    """Accuracy figures that differ from the recorded ones by more than the tolerance."""
     return [f"{k}: measured {figures[k]:.4f}, manifest {recorded[k]:.4f}" for k in figures
             if k.endswith("_accuracy") and k in recorded and abs(figures[k] - recorded[k]) > TOLERANCE]
 
 
 def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write: bool) -> int:
     root = Path(weights) if weights else WEIGHTS_DIR / dataset
-    figures = measure(dataset, weights=root, limit=limit, data_dir=data_dir)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
     if write:
-        write_quality(root, figures)
+        quality = write_quality(root, dataset, data_dir)
+        print(json.dumps(quality, indent=2))
         print(f"recorded in the manifests under {root}")
         return 0
-    recorded = read_manifest(root / "generator").get("quality", {})
-    if recorded.get("projection_examples") != figures["projection_examples"]:
-        print(f"(manifest figures are on {recorded.get('projection_examples')} images; no comparison)")
+    figures = measure(dataset, weights=root, limit=limit or CHECK_SUBSET, data_dir=data_dir)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
+    recorded = read_manifest(root / "generator").get("quality", {}).get(f"n={figures['projection_examples']}")
+    if recorded is None:
+        print(f"(the manifests hold no figures on {figures['projection_examples']} images; nothing to compare)")
         return 0
     bad = compare(figures, recorded)
-    print("\n".join(["differs from the manifest by more than 0.02:", *bad]) if bad else f"matches the manifests in {root} within {TOLERANCE}")
+    print("\n".join(["differs from the manifest by more than 0.02:", *bad]) if bad
+          else f"matches the manifests in {root} within {TOLERANCE}")
     return 1 if bad else 0

@@ -1,0 +1,384 @@
+"""Gradient attacks on a classifier or a defense: FGSM, PGD (ℓ∞, ℓ2, sparse ℓ1) and Carlini-Wagner ℓ2.
+
+Every attack has the same call shape (STYLE.md, after foolbox 3):
+
+    result = attack(target, x, y, ids=None)      # -> AttackResult(x_adv, success, l2, linf, queries)
+
+`target` is an `nn.Module` returning logits or a defense (`.classifier` + `.purify`). Attacks
+"fed to every defense" are computed against the bare classifier (InvGAN Sec. 4.2), which is what
+`logits_fn` returns today; end-to-end attacks (BPDA, reparameterization, unrolled) plug in by
+overriding `Attack.differentiable`.
+
+One base loop (`GradientDescent.run`: gradient of the cross-entropy, step, project) serves every
+fixed-budget attack; each norm only supplies `get_random_start`, `normalize` and `project`.
+Randomness comes from (seed, example id) through `rng`, so an example's result does not depend on
+its batch. Images are float32 NCHW in [0, 1] and stay there.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invgan_core import rng
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Norm(float, enum.Enum):
+    """The ℓp norm an attack is measured in; the value is p."""
+
+    L1 = 1.0
+    L2 = 2.0
+    LINF = math.inf
+
+    def of(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-example norm of a batch of perturbations, shape (N,)."""
+        return delta.flatten(1).norm(p=self.value, dim=1)
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor  # (N, C, H, W) in [0, 1]
+    success: torch.Tensor  # (N,) bool: the target's logits at x_adv do not pick the label
+    l2: torch.Tensor  # (N,) ||x_adv - x||_2
+    linf: torch.Tensor  # (N,) ||x_adv - x||_∞
+    queries: torch.Tensor  # (N,) int64: gradient evaluations spent per example
+
+
+def logits_fn(target, ids: Optional[torch.Tensor] = None) -> Logits:
+    """The differentiable function an attack follows: the module itself, or a defense's classifier.
+
+    Hook for end-to-end attacks: replace the defense branch with `classifier(purify(x, ids).x)` and
+    a gradient rule for the projection (BPDA, reparameterization G(I(x)), unrolled steps).
+    """
+    if isinstance(target, nn.Module):
+        return target
+    if hasattr(target, "classifier") and hasattr(target, "purify"):
+        classifier = target.classifier
+        return lambda x: classifier(x)  # the papers' "attack the classifier, feed the defense"
+    if callable(target):
+        return target
+    raise TypeError(f"target must be an nn.Module, a defense or a callable returning logits, got {type(target)}")
+
+
+class Loss(str, enum.Enum):
+    """What a gradient attack ascends. CE is the papers' (and foolbox's) choice; MARGIN is the CW logit
+    margin max_{j≠y} Z_j - Z_y, which does not saturate when a confident classifier's softmax does."""
+
+    CE = "ce"
+    MARGIN = "margin"
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Z_y - max_{j≠y} Z_j per example: negative means misclassified."""
+    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
+    return logits.gather(1, y[:, None]).squeeze(1) - other
+
+
+def loss_gradient(f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE) -> torch.Tensor:
+    """∇_x of the summed per-example loss: row i is the gradient of example i's own loss."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = f(x)
+        value = F.cross_entropy(logits, y, reduction="sum") if Loss(loss) is Loss.CE else -margin(logits, y).sum()
+        (grad,) = torch.autograd.grad(value, x)
+    return grad
+
+
+def _keys(seed: int, ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
+    """(N, n) int64 keys that depend only on (seed, example id, stream, coordinate), never on batch position."""
+    return rng.hash_keys(seed, ids.reshape(-1, 1).cpu(), stream, torch.arange(n).reshape(1, -1))
+
+
+def per_example_uniform(seed: int, ids: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
+    """(N, n) uniforms in [0, 1), one row per example id."""
+    return rng.uniform(_keys(seed, ids, n, stream)).to(ids.device)
+
+
+def per_example_normal(seed: int, ids: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
+    """(N, n) standard normals, one row per example id."""
+    return rng.normal(_keys(seed, ids, n, stream)).to(ids.device)
+
+
+def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-example vector (N,) to broadcast against a batch with `ndim` dimensions."""
+    return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+class Attack:
+    """Base of every attack: `run` finds x_adv; `__call__` measures it against the same target."""
+
+    norm: Norm
+
+    def __call__(self, target, x: torch.Tensor, y: torch.Tensor, *, ids=None) -> AttackResult:
+        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        ids = ids.to(x.device)
+        f = self.differentiable(target, ids)
+        x_adv, queries = self.run(f, x.detach(), y, ids)
+        with torch.no_grad():
+            success = f(x_adv).argmax(1) != y
+        delta = x_adv - x
+        return AttackResult(x_adv=x_adv.detach(), success=success, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
+                            queries=queries)
+
+    def differentiable(self, target, ids: torch.Tensor) -> Logits:
+        """The function whose gradient the attack follows; end-to-end attacks override this."""
+        return logits_fn(target, ids)
+
+    def run(self, f: Logits, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- fixed-budget gradient descent
+
+class GradientDescent(Attack):
+    """Untargeted PGD (Madry et al. 2018, eq. 2): x ← Π_{B_ε(x0) ∩ [0,1]}(x + α · normalize(∇_x CE)).
+
+    Step size α = abs_stepsize, or rel_stepsize · ε when abs_stepsize is None (as in foolbox).
+    `loss` = "margin" ascends the CW margin instead of the cross-entropy (stronger on saturated models).
+    """
+
+    def __init__(self, *, eps: float, rel_stepsize: float, abs_stepsize: Optional[float] = None, steps: int,
+                 random_start: bool, seed: int = 0, loss: Loss | str = Loss.CE):
+        if eps < 0 or steps < 1:
+            raise ValueError(f"need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}")
+        self.eps, self.rel_stepsize, self.abs_stepsize = eps, rel_stepsize, abs_stepsize
+        self.steps, self.random_start, self.seed, self.loss = steps, random_start, seed, Loss(loss)
+
+    @property
+    def stepsize(self) -> float:
+        return self.rel_stepsize * self.eps if self.abs_stepsize is None else self.abs_stepsize
+
+    def run(self, f, x, y, ids):
+        x0 = x
+        if self.random_start:
+            x = self.get_random_start(x0, ids).clamp(0, 1)  # clipping to the box keeps it in the ball
+        for _ in range(self.steps):
+            x = self.project(x + self.stepsize * self.normalize(loss_gradient(f, x, y, self.loss), x), x0)
+        return x, torch.full((len(x0),), self.steps, dtype=torch.int64, device=x0.device)
+
+    def get_random_start(self, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def normalize(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The ascent direction of unit size in the attack's norm."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """A point of {||x - x0|| ≤ ε} ∩ [0, 1]^n near x (exact Euclidean projection for ℓ∞ and ℓ1)."""
+        raise NotImplementedError
+
+
+class LinfGradientDescent(GradientDescent):
+    norm = Norm.LINF
+
+    def get_random_start(self, x0, ids):
+        u = per_example_uniform(self.seed, ids, x0[0].numel()).reshape(x0.shape)
+        return x0 + self.eps * (2 * u - 1)
+
+    def normalize(self, grad, x):
+        return grad.sign()
+
+    def project(self, x, x0):
+        return (x0 + (x - x0).clamp(-self.eps, self.eps)).clamp(0, 1)
+
+
+class L2GradientDescent(GradientDescent):
+    norm = Norm.L2
+
+    def get_random_start(self, x0, ids):
+        """Uniform in the ℓ2 ball: a direction uniform on the (n+2)-sphere, first n coordinates (Voelker 2017)."""
+        n = x0[0].numel()
+        g = per_example_normal(self.seed, ids, n + 2)
+        return x0 + self.eps * (g / g.norm(dim=1, keepdim=True))[:, :n].reshape(x0.shape)
+
+    def normalize(self, grad, x):
+        return grad / _rows(Norm.L2.of(grad).clamp_min(1e-12), grad.ndim)
+
+    def project(self, x, x0):
+        """Shrink onto the ℓ2 ball, then clip to the box (foolbox's rule; stays feasible, not exact)."""
+        delta = x - x0
+        factor = (self.eps / Norm.L2.of(delta).clamp_min(1e-12)).clamp(max=1)
+        return (x0 + delta * _rows(factor, x.ndim)).clamp(0, 1)
+
+
+def project_l1_box(v: torch.Tensor, eps, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Euclidean projection of each example of v onto {δ : ||δ||₁ ≤ ε, lo ≤ δ ≤ hi}, with lo ≤ 0 ≤ hi.
+
+    KKT: δ(λ) = clip(soft_λ(v), lo, hi) for the multiplier λ ≥ 0 of the ℓ1 constraint; λ = 0 if that
+    point is inside the ball, else ||δ(λ)||₁ = ε. ||δ(λ)||₁ = Σ min((|v_i| - λ)₊, c_i), with c_i the room
+    the box leaves in v_i's direction, is continuous and non-increasing in λ, so a batched bisection
+    in float64 finds λ to 2^-iters of max|v|; the upper end is kept, so the result is always feasible.
+    """
+    shape, n = v.shape, len(v)
+    v64 = v.reshape(n, -1).double()
+    a = v64.abs()
+    room = torch.where(v64 >= 0, hi.reshape(n, -1).double(), -lo.reshape(n, -1).double()).clamp_min(0)
+    eps = torch.as_tensor(eps, dtype=torch.float64, device=v.device).expand(n)
+
+    def l1(lam: torch.Tensor) -> torch.Tensor:
+        return (a - lam[:, None]).clamp_min(0).minimum(room).sum(1)
+
+    low, high = torch.zeros_like(eps), a.amax(1)
+    for _ in range(iters):
+        mid = (low + high) / 2
+        over = l1(mid) > eps
+        low, high = torch.where(over, mid, low), torch.where(over, high, mid)
+    lam = torch.where(l1(torch.zeros_like(eps)) <= eps, torch.zeros_like(eps), high)
+    delta = v64.sign() * (a - lam[:, None]).clamp_min(0).minimum(room)
+    return delta.to(v.dtype).reshape(shape)
+
+
+class L1GradientDescent(GradientDescent):
+    """ℓ1 PGD with the sparse step of SparseL1Descent (Tramèr & Boneh 2019; cleverhans, foolbox)."""
+
+    norm = Norm.L1
+
+    def __init__(self, *, quantile: float, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= quantile <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        self.quantile = quantile
+
+    def get_random_start(self, x0, ids):
+        """Uniform in the ℓ1 ball: spacings of n sorted uniforms, random signs (as foolbox)."""
+        n = x0[0].numel()
+        u = per_example_uniform(self.seed, ids, n, stream=0).sort(dim=1).values
+        spacings = u - torch.cat([torch.zeros_like(u[:, :1]), u[:, :-1]], dim=1)
+        signs = (per_example_uniform(self.seed, ids, n, stream=1) < 0.5).float() * 2 - 1
+        return x0 + self.eps * (signs * spacings).reshape(x0.shape)
+
+    def normalize(self, grad, x):
+        """sign(∇) on the coordinates whose |∇| reaches the per-example `quantile`, divided by their count.
+
+        Coordinates pinned at a box face with the gradient pointing outwards are left out first.
+        """
+        blocked = ((x <= 0) & (grad < 0)) | ((x >= 1) & (grad > 0))
+        g = torch.where(blocked, torch.zeros_like(grad), grad).flatten(1)
+        threshold = torch.quantile(g.abs(), self.quantile, dim=1, keepdim=True)
+        e = torch.where(g.abs() >= threshold, g.sign(), torch.zeros_like(g))
+        return (e / e.abs().sum(1, keepdim=True).clamp_min(1e-12)).reshape(grad.shape)
+
+    def project(self, x, x0):
+        return (x0 + project_l1_box(x - x0, self.eps, -x0, 1 - x0)).clamp(0, 1)
+
+
+class FGSM(LinfGradientDescent):
+    """Fast gradient sign method (Goodfellow et al. 2015): x + ε · sign(∇_x CE), clipped to [0, 1].
+
+    ε = 0.3 for MNIST / F-MNIST, 8/255 for CIFAR-10 / CelebA (InvGAN Sec. 4.2).
+    """
+
+    def __init__(self, *, eps: float = 0.3, loss: Loss | str = Loss.CE):
+        super().__init__(eps=eps, rel_stepsize=1.0, steps=1, random_start=False, loss=loss)
+
+
+class LinfPGD(LinfGradientDescent):
+    """ℓ∞ PGD; defaults of Madry et al. / foolbox: 40 steps of 0.01 at ε = 0.3, random start."""
+
+    def __init__(self, *, eps: float = 0.3, rel_stepsize: float = 0.01 / 0.3, abs_stepsize: Optional[float] = None,
+                 steps: int = 40, random_start: bool = True, seed: int = 0, loss: Loss | str = Loss.CE):
+        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
+                         random_start=random_start, seed=seed, loss=loss)
+
+
+class L2PGD(L2GradientDescent):
+    """ℓ2 PGD; defaults of the RED appendix B.2 (MNIST): ε = 2.0, step 0.1 (= 0.05 ε), 200 steps."""
+
+    def __init__(self, *, eps: float = 2.0, rel_stepsize: float = 0.05, abs_stepsize: Optional[float] = None,
+                 steps: int = 200, random_start: bool = True, seed: int = 0, loss: Loss | str = Loss.CE):
+        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
+                         random_start=random_start, seed=seed)
+
+
+class L1PGD(L1GradientDescent):
+    """Sparse ℓ1 PGD; RED appendix B.2 (MNIST): ε = 10, step 0.8 (= 0.08 ε), 100 steps.
+
+    `quantile` = 0.99 is SparseL1Descent's default (cleverhans grad_sparsity = 99); the random start
+    follows AdvTorch's L1PGDAttack, which the RED paper used.
+    """
+
+    def __init__(self, *, eps: float = 10.0, rel_stepsize: float = 0.08, abs_stepsize: Optional[float] = None,
+                 steps: int = 100, quantile: float = 0.99, random_start: bool = True, seed: int = 0,
+                 loss: Loss | str = Loss.CE):
+        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
+                         random_start=random_start, seed=seed, quantile=quantile, loss=loss)
+
+
+# ---------------------------------------------------------------- minimal-norm attack
+
+class CarliniWagnerL2(Attack):
+    """Carlini & Wagner (2017) ℓ2: min ||x' - x||² + c · max(Z_y - max_{j≠y} Z_j + κ, 0), x' = (tanh(w) + 1)/2.
+
+    Adam on w, then a per-example binary search over c (×10 until the first success, then bisect).
+    Defaults are InvGAN's (Sec. 4.2): 6 binary-search steps, learning rate 0.2, 100 iterations.
+    initial_const = 10 rather than Carlini's 1e-3: with only 6 searches a start at 1e-3 spends four
+    of them growing c; 10 (the value cleverhans-based scripts pair with lr 0.2 / 100 iterations) succeeds at once
+    and the remaining searches shrink c. Examples never made adversarial are returned unchanged.
+    `abort_early` freezes an example whose loss stopped falling (checked every tenth of the steps).
+    """
+
+    norm = Norm.L2
+
+    def __init__(self, *, binary_search_steps: int = 6, lr: float = 0.2, steps: int = 100, confidence: float = 0.0,
+                 initial_const: float = 10.0, abort_early: bool = True):
+        self.binary_search_steps, self.lr, self.steps = binary_search_steps, lr, steps
+        self.confidence, self.initial_const, self.abort_early = confidence, initial_const, abort_early
+
+    def _margin(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Z_y - max_{j≠y} Z_j + κ: negative means adversarial with confidence κ."""
+        return margin(logits, y) + self.confidence
+
+    def run(self, f, x, y, ids):
+        n = len(x)
+        best, best_l2 = x.clone(), torch.full((n,), math.inf, device=x.device)
+        const = torch.full((n,), self.initial_const, dtype=torch.float64, device=x.device)
+        lower, upper = torch.zeros_like(const), torch.full_like(const, math.inf)
+        queries = torch.zeros(n, dtype=torch.int64, device=x.device)
+        for search in range(self.binary_search_steps):
+            if search == self.binary_search_steps - 1 and self.binary_search_steps >= 10:
+                const = upper.clamp(max=1e10)  # Carlini's "repeat at the upper bound" on the last search
+            found = self._optimize(f, x, y, const.float(), best, best_l2, queries)
+            upper = torch.where(found, torch.minimum(upper, const), upper)
+            lower = torch.where(found, lower, torch.maximum(lower, const))
+            const = torch.where(upper.isinf(), const * 10, (lower + upper) / 2)
+        return best, queries
+
+    def _optimize(self, f, x, y, const, best, best_l2, queries) -> torch.Tensor:
+        """One inner Adam run at fixed c; updates best/best_l2/queries in place, returns 'found' (N,)."""
+        w0 = torch.atanh((2 * x - 1) * 0.999999)
+        w, m, v = w0.clone(), torch.zeros_like(x), torch.zeros_like(x)
+        beta1, beta2 = 0.9, 0.999
+        active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        found = torch.zeros_like(active)
+        previous = torch.full((len(x),), math.inf, device=x.device)
+        check_every = max(1, math.ceil(self.steps / 10))
+        for step in range(self.steps):
+            w_ = w.detach().requires_grad_(True)
+            with torch.enable_grad():
+                xp = (torch.tanh(w_) + 1) / 2
+                logits = f(xp)
+                margin = self._margin(logits, y)
+                l2sq = (xp - x).flatten(1).pow(2).sum(1)
+                loss = l2sq + const * margin.clamp_min(0)
+                (grad,) = torch.autograd.grad(loss.sum(), w_)
+            xp, margin, l2 = xp.detach(), margin.detach(), l2sq.detach().sqrt()
+            improved = active & (margin < 0) & (l2 < best_l2)  # the point just evaluated, before the step
+            best.copy_(torch.where(_rows(improved, x.ndim), xp, best))
+            best_l2.copy_(torch.where(improved, l2, best_l2))
+            found |= active & (margin < 0)
+            queries += active.long()
+            if self.abort_early and step % check_every == 0:
+                active &= loss.detach() <= 0.9999 * previous
+                previous = torch.where(active, loss.detach(), previous)
+            m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad ** 2
+            update = self.lr * (m / (1 - beta1 ** (step + 1))) / ((v / (1 - beta2 ** (step + 1))).sqrt() + 1e-8)
+            w = w - torch.where(_rows(active, x.ndim), update, torch.zeros_like(update))
+        return found

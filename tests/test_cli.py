@@ -1,0 +1,28 @@
+"""The front door: help text a newcomer can act on, errors that name the problem."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from invgan.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_subcommands():
+    out = runner.invoke(app, ["--help"])
+    assert out.exit_code == 0
+    for command in ("train", "verify", "ui"):
+        assert command in out.output
+
+
+def test_train_help_explains_kinds_and_resume():
+    out = runner.invoke(app, ["train", "--help"])
+    assert out.exit_code == 0
+    assert "resumes" in out.output and "inverter" in out.output
+
+
+def test_unknown_kind_is_rejected_with_the_choices():
+    out = runner.invoke(app, ["train", "vae"])
+    assert out.exit_code != 0
+    assert "gan" in out.output and "classifier" in out.output

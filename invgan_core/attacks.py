@@ -82,6 +82,14 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, y[:, None]).squeeze(1) - other
 
 
+@torch.no_grad()
+def predict(target, x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The target's labels for x: a defense purifies first (`defense.predict`), a model is argmax."""
+    if hasattr(target, "purify") and hasattr(target, "predict"):
+        return target.predict(x, ids)
+    return logits_fn(target, ids)(x).argmax(1)
+
+
 def loss_gradient(f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE) -> torch.Tensor:
     """∇_x of the summed per-example loss: row i is the gradient of example i's own loss."""
     x = x.detach().requires_grad_(True)
@@ -123,7 +131,7 @@ class Attack:
         f = self.differentiable(target, ids)
         x_adv, queries = self.run(f, x.detach(), y, ids)
         with torch.no_grad():
-            success = f(x_adv).argmax(1) != y
+            success = predict(target, x_adv, ids) != y  # against the real target, not a gradient surrogate
         delta = x_adv - x
         return AttackResult(x_adv=x_adv.detach(), success=success, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
                             queries=queries)

@@ -81,19 +81,25 @@ class InvGAN(Defense):
 
 
 class ClippedProjection(Defense):
-    """Projection with latents kept in [-1, 1]^d by stochastic clipping (Lipton & Tripathi); uniform prior."""
+    """Projection with latents kept in [-1, 1]^d by stochastic clipping (Lipton & Tripathi); uniform prior.
+
+    Plain gradient descent, as in the paper: with Adam, whose steps do not shrink near the optimum,
+    coordinates near the box's faces keep overshooting and being re-drawn, and stochastic clipping
+    recovers fewer latents than standard clipping (measured on the digits uniform-prior generator).
+    """
 
     name = "clipped"
 
-    def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 1, steps: int = 200, lr: float = 0.05,
-                 constraint: str = "stochastic_clip", seed: int = 0):
+    def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 1, steps: int = 500, lr: float = 5.0,
+                 optimizer: str = "sgd", constraint: str = "stochastic_clip", seed: int = 0):
         super().__init__(classifier)
         if G.prior != "uniform":
             raise ValueError("ClippedProjection needs a generator with a uniform prior (box [-1, 1]^d); "
                              f"this one has prior {G.prior!r}")
         self.G, self.restarts, self.steps, self.lr, self.constraint, self.seed = G, restarts, steps, lr, constraint, seed
+        self.optimizer = optimizer
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
         p = project(self.G, x, ids=_ids_for(x, ids), init="prior", steps=self.steps, lr=self.lr,
-                    restarts=self.restarts, constraint=self.constraint, seed=self.seed)
+                    restarts=self.restarts, optimizer=self.optimizer, constraint=self.constraint, seed=self.seed)
         return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=p.effective_iterations)

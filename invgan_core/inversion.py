@@ -107,11 +107,12 @@ def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 20
         opt = _make_optimizer(optimizer, [z], lr)
         trace = torch.empty(steps, n * restarts) if keep_trace else None
         for t in range(steps):
-            losses = per_example_mse(G(z), target)
+            with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
+                losses = per_example_mse(G(z), target)
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
             if trace is not None:
                 trace[t] = losses.detach().cpu()
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
             opt.step()
             with torch.no_grad():
                 _apply_constraint(z.data, constraint, seed, ids, restarts, step=t)

@@ -199,20 +199,26 @@ def test_an_example_alone_equals_it_within_a_batch(attack, cnn_data):
         assert alone.queries[0] == batch.queries[i]
 
 
-class _DefenseThatMustNotRun:
-    def __init__(self, classifier):
-        self.classifier = classifier
+class _CountingDefense(NoDefense):
+    """Counts purifications: the attack's gradients must not go through them, only the final check."""
+
+    calls = 0
 
     def purify(self, x, ids=None):
-        raise AssertionError("gradient attacks are computed against the bare classifier")
+        self.calls += 1
+        return super().purify(x, ids)
 
 
 def test_a_defense_target_is_attacked_through_its_classifier(cnn_data):
     model, x, y = cnn_data
     attack = LinfPGD(eps=0.1, steps=3)
     direct = attack(model, x, y)
-    for target in (NoDefense(model), _DefenseThatMustNotRun(model)):
-        torch.testing.assert_close(attack(target, x, y).x_adv, direct.x_adv, atol=0, rtol=0)
+    counting = _CountingDefense(model)
+    for target in (NoDefense(model), counting):
+        result = attack(target, x, y)
+        torch.testing.assert_close(result.x_adv, direct.x_adv, atol=0, rtol=0)
+        assert torch.equal(result.success, direct.success)  # NoDefense predicts like the classifier
+    assert counting.calls == 1  # success is measured on the defended prediction, once
     with pytest.raises(TypeError):
         logits_fn(object())
 

@@ -1,0 +1,284 @@
+"""Adaptive attacks that go through a projection defense, and the black-box ones.
+
+Each end-to-end attack is a *gradient rule* for the defended model x ↦ f(purify(x)) plus an attack
+loop from `attacks` (PGD by default, or `SignCW`, the sign-step CW loop of Chen et al.):
+
+- BPDA (Athalye et al. 2018): forward purify, backward identity through the projection.
+- Reparameterization, RP (InvGAN Sec. 3.4): the gradient of f(G(I(x))).
+- Unrolled (Chen, Xie & Zhu, Thm. 1): solve z* with the defense, then unroll T' gradient steps of
+  ||G(z) - x||² from z* with the graph kept, and back-propagate through them.
+- NES (Ilyas et al. 2018): the vector-Jacobian product of the defended logits estimated from n
+  antithetic Gaussian queries; a score-based black-box attack.
+- Substitute (Papernot et al. 2017, InvGAN Table 4): train a substitute on the defense's labels with
+  Jacobian augmentation, then transfer FGSM.
+Every rule is an autograd function, so any gradient attack runs through it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invgan_core.attacks import (FGSM, Attack, AttackResult, Logits, LinfPGD, Norm, _rows, margin,
+                                 per_example_normal, predict)
+from invgan_core.inversion import per_example_mse
+
+
+def _require(defense, *attrs: str, attack: str):
+    missing = [a for a in attrs if getattr(defense, a, None) is None]
+    if missing:
+        raise TypeError(f"{attack} needs a defense with {', '.join(missing)}; got {type(defense).__name__}")
+
+
+# ---------------------------------------------------------------- gradient rules
+
+class _IdentityBackward(torch.autograd.Function):
+    """BPDA: the value of the projection, the gradient of the identity."""
+
+    @staticmethod
+    def forward(ctx, x, x_proj):
+        return x_proj.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def bpda_logits(defense, ids: torch.Tensor) -> Logits:
+    _require(defense, "classifier", attack="BPDA")
+
+    def f(x):
+        with torch.no_grad():
+            x_proj = defense.purify(x.detach(), ids).x
+        return defense.classifier(_IdentityBackward.apply(x, x_proj))
+    return f
+
+
+def rp_logits(defense, ids: torch.Tensor) -> Logits:
+    """f(G(I(x))): differentiable end to end (InvGAN's reparameterization attack)."""
+    _require(defense, "G", "inverter", "classifier", attack="Reparameterization")
+    return lambda x: defense.classifier(defense.G(defense.inverter(x)))
+
+
+def unrolled_logits(defense, ids: torch.Tensor, *, steps: int, lr: float) -> Logits:
+    """f(G(z_T')) with z_0 = z* from the defense and z_{t+1} = z_t - lr ∇_z ||G(z_t) - x||²/n, graph kept."""
+    _require(defense, "G", "classifier", attack="Unrolled")
+    G = defense.G
+
+    def f(x):
+        with torch.no_grad():
+            z = defense.purify(x.detach(), ids).z
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            for _ in range(steps):
+                (g,) = torch.autograd.grad(per_example_mse(G(z), x).sum(), z, create_graph=True)
+                z = z - lr * g
+            return defense.classifier(G(z))
+    return f
+
+
+class _NESBackward(torch.autograd.Function):
+    """Forward: the defended logits. Backward: NES estimate of the vector-Jacobian product,
+    v ≈ 1/(nσ) Σ_i ⟨grad_out, (L(x + σu_i) - L(x - σu_i))/2⟩ u_i over n/2 antithetic pairs."""
+
+    @staticmethod
+    def forward(ctx, x, logits_fn, samples, sigma, seed, ids, counter):
+        ctx.logits_fn, ctx.samples, ctx.sigma, ctx.seed, ctx.ids, ctx.counter = logits_fn, samples, sigma, seed, ids, counter
+        ctx.save_for_backward(x)
+        return logits_fn(x.detach(), ids)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        n, half, dim = len(x), ctx.samples // 2, x[0].numel()
+        counter = ctx.counter
+        # per (example id, call, pair) directions: an example's estimate does not depend on its batch
+        keys = ctx.ids.reshape(-1, 1) * 1_000_003 + counter[0] * 1009 + torch.arange(half, device=x.device)
+        u = per_example_normal(ctx.seed, keys.reshape(-1), dim).reshape(n, half, *x.shape[1:]).to(x.device)
+        counter[0] += 1
+        probes = torch.cat([x[:, None] + ctx.sigma * u, x[:, None] - ctx.sigma * u], 1).flatten(0, 1)
+        probe_ids = keys.repeat(1, 2).reshape(-1)  # the defense's own randomness keyed per probe
+        with torch.no_grad():
+            out = ctx.logits_fn(probes.clamp(0, 1), probe_ids).reshape(n, 2 * half, -1)
+        score = ((out[:, :half] - out[:, half:]) / 2 * grad_out[:, None]).sum(-1)  # (N, half)
+        vjp = (_rows(score.flatten(), u.flatten(0, 1).ndim) * u.flatten(0, 1)).reshape(n, half, *x.shape[1:]).sum(1)
+        return vjp / (half * ctx.sigma), None, None, None, None, None, None
+
+
+def nes_logits(defense, ids: torch.Tensor, *, samples: int, sigma: float, seed: int, counter: list) -> Logits:
+    """Defended logits whose gradient is estimated from queries only (score-based black box)."""
+    def query(x, probe_ids):
+        return defense.classifier(defense.purify(x, probe_ids).x) if hasattr(defense, "purify") else defense(x)
+    return lambda x: _NESBackward.apply(x, query, samples, sigma, seed, ids, counter)
+
+
+# ---------------------------------------------------------------- the attack loop of Chen et al.
+
+class SignCW(Attack):
+    """CW-style sign steps (Chen et al. supplement D, eqs. 20-21): minimise ||x' - x||² + λ·F(x') with
+    x' ← clip(x' - η_t · sign ∇), η_t = eta · t/T as the supplement states, λ by a `binary_search_steps`
+    search per example; F = max(Z_y - max_{j≠y} Z_j, -κ). Keeps the smallest-ℓ2 adversarial found."""
+
+    norm = Norm.L2
+
+    def __init__(self, *, steps: int = 100, binary_search_steps: int = 5, initial_const: float = 1.0,
+                 eta: float = 0.04, confidence: float = 0.0):
+        self.steps, self.binary_search_steps, self.initial_const = steps, binary_search_steps, initial_const
+        self.eta, self.confidence = eta, confidence
+
+    def run(self, f, x, y, ids):
+        n = len(x)
+        best, best_l2 = x.clone(), torch.full((n,), math.inf, device=x.device)
+        const = torch.full((n,), self.initial_const, device=x.device)
+        lower, upper = torch.zeros_like(const), torch.full_like(const, math.inf)
+        for _ in range(self.binary_search_steps):
+            found = torch.zeros(n, dtype=torch.bool, device=x.device)
+            xp = x.clone()
+            for t in range(1, self.steps + 1):
+                xv = xp.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    m = margin(f(xv), y)
+                    loss = ((xv - x) ** 2).flatten(1).sum(1) + const * m.clamp_min(-self.confidence)
+                    (grad,) = torch.autograd.grad(loss.sum(), xv)
+                l2 = (xv.detach() - x).flatten(1).norm(dim=1)
+                better = (m.detach() < 0) & (l2 < best_l2)
+                best = torch.where(_rows(better, x.ndim), xv.detach(), best)
+                best_l2, found = torch.where(better, l2, best_l2), found | (m.detach() < 0)
+                xp = (xp - self.eta * t / self.steps * grad.sign()).clamp(0, 1)
+            upper = torch.where(found, torch.minimum(upper, const), upper)
+            lower = torch.where(found, lower, torch.maximum(lower, const))
+            const = torch.where(upper.isinf(), const * 10, (lower + upper) / 2)
+        queries = torch.full((n,), self.binary_search_steps * self.steps, dtype=torch.int64, device=x.device)
+        return best, queries
+
+
+# ---------------------------------------------------------------- end-to-end attacks
+
+class ThroughDefense(Attack):
+    """Run `attack`'s loop against a defense, following the gradient rule `logits_rule(defense, ids)`."""
+
+    def __init__(self, attack: Attack | None = None):
+        self.attack = attack or LinfPGD(eps=0.3, steps=40)
+        self.norm = self.attack.norm
+
+    def rule(self, defense, ids) -> Logits:
+        raise NotImplementedError
+
+    def differentiable(self, target, ids):
+        return self.rule(target, ids)
+
+    def run(self, f, x, y, ids):
+        return self.attack.run(f, x, y, ids)
+
+
+class BPDA(ThroughDefense):
+    """Backward-pass differentiable approximation through the projection (identity backward)."""
+
+    def rule(self, defense, ids):
+        return bpda_logits(defense, ids)
+
+
+class Reparameterization(ThroughDefense):
+    """RP: attack f(G(I(x))) (InvGAN Sec. 3.4); needs a defense with an inverter."""
+
+    def rule(self, defense, ids):
+        return rp_logits(defense, ids)
+
+
+class Unrolled(ThroughDefense):
+    """Chen et al.'s attack: back-propagate through T' unrolled projection steps started at z*.
+
+    Theorem 1 needs lr·||H|| ≤ 1 for the Hessian H of the per-pixel MSE in z; the default suits the
+    shipped generators (check with `tests/core/test_adaptive.py`)."""
+
+    def __init__(self, *, unroll_steps: int = 20, unroll_lr: float = 1.0, attack: Attack | None = None):
+        super().__init__(attack or SignCW())
+        self.unroll_steps, self.unroll_lr = unroll_steps, unroll_lr
+
+    def rule(self, defense, ids):
+        return unrolled_logits(defense, ids, steps=self.unroll_steps, lr=self.unroll_lr)
+
+
+class NES(ThroughDefense):
+    """Score-based black box: NES gradients (n = 50, σ = 0.5 against Defense-GAN, Chen et al. D).
+
+    queries = forward evaluations of the defended model (samples per gradient x gradients)."""
+
+    def __init__(self, *, samples: int = 50, sigma: float = 0.5, seed: int = 0, attack: Attack | None = None):
+        super().__init__(attack)
+        if samples < 2 or samples % 2:
+            raise ValueError(f"NES needs an even number of samples (antithetic pairs), got {samples}")
+        self.samples, self.sigma, self.seed = samples, sigma, seed
+
+    def rule(self, defense, ids):
+        return nes_logits(defense, ids, samples=self.samples, sigma=self.sigma, seed=self.seed, counter=[0])
+
+    def run(self, f, x, y, ids):
+        x_adv, gradients = self.attack.run(f, x, y, ids)
+        return x_adv, gradients * self.samples
+
+
+# ---------------------------------------------------------------- substitute black box
+
+@dataclass
+class SubstituteReport:
+    oracle_queries: int
+    agreement: float  # substitute vs oracle labels on the attacked inputs
+
+
+class Substitute(Attack):
+    """Papernot et al. (2017): label a seed set with the target's predictions, train a substitute,
+    grow the set by Jacobian augmentation x + λ·sign(∂F_sub[ŷ]/∂x), repeat; then FGSM on the
+    substitute, transferred. InvGAN Table 4 setting: 150 seeds, 6 rounds, λ = 0.1, FGSM ε = 0.3."""
+
+    norm = Norm.LINF
+
+    def __init__(self, *, substitute: nn.Module, seed_images: torch.Tensor, rounds: int = 6, lam: float = 0.1,
+                 epochs: int = 10, lr: float = 1e-3, eps: float = 0.3, seed: int = 0):
+        self.substitute, self.seeds, self.rounds, self.lam = substitute, seed_images, rounds, lam
+        self.epochs, self.lr, self.eps, self.seed = epochs, lr, eps, seed
+        self.report: SubstituteReport | None = None
+
+    def train(self, target) -> int:
+        """Train the substitute on oracle labels; returns the number of oracle queries."""
+        torch.manual_seed(self.seed)
+        data, queries = self.seeds.clone(), 0
+        opt = torch.optim.Adam(self.substitute.parameters(), lr=self.lr)
+        for r in range(self.rounds):
+            labels = predict(target, data, torch.arange(len(data)) + 10_000_000 * (r + 1))
+            queries += len(data)
+            self.substitute.train()
+            for _ in range(self.epochs):
+                for idx in torch.randperm(len(data)).split(64):
+                    opt.zero_grad()
+                    F.cross_entropy(self.substitute(data[idx]), labels[idx]).backward()
+                    opt.step()
+            if r < self.rounds - 1:
+                xg = data.clone().requires_grad_(True)
+                self.substitute.eval()
+                score = self.substitute(xg).gather(1, labels[:, None]).sum()
+                (jac,) = torch.autograd.grad(score, xg)
+                data = torch.cat([data, (data + self.lam * jac.sign()).clamp(0, 1)])
+        self.substitute.eval()
+        return queries
+
+    def run(self, f, x, y, ids):
+        raise NotImplementedError  # __call__ below needs the target itself, not a gradient rule
+
+    def __call__(self, target, x, y, *, ids=None) -> AttackResult:
+        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        queries = self.train(target)
+        for p in self.substitute.parameters():
+            p.requires_grad_(False)
+        transfer = FGSM(eps=self.eps)(self.substitute, x, y)
+        x_adv = transfer.x_adv
+        with torch.no_grad():
+            labels = predict(target, x_adv, ids)
+            self.report = SubstituteReport(queries, (self.substitute(x_adv).argmax(1) == labels).float().mean().item())
+        delta = x_adv - x
+        return AttackResult(x_adv=x_adv, success=labels != y, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
+                            queries=torch.full((len(x),), queries, dtype=torch.int64))

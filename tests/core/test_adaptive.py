@@ -1,0 +1,199 @@
+"""Adaptive attacks: the gradient rules against exact answers, and the attacks against real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invgan_core.adaptive import (BPDA, NES, Reparameterization, SignCW, Substitute, Unrolled, bpda_logits,
+                                  nes_logits, unrolled_logits)
+from invgan_core.attacks import FGSM, LinfPGD
+from invgan_core.defenses import InvGAN, Purified
+from invgan_core.models import build_model, default_arch
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
+
+
+class TinyG(nn.Module):
+    """G(z) = W2 tanh(W1 z + b), d = 2 -> n = 6, float64: small enough to project exactly."""
+
+    latent_dim, prior = 2, "normal"
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W1 = nn.Parameter(torch.randn(5, 2, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64) * 0.3)
+        self.W2 = nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64) * 0.5)
+
+    def forward(self, z):
+        return (torch.tanh(z @ self.W1.T + self.b) @ self.W2.T).reshape(len(z), 1, 1, 6)
+
+
+class ExactProjection:
+    """A defense whose z* = argmin ||G(z) - x||² is found by grid search and Newton's method."""
+
+    def __init__(self, G, classifier):
+        self.G, self.classifier = G, classifier
+
+    def _solve(self, x):
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(-3, 3, 121, dtype=torch.float64)] * 2, indexing="ij"), -1)
+        grid = grid.reshape(-1, 2)
+        err = ((self.G(grid).flatten(1) - x.flatten()) ** 2).sum(1)
+        z = grid[err.argmin()].clone()
+        loss = lambda z: ((self.G(z[None]).flatten() - x.flatten()) ** 2).sum()  # noqa: E731
+        for _ in range(50):
+            g = torch.autograd.functional.jacobian(loss, z)
+            H = torch.autograd.functional.hessian(loss, z)
+            z = z - torch.linalg.solve(H, g)
+        return z
+
+    def purify(self, x, ids=None):
+        with torch.enable_grad():
+            z = torch.stack([self._solve(xi.detach()) for xi in x])  # a test oracle: exactness over speed
+        return Purified(x=self.G(z).detach(), z=z, loss=torch.zeros(len(x)), effective_iterations=0)
+
+    def predict(self, x, ids=None):
+        return self.classifier(self.purify(x, ids).x).argmax(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(1)
+    G = TinyG().requires_grad_(False)
+    f = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).double().requires_grad_(False)
+    defense = ExactProjection(G, f)
+    x = G(torch.tensor([[0.4, -0.7]], dtype=torch.float64)) + 0.05 * torch.randn(1, 1, 1, 6, dtype=torch.float64)
+    return G, f, defense, x, torch.tensor([0])
+
+
+def _loss_through(defense, f, x, y):
+    return F.cross_entropy(f(defense.purify(x).x), y)
+
+
+def _grad(rule, x, y):
+    xv = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(rule(xv), y), xv)
+    return g.flatten()
+
+
+def test_unrolled_gradient_approaches_the_true_gradient_through_the_projection(tiny):
+    G, f, defense, x, y = tiny
+    h, fd = 1e-5, torch.zeros(6, dtype=torch.float64)
+    for i in range(6):  # central finite differences of the loss through the exact projection
+        e = torch.zeros_like(x).flatten()
+        e[i] = h
+        e = e.reshape(x.shape)
+        fd[i] = (_loss_through(defense, f, x + e, y) - _loss_through(defense, f, x - e, y)) / (2 * h)
+    z = defense.purify(x).z
+    J = torch.autograd.functional.jacobian(lambda z: G(z[None]).flatten(), z[0])
+    H_norm = torch.linalg.matrix_norm(2 / 6 * J.T @ J, 2).item()  # Gauss-Newton Hessian of the per-pixel MSE
+    cos = {}
+    for steps in (2, 400):
+        g = _grad(unrolled_logits(defense, None, steps=steps, lr=0.5 / H_norm), x, y)
+        cos[steps] = F.cosine_similarity(g, fd, dim=0).item()
+    bpda = F.cosine_similarity(_grad(bpda_logits(defense, None), x, y), fd, dim=0).item()
+    assert cos[400] >= 0.99, cos
+    assert cos[400] > cos[2] and cos[400] > bpda  # more unrolling helps; the identity backward is cruder
+
+
+def test_bpda_backward_is_the_identity():
+    class Halve:
+        classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+
+        def purify(self, x, ids=None):
+            return Purified(x=x / 2, z=None, loss=torch.zeros(len(x)), effective_iterations=0)
+
+    d = Halve()
+    x = torch.rand(3, 1, 2, 2)
+    y = torch.tensor([0, 1, 0])
+    expected = _grad(d.classifier, x / 2, y)  # ∇ of the loss at the purified point, no 1/2 chain factor
+    torch.testing.assert_close(_grad(bpda_logits(d, None), x, y), expected)
+
+
+def test_nes_estimates_the_vector_jacobian_product_of_a_black_box():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    exact = _grad(model, x, y)
+    estimate = _grad(nes_logits(model, torch.arange(4), samples=4000, sigma=0.01, seed=0, counter=[0]), x, y)
+    assert F.cosine_similarity(estimate, exact, dim=0) >= 0.95
+    again = _grad(nes_logits(model, torch.arange(4), samples=4000, sigma=0.01, seed=0, counter=[0]), x, y)
+    torch.testing.assert_close(again, estimate)  # deterministic given (seed, ids, call)
+
+
+def test_nes_attack_reports_queries_keeps_its_budget_and_matches_white_box_pgd():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False)
+    x = torch.rand(32, 1, 4, 4)
+    y = model(x).argmax(1)
+    pgd = LinfPGD(eps=0.5, steps=20)
+    result = NES(samples=100, sigma=0.05, attack=pgd)(model, x, y)
+    assert (result.queries == 2000).all()  # 100 queries per gradient, 20 gradients
+    assert result.linf.max() <= 0.5 + 1e-6 and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    white_box = pgd(model, x, y).success.float().mean().item()
+    assert 0.2 <= white_box and result.success.float().mean().item() >= white_box - 0.1
+
+
+@pytest.fixture(scope="module")
+def digits_models():
+    from invgan_core.checkpoint import load_model
+    from invgan_core.data import load_dataset
+
+    if not (WEIGHTS / "digits" / "inverter.json").exists():
+        pytest.skip("no shipped digits weights")
+    models = {k: load_model(WEIGHTS / "digits" / k, kind=k)[0].requires_grad_(False)
+              for k in ("generator", "inverter", "classifier")}
+    test = load_dataset("digits", "test").subset(64)
+    return models, test
+
+
+def test_sign_cw_finds_small_adversarials_on_a_classifier(digits_models):
+    m, test = digits_models
+    model, x, y = m["classifier"], test.images[:32], test.labels[:32]
+    correct = model(x).argmax(1) == y
+    result = SignCW(steps=30, binary_search_steps=3)(model, x, y)
+    assert result.success[correct].float().mean() >= 0.9
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    fgsm = FGSM(eps=0.3)(model, x, y)
+    both = result.success & fgsm.success & correct
+    assert result.l2[both].median() < fgsm.l2[both].median()  # minimal-distortion vs fixed budget
+
+
+def test_reparameterization_breaks_the_pure_encoder(digits_models):
+    m, test = digits_models
+    defense = InvGAN(m["generator"], m["inverter"], m["classifier"], steps=0)
+    clean = (defense.predict(test.images) == test.labels).float().mean().item()
+    result = Reparameterization(attack=LinfPGD(eps=0.3, steps=20))(defense, test.images, test.labels, ids=test.ids)
+    robust = 1 - result.success.float().mean().item()
+    assert clean >= 0.7 and robust <= 0.2, (clean, robust)
+
+
+def test_bpda_and_unrolled_run_through_a_real_defense_within_budget(digits_models):
+    m, test = digits_models
+    x, y, ids = test.images[:8], test.labels[:8], test.ids[:8]
+    defense = InvGAN(m["generator"], m["inverter"], m["classifier"], steps=10)
+    for attack in (BPDA(attack=LinfPGD(eps=0.2, steps=5)), Unrolled(unroll_steps=3, attack=LinfPGD(eps=0.2, steps=5))):
+        result = attack(defense, x, y, ids=ids)
+        assert result.linf.max() <= 0.2 + 1e-6
+        assert torch.equal(result.success, defense.predict(result.x_adv, ids) != y)
+
+
+def test_substitute_learns_the_oracle_and_its_fgsm_transfers(digits_models):
+    from invgan_core.data import load_dataset
+
+    m, test = digits_models
+    oracle = m["classifier"]
+    seeds = load_dataset("digits", "train").images[:150]
+    torch.manual_seed(0)
+    sub = build_model("classifier", default_arch("classifier", (1, 8, 8)))
+    attack = Substitute(substitute=sub, seed_images=seeds, rounds=3, epochs=15, eps=0.3)
+    result = attack(oracle, test.images, test.labels)
+    clean_acc = (oracle(test.images).argmax(1) == test.labels).float().mean().item()
+    assert attack.report.oracle_queries == 150 + 300 + 600
+    assert attack.report.agreement >= 0.5
+    assert 1 - result.success.float().mean().item() <= clean_acc - 0.2  # the transfer attack does damage

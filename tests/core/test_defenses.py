@@ -1,0 +1,59 @@
+"""Defenses: the common interface, and each defense's defining property on the shipped digits models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from invgan_core.defenses import ClippedProjection, DefenseGAN, InvGAN, NoDefense
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "digits"
+
+
+@pytest.fixture(scope="module")
+def models():
+    from invgan_core.checkpoint import load_model
+    from invgan_core.data import load_dataset
+
+    if not (WEIGHTS / "inverter.json").exists():
+        pytest.skip("no shipped digits weights")
+    m = {k: load_model(WEIGHTS / k, kind=k.split("-")[0])[0] for k in ("generator", "inverter", "classifier", "generator-uniform")}
+    return m, load_dataset("digits", "test").subset(24)
+
+
+def test_no_defense_is_the_identity(models):
+    m, t = models
+    d = NoDefense(m["classifier"])
+    p = d.purify(t.images, t.ids)
+    assert torch.equal(p.x, t.images) and p.effective_iterations == 0
+    assert torch.equal(d.predict(t.images), m["classifier"](t.images).argmax(1))
+
+
+def test_invgan_with_zero_steps_is_the_encoder(models):
+    m, t = models
+    p = InvGAN(m["generator"], m["inverter"], m["classifier"], steps=0).purify(t.images, t.ids)
+    with torch.no_grad():
+        torch.testing.assert_close(p.x, m["generator"](m["inverter"](t.images)))
+    assert p.effective_iterations == 1  # one encoder pass
+
+
+def test_projection_steps_lower_the_reconstruction_error_and_count_iterations(models):
+    m, t = models
+    G, I, f = m["generator"], m["inverter"], m["classifier"]
+    t0 = InvGAN(G, I, f, steps=0).purify(t.images, t.ids)
+    t50 = InvGAN(G, I, f, steps=50).purify(t.images, t.ids)
+    dg = DefenseGAN(G, f, restarts=4, steps=50).purify(t.images, t.ids)
+    assert t50.loss.mean() < t0.loss.mean()
+    assert dg.effective_iterations == 200 and t50.effective_iterations == 50
+    d = DefenseGAN(G, f, restarts=4, steps=50)
+    assert torch.equal(d.predict(t.images, t.ids), f(dg.x).argmax(1))  # deterministic per example id
+
+
+def test_clipped_projection_needs_a_uniform_prior_and_stays_in_the_box(models):
+    m, t = models
+    with pytest.raises(ValueError, match="uniform prior"):
+        ClippedProjection(m["generator"], m["classifier"])
+    p = ClippedProjection(m["generator-uniform"], m["classifier"], steps=50).purify(t.images, t.ids)
+    assert p.z.abs().max() <= 1

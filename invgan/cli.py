@@ -73,6 +73,33 @@ def train(
         typer.echo(f"MLflow run {result['mlflow_run_id']} (open with: invgan ui)")
 
 
+@app.command("eval")
+def eval_(
+    config: Path = typer.Option(Path("configs/default.yaml"), help="YAML config (see configs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. attacks.fgsm.params.eps=0.2"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
+    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]; rerun to resume"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join a running one); default: local"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Evaluate every attack against every defense on Ray Data; record the results in MLflow.
+
+    Prints the accuracy table (defenses x attacks, like InvGAN Table 2), the detection AUC table
+    (Table 3), the run folder and the MLflow run. Rerunning the same command resumes: finished
+    shards are reused.
+
+    Examples:  invgan eval
+               invgan eval --config configs/mnist5k_table2.yaml --set attacks.pgd_linf.params.eps=0.2 --limit 500
+               invgan eval --config configs/smoke.yaml --out /tmp/run1
+    """
+    from jobs.evaluate import main as eval_main
+
+    eval_main(config=config, overrides=set_, limit=limit, out=out, address=address, tracking_uri=tracking_uri,
+              log_mlflow=not no_mlflow, progress=not quiet)
+
+
 @app.command()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),

@@ -41,7 +41,9 @@ def start_mlflow(tracking_uri: str | None, experiment: str):
     """Point MLflow at the store and select the experiment, holding a file lock for an SQLite store.
 
     Two processes creating a fresh SQLite store at once race in MLflow's schema migration
-    ('duplicate column name'); the lock serialises that first initialisation.
+    ('duplicate column name'); the lock serialises that first initialisation. An experiment created
+    in an SQLite store keeps its artifacts beside the database (<store dir>/mlartifacts), not in
+    ./mlruns of whatever folder the command ran from.
     """
     import fcntl
 
@@ -49,10 +51,12 @@ def start_mlflow(tracking_uri: str | None, experiment: str):
 
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        lock_path = Path(uri[len("sqlite:///"):] + ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with lock_path.open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return mlflow.set_experiment(experiment)
-    return mlflow.set_experiment(experiment)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.set_experiment(experiment)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with db.with_name(db.name + ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=(db.parent / "mlartifacts" / experiment).as_uri())
+        return mlflow.set_experiment(experiment)

@@ -12,7 +12,7 @@ runner = CliRunner()
 def test_help_lists_the_subcommands():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("train", "verify", "ui"):
+    for command in ("train", "eval", "verify", "ui"):
         assert command in out.output
 
 
@@ -26,3 +26,16 @@ def test_unknown_kind_is_rejected_with_the_choices():
     out = runner.invoke(app, ["train", "vae"])
     assert out.exit_code != 0
     assert "gan" in out.output and "classifier" in out.output
+
+
+def test_eval_reports_a_bad_config_value_by_name(tmp_path):
+    out = runner.invoke(app, ["eval", "--config", "configs/smoke.yaml", "--set", "attacks.fgsm.params.eps=-1x",
+                              "--set", "shard_size=0", "--out", str(tmp_path / "run")])
+    assert out.exit_code != 0
+    assert "shard_size" in out.output
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_eval_names_a_missing_config_file(tmp_path):
+    out = runner.invoke(app, ["eval", "--config", str(tmp_path / "nope.yaml")])
+    assert out.exit_code != 0 and "nope.yaml" in out.output

@@ -57,3 +57,18 @@ def test_clipped_projection_needs_a_uniform_prior_and_stays_in_the_box(models):
         ClippedProjection(m["generator"], m["classifier"])
     p = ClippedProjection(m["generator-uniform"], m["classifier"], steps=50).purify(t.images, t.ids)
     assert p.z.abs().max() <= 1
+
+
+def test_an_example_gets_the_same_result_alone_as_in_a_batch_of_256(models):
+    from invgan_core.data import load_dataset
+
+    m, _ = models
+    t = load_dataset("digits", "test").subset(256)
+    for d in (DefenseGAN(m["generator"], m["classifier"], restarts=3, steps=100),
+              InvGAN(m["generator"], m["inverter"], m["classifier"], steps=100)):
+        batch = d.purify(t.images, t.ids)
+        batch_pred = m["classifier"](batch.x).argmax(1)
+        for i in (0, 101, 255):
+            alone = d.purify(t.images[i:i + 1], t.ids[i:i + 1])
+            torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
+            assert m["classifier"](alone.x).argmax(1).item() == batch_pred[i].item()

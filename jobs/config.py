@@ -1,0 +1,158 @@
+"""The evaluation config: YAML validated by pydantic, `--set` overrides by dotted path, a stable hash.
+
+Attacks and defenses are named entries with a `kind` from a registry and keyword parameters that are
+checked by building the object before any Ray work starts, so a typo fails with the field's name.
+Attacks name their target (InvGAN Sec. 4.2 and Chen et al.):
+- `classifier`: computed against the bare classifier, fed to every defense (FGSM, PGD, CW);
+- `each`: end to end against each defense in turn, one row per defense attacked (BPDA, unrolled, NES);
+- a defense name: computed through that defense, fed to every defense (RP through `invgan`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from invgan_core import adaptive, attacks, defenses
+from jobs.common import PROJECT_ROOT
+
+ATTACKS = {
+    "fgsm": attacks.FGSM, "pgd_linf": attacks.LinfPGD, "pgd_l2": attacks.L2PGD, "pgd_l1": attacks.L1PGD,
+    "cw": attacks.CarliniWagnerL2, "sign_cw": adaptive.SignCW,
+}
+WRAPPERS = {"bpda": adaptive.BPDA, "rp": adaptive.Reparameterization, "unrolled": adaptive.Unrolled, "nes": adaptive.NES}
+DEFENSES = {"none": defenses.NoDefense, "defensegan": defenses.DefenseGAN, "invgan": defenses.InvGAN,
+            "clipped": defenses.ClippedProjection}
+RESERVED = {"clean", "worst_case"}  # attack names the results use themselves
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AttackSpec(_Strict):
+    kind: str
+    target: str = "classifier"
+    limit: Optional[int] = Field(None, gt=0, description="only the first N examples (costly attacks)")
+    params: dict[str, Any] = {}
+    base: Optional["AttackSpec"] = None  # the loop of a wrapper (bpda, rp, unrolled, nes)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "AttackSpec":
+        self.build()
+        return self
+
+    def build(self):
+        """The attack object; raises ValueError naming the kind and the bad parameter."""
+        if self.kind in WRAPPERS:
+            inner = self.base.build() if self.base else None
+            return _construct(WRAPPERS[self.kind], self.params | ({"attack": inner} if inner else {}), self.kind)
+        if self.kind not in ATTACKS:
+            raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join([*ATTACKS, *WRAPPERS])}")
+        if self.base is not None:
+            raise ValueError(f"attack kind {self.kind!r} takes no `base`")
+        return _construct(ATTACKS[self.kind], self.params, self.kind)
+
+
+class DefenseSpec(_Strict):
+    kind: str
+    params: dict[str, Any] = {}
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in DEFENSES:
+            raise ValueError(f"unknown defense kind {kind!r}; choose one of {', '.join(DEFENSES)}")
+        return kind
+
+
+class Resources(_Strict):
+    num_workers: int = Field(2, gt=0, description="evaluation actors")
+    num_cpus_per_worker: float = Field(1, gt=0)
+    num_gpus_per_worker: float = Field(0, ge=0)
+    torch_threads: Optional[int] = Field(None, gt=0, description="default: the worker's CPUs")
+
+
+class MlflowSpec(_Strict):
+    experiment: Optional[str] = None  # default: the config family, e.g. 'eval-mnist5k'
+    tracking_uri: Optional[str] = None
+
+
+class EvalConfig(_Strict):
+    name: str
+    dataset: str = "mnist5k"
+    data_dir: Optional[Path] = None
+    split: Literal["train", "test"] = "test"
+    limit: Optional[int] = Field(None, gt=0, description="first N examples of the split")
+    weights: Path = Path("weights/mnist5k")
+    seed: int = 0
+    shard_size: int = Field(16, gt=0, description="examples per shard: the unit of work, resume and progress")
+    detection_space: Literal["feature", "image"] = "feature"
+    defenses: dict[str, DefenseSpec]
+    attacks: dict[str, AttackSpec]
+    resources: Resources = Resources()
+    mlflow: MlflowSpec = MlflowSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalConfig":
+        if not self.defenses:
+            raise ValueError("defenses: name at least one defense (e.g. none: {kind: none})")
+        bad = RESERVED & set(self.attacks)
+        if bad:
+            raise ValueError(f"attacks: {sorted(bad)} are reserved result names; rename the attack")
+        for name, spec in self.attacks.items():
+            if spec.target not in ("classifier", "each", *self.defenses):
+                raise ValueError(f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
+                                 f"({', '.join(self.defenses)})")
+        return self
+
+    def weights_dir(self) -> Path:
+        return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of everything that changes results (not resources or MLflow)."""
+        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def family(self) -> str:
+        return self.mlflow.experiment or f"eval-{self.dataset}"
+
+
+def _construct(cls, params: dict, kind: str):
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ValueError(f"attack kind {kind!r}: {err}") from err
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` sets raw['a']['b']['c'] (YAML-parsed value), creating dicts on the way."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected dotted.path=value, e.g. attacks.fgsm.params.eps=0.2")
+        path, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = path.strip().split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {key!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, **fields) -> EvalConfig:
+    """Read a YAML config, apply `--set` overrides and keyword fields, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} does not exist (shipped configs: {', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw = apply_overrides(raw, overrides or [])
+    raw.update({k: v for k, v in fields.items() if v is not None})
+    return EvalConfig.model_validate(raw)

@@ -1,0 +1,262 @@
+"""From evaluation rows to results: accuracy and AUC tables, figures, MLflow records, summary.json.
+
+The rows are one per (example, attack, defense) (see ARCHITECTURE.md); everything here is computed
+from them on the driver, so a table can always be rebuilt from the Parquet shards. Attack "clean"
+is the unattacked input; "worst_case" is the per-example minimum over attacks (AutoAttack
+convention). Only `log_to_mlflow` touches MLflow, and only the driver calls it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure: no pyplot state, rendered by Agg on savefig
+
+from invgan_core.checkpoint import atomic_write_json
+from invgan_core.detection import detection_auc, detection_roc
+
+COLUMNS = {
+    "example_id": "int64", "label": "int64", "attack": "str", "defense": "str", "prediction": "int64",
+    "correct": "bool", "detection_score": "float64", "l2": "float64", "linf": "float64",
+    "effective_iterations": "int64", "seconds": "float64", "attacked": "bool", "queries": "int64", "shard": "int64",
+}
+CLEAN, WORST = "clean", "worst_case"
+MAX_PARAM_VALUE, MAX_TAG_VALUE, PARAMS_PER_BATCH = 6000, 8000, 100  # MLflow's limits
+
+
+def validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Raise ValueError on missing columns, duplicate cells or a wrong `attacked` flag; return the rows
+    with names as plain strings (a categorical read from Parquet could group unseen names) and scores float."""
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:
+        raise ValueError(f"rows lack column(s) {', '.join(missing)} (expected: {', '.join(COLUMNS)})")
+    dup = int(rows.duplicated(["example_id", "attack", "defense"]).sum())
+    if dup:
+        raise ValueError(f"rows hold {dup} duplicate (example_id, attack, defense) row(s); "
+                         "a shard was probably written twice")
+    wrong = int((rows["attacked"].astype(bool) == (rows["attack"] == CLEAN)).sum())
+    if wrong:
+        raise ValueError(f"{wrong} row(s) have `attacked` inconsistent with attack == {CLEAN!r}")
+    return rows.astype({"attack": str, "defense": str, "detection_score": "float64", "correct": bool, "attacked": bool})
+
+
+def _attack_order(names) -> list[str]:
+    """clean first, worst_case last, the rest in order of first appearance (the config's order)."""
+    names = list(dict.fromkeys(names))
+    middle = [n for n in names if n not in (CLEAN, WORST)]
+    return [CLEAN] * (CLEAN in names) + middle + [WORST] * (WORST in names)
+
+
+def _worst_case(d_rows: pd.DataFrame) -> tuple[float, int] | None:
+    """(accuracy, n) over examples with rows for clean and every attack of this defense."""
+    wide = d_rows.pivot(index="example_id", columns="attack", values="correct")
+    complete = wide.dropna()
+    if complete.empty:
+        return None
+    return float(complete.astype(bool).all(axis=1).mean()), len(complete)
+
+
+def _detection_pairs(d_rows: pd.DataFrame):
+    """Yield (attack, clean scores, attacked scores) per attack of one defense, the clean negatives
+    restricted to the same example ids as the attacked positives; attacks without scores are skipped."""
+    clean = d_rows[~d_rows["attacked"]].set_index("example_id")["detection_score"]
+    for attack, g in d_rows[d_rows["attacked"]].groupby("attack", sort=False):
+        g = g[np.isfinite(g["detection_score"])]
+        negatives = clean.reindex(g["example_id"].to_numpy())
+        negatives = negatives[np.isfinite(negatives)]
+        if len(g) and len(negatives):
+            yield attack, negatives.to_numpy(), g["detection_score"].to_numpy()
+
+
+def summarize(rows: pd.DataFrame) -> dict:
+    """Aggregate rows into {accuracy, n, auc, seconds_per_example: {defense: {attack: v}}, mean_l2, mean_linf}.
+
+    - accuracy/n: mean of `correct` and row count per (defense, attack), "clean" included;
+      each cell has its own n because attacks may run on a subset (`limit`) or against some defenses.
+    - worst_case (AutoAttack convention): an example is correct only if correct on clean and under
+      every attack with rows for that defense, computed over the examples that have rows for all of
+      them (typically the smallest `limit`); its n is that count. Absent if no example has all.
+    - auc: detection ROC AUC (InvGAN Table 3), attacked scores vs the same defense's clean scores of
+      the same example ids; rows with NaN scores are ignored, so cells without scores (defense
+      "none") are absent.
+    - mean_l2/mean_linf: mean distortion per attack over its attacked rows (all defenses).
+    """
+    rows = validate_rows(rows)
+    out: dict[str, dict] = {k: {} for k in ("accuracy", "n", "auc", "seconds_per_example")}
+    for defense, d_rows in rows.groupby("defense", sort=False):
+        cells = d_rows.groupby("attack", sort=False).agg(
+            accuracy=("correct", "mean"), n=("correct", "size"), seconds=("seconds", "mean"))
+        order = _attack_order(cells.index)
+        out["accuracy"][defense] = {a: float(cells.at[a, "accuracy"]) for a in order}
+        out["n"][defense] = {a: int(cells.at[a, "n"]) for a in order}
+        out["seconds_per_example"][defense] = {a: float(cells.at[a, "seconds"]) for a in order}
+        worst = _worst_case(d_rows)
+        if worst is not None:
+            out["accuracy"][defense][WORST], out["n"][defense][WORST] = worst
+        aucs = {a: detection_auc(neg, pos) for a, neg, pos in _detection_pairs(d_rows)}
+        if aucs:
+            out["auc"][defense] = aucs
+    attacked = rows[rows["attacked"]].groupby("attack", sort=False)
+    out["mean_l2"] = {a: float(v) for a, v in attacked["l2"].mean().items()}
+    out["mean_linf"] = {a: float(v) for a, v in attacked["linf"].mean().items()}
+    return out
+
+
+def table_frame(summary: dict, metric: str = "accuracy") -> pd.DataFrame:
+    """One metric as a DataFrame: a `defense` column, then one column per attack (NaN where not run)."""
+    table = summary[metric]
+    attacks = _attack_order(a for cells in table.values() for a in cells)
+    return pd.DataFrame([{"defense": d, **cells} for d, cells in table.items()], columns=["defense", *attacks])
+
+
+def markdown_table(summary: dict, metric: str = "accuracy", digits: int | None = None) -> str:
+    """Defenses × attacks as a padded markdown table (readable as plain text), cells `0.83 (n=100)`."""
+    table, counts = summary[metric], summary["n"]
+    if not table:
+        return f"(no {metric} cells)"
+    digits = digits if digits is not None else (4 if metric == "auc" else 2)
+    attacks = _attack_order(a for cells in table.values() for a in cells)
+    lines = [["defense", *attacks]]
+    for defense, cells in table.items():
+        lines.append([defense, *(f"{cells[a]:.{digits}f} (n={counts[defense][a]})" if a in cells else "-"
+                                 for a in attacks)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(attacks) + 1)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
+
+
+def roc_figure(rows: pd.DataFrame) -> Figure:
+    """Detection ROC curves: one panel per defense with scores, one curve per attack, AUC in the legend."""
+    rows = validate_rows(rows)
+    panels = [(d, list(_detection_pairs(g))) for d, g in rows.groupby("defense", sort=False)]
+    panels = [(d, pairs) for d, pairs in panels if pairs]
+    fig = Figure(figsize=(4 * max(len(panels), 1), 4), layout="constrained")
+    if not panels:
+        fig.text(0.5, 0.5, "no detection scores", ha="center", va="center")
+        return fig
+    for ax, (defense, pairs) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for attack, neg, pos in pairs:
+            fpr, tpr = detection_roc(neg, pos)
+            ax.plot(fpr, tpr, label=f"{attack} (AUC={detection_auc(neg, pos):.3f}, n={len(pos)})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(title=defense, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def _named(images, kind: str) -> dict[str, np.ndarray]:
+    if isinstance(images, Mapping):
+        return {f"{kind}: {name}": np.asarray(a) for name, a in images.items()}
+    return {kind: np.asarray(images)}
+
+
+def image_grid(clean, attacked, projected, labels=None, *, columns: int = 8) -> Figure:
+    """Rows clean / attacked / projected (one per entry when a dict), columns examples (InvGAN Fig. 2).
+
+    Arrays are (N, C, H, W) in [0, 1]; `labels` (N,) titles the columns.
+    """
+    groups = {**_named(clean, "clean"), **_named(attacked, "attacked"), **_named(projected, "projected")}
+    for name, a in groups.items():
+        if a.ndim != 4 or a.shape[1] not in (1, 3):
+            raise ValueError(f"image_grid: {name!r} has shape {a.shape}; expected (N, 1 or 3, H, W)")
+    k = min(columns, *(len(a) for a in groups.values()))
+    fig = Figure(figsize=(1.2 * k + 1.2, 1.3 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), k, squeeze=False)
+    for r, (name, a) in enumerate(groups.items()):
+        for c in range(k):
+            ax, img = axes[r, c], np.clip(a[c], 0, 1)
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.transpose(1, 2, 0))
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize="small")
+            if r == 0 and labels is not None:
+                ax.set_title(f"y={int(labels[c])}", fontsize="small")
+    return fig
+
+
+def safe_name(name: str) -> str:
+    """`name` with characters MLflow forbids in metric/param keys replaced by '_'."""
+    return re.sub(r"[^\w.\- /]", "_", str(name))
+
+
+def _metric_part(name: str) -> str:
+    part = safe_name(name).replace("/", "_")  # a defense or attack name must not add path levels
+    return "_" if part in ("", ".", "..") else part
+
+
+def flatten_config(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params, values as strings cut to MLflow's 6000 chars."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{safe_name(key)}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten_config(value, f"{name}.")
+        else:
+            flat[name] = str(value)[:MAX_PARAM_VALUE]
+    return flat
+
+
+def description(summary: dict, run_name: str) -> str:
+    """The run's markdown note: both tables, so the MLflow UI shows results without opening artifacts."""
+    text = (f"### {run_name}\n\n**Accuracy** (defenses × attacks; n = examples per cell; worst_case = correct "
+            f"on clean and under every attack)\n\n{markdown_table(summary, 'accuracy')}\n\n"
+            f"**Detection ROC AUC** (attacked vs clean of the same examples)\n\n{markdown_table(summary, 'auc')}\n")
+    return text[:MAX_TAG_VALUE]
+
+
+def _log_table(client, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
+    """mlflow.log_table, but replacing the file when resuming (log_table itself appends rows)."""
+    import mlflow
+
+    folder = artifact_file.rpartition("/")[0] or None
+    if artifact_file in {f.path for f in client.list_artifacts(run_id, folder)}:
+        mlflow.log_text(frame.to_json(orient="split", index=False), artifact_file)
+    else:
+        mlflow.log_table(frame, artifact_file=artifact_file)
+
+
+def log_to_mlflow(*, summary: dict, rows_dir: Path, config_dict: dict, run_name: str, experiment: str,
+                  tracking_uri: str, tags: dict, figures: dict[str, Figure], run_id: str | None = None) -> str:
+    """Record one evaluation as an MLflow run (resumed when `run_id` is given); returns the run id.
+
+    params: the flattened config; metrics: accuracy|auc|n|seconds_per_example/<defense>/<attack>,
+    mean_l2|mean_linf/<attack>; artifacts: tables/*.json, figures/<name>.png, rows/ (Parquet).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from jobs.common import start_mlflow
+
+    start_mlflow(tracking_uri, experiment)
+    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
+        run_id = run.info.run_id
+        client = MlflowClient(tracking_uri)
+        logged = client.get_run(run_id).data.params
+        params = [(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
+        for i in range(0, len(params), PARAMS_PER_BATCH):
+            mlflow.log_params(dict(params[i:i + PARAMS_PER_BATCH]))
+        metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
+                   for m in ("accuracy", "auc", "n", "seconds_per_example")
+                   for d, cells in summary[m].items() for a, v in cells.items()}
+        metrics |= {f"{m}/{_metric_part(a)}": v for m in ("mean_l2", "mean_linf") for a, v in summary[m].items()}
+        mlflow.log_metrics(metrics)
+        for metric in ("accuracy", "auc", "n"):
+            _log_table(client, run_id, table_frame(summary, metric), f"tables/{metric}.json")
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, f"figures/{name}.png")
+        mlflow.log_artifacts(str(rows_dir), "rows")
+        mlflow.set_tags({**{k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()},
+                         "mlflow.note.content": description(summary, run_name)})
+    return run_id
+
+
+def write_summary(path: Path, summary: dict, extra: dict[str, Any]) -> None:
+    """summary.json (atomically): the whole summary (accuracy, n, auc, ...) plus `extra` (mlflow_run_id, ...)."""
+    atomic_write_json(Path(path), summary | extra)

@@ -1,0 +1,133 @@
+"""`invgan eval` end to end: a real Ray instance (shared by the module), real Parquet, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs.config import load_config
+from jobs.evaluate import ROW_COLUMNS, evaluate, expected_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+KEY = ["example_id", "attack", "defense"]
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # 2 actors + 1 CPU for Ray Data
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_instance, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    cfg = load_config(SMOKE, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"})
+    return cfg, evaluate(cfg, out=tmp / "run", progress=False), tmp
+
+
+def test_rows_have_the_schema_and_one_row_per_example_attack_defense(smoke_run):
+    cfg, res, _ = smoke_run
+    rows = res.rows
+    assert list(rows.columns) == ROW_COLUMNS
+    assert not rows.duplicated(KEY).any()
+    n = 16
+    assert len(rows) == expected_rows(cfg, 0, n) == n * len(cfg.defenses) * (1 + len(cfg.attacks))
+    assert set(rows.attack) == {"clean", *cfg.attacks} and set(rows.defense) == set(cfg.defenses)
+    assert rows.loc[rows.attack == "fgsm", "linf"].max() <= 0.3 + 1e-6
+    assert (rows.attacked == (rows.attack != "clean")).all()
+    assert rows.loc[rows.defense == "none", "detection_score"].isna().all()
+    assert rows.loc[rows.defense == "invgan", "detection_score"].notna().all()
+    assert len(list((res.run_dir / "rows").glob("shard-*.parquet"))) == 4  # 16 examples / shard_size 4
+
+
+def test_summary_has_accuracy_auc_and_worst_case(smoke_run):
+    cfg, res, _ = smoke_run
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    acc = summary["accuracy"]
+    rows = res.rows
+    for d in cfg.defenses:
+        for a in ("clean", *cfg.attacks):
+            expected = rows[(rows.defense == d) & (rows.attack == a)].correct.mean()
+            assert acc[d][a] == pytest.approx(expected)
+        assert acc[d]["worst_case"] <= min(acc[d][a] for a in cfg.attacks)
+    assert 0 <= summary["auc"]["invgan"]["fgsm"] <= 1
+    assert summary["mlflow_run_id"] == res.mlflow_run_id
+
+
+def test_one_worker_gives_the_same_predictions_as_two(smoke_run, tmp_path):
+    cfg, res, _ = smoke_run
+    one = load_config(SMOKE, resources={"num_workers": 1, "num_cpus_per_worker": 1})
+    single = evaluate(one, out=tmp_path / "one", progress=False, log_mlflow=False)
+    a = res.rows.sort_values(KEY).reset_index(drop=True)
+    b = single.rows.sort_values(KEY).reset_index(drop=True)
+    pd.testing.assert_series_equal(a.prediction, b.prediction)
+    pd.testing.assert_series_equal(a.l2, b.l2, atol=1e-5)
+
+
+def test_rerun_computes_only_missing_shards(smoke_run, tmp_path):
+    cfg, res, _ = smoke_run
+    run_dir = tmp_path / "resume"
+    (run_dir / "rows").mkdir(parents=True)
+    for f in sorted((res.run_dir / "rows").glob("shard-*.parquet"))[:3]:  # as if killed after 3 shards
+        (run_dir / "rows" / f.name).write_bytes(f.read_bytes())
+    (run_dir / "config.json").write_bytes((res.run_dir / "config.json").read_bytes())
+    again = evaluate(cfg, out=run_dir, progress=False, log_mlflow=False)
+    assert (again.computed_shards, again.skipped_shards) == (1, 3)
+    assert not again.rows.duplicated(KEY).any() and len(again.rows) == len(res.rows)
+
+
+def test_a_run_folder_of_another_config_is_refused(smoke_run):
+    cfg, res, _ = smoke_run
+    other = load_config(SMOKE, ["attacks.fgsm.params.eps=0.1"])
+    with pytest.raises(SystemExit, match="different config"):
+        evaluate(other, out=res.run_dir, progress=False, log_mlflow=False)
+
+
+def test_mlflow_run_holds_metrics_tables_and_figures(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, res, tmp = smoke_run
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(res.mlflow_run_id)
+    assert run.data.metrics["accuracy/invgan/clean"] == pytest.approx(res.summary["accuracy"]["invgan"]["clean"])
+    assert "auc/invgan/fgsm" in run.data.metrics
+    assert run.data.tags["dataset"] == "digits" and run.info.run_name.startswith("smoke-")
+    artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "tables")} | \
+        {a.path for a in client.list_artifacts(res.mlflow_run_id, "figures")}
+    assert {"tables/accuracy.json", "figures/roc.png", "figures/images.png"} <= artifacts
+    note = run.data.tags["mlflow.note.content"]
+    assert re.search(r"\| none +\| ", note) and "(n=16)" in note  # the accuracy table, readable in the UI
+
+
+def test_killed_job_resumes_without_recomputing(tmp_path):
+    """A real kill: SIGKILL the CLI after its first shard file, rerun, check nothing is lost or repeated."""
+    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--out", str(tmp_path / "run"),
+           "--no-mlflow", "--set", "shard_size=2", "--set", "resources.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    rows_dir, deadline = tmp_path / "run" / "rows", time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(rows_dir.glob("shard-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    done = len(list(rows_dir.glob("shard-*.parquet")))
+    assert 2 <= done < 8
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"{8 - done} computed, {done} reused" in out.stdout
+    rows = pd.concat(pd.read_parquet(f) for f in rows_dir.glob("shard-*.parquet"))
+    assert len(rows) == 16 * 2 * 3 and not rows.duplicated(KEY).any()

@@ -101,6 +101,23 @@ def eval_(
 
 
 @app.command()
+def curves(
+    config: Path = typer.Option(Path("configs/curves.yaml"), help="YAML config with a `curves:` section"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. curves.budgets=[0,50,200]"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
+    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-curves-<config hash>]; rerun to resume"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows, table and plot only"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Accuracy and wall time versus effective iterations (restarts x steps), InvGAN vs Defense-GAN (InvGAN Fig. 4)."""
+    from jobs.curves import main as curves_main
+
+    curves_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
+                progress=not quiet)
+
+
+@app.command()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
     limit: Optional[int] = typer.Option(None, help="projections on the first N held-out images [48, the manifests' quick check]"),

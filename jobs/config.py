@@ -83,6 +83,24 @@ class MlflowSpec(_Strict):
     tracking_uri: Optional[str] = None
 
 
+class CurvesSpec(_Strict):
+    """Runtime versus iterations (InvGAN Sec. 4.3, Fig. 4): each projection defense at each budget of
+    effective iterations (restarts x steps). InvGAN: 1 restart, T = budget; Defense-GAN: `restarts`
+    restarts of budget / restarts steps."""
+
+    budgets: list[int] = [0, 10, 25, 50, 100, 200, 500]
+    defenses: list[Literal["invgan", "defensegan"]] = ["invgan", "defensegan"]
+    restarts: int = Field(10, gt=0, description="Defense-GAN restarts at every budget")
+    lr: float = Field(0.05, gt=0)
+
+    @field_validator("budgets")
+    @classmethod
+    def _sorted(cls, budgets: list[int]) -> list[int]:
+        if not budgets or min(budgets) < 0:
+            raise ValueError("budgets: give non-negative effective iteration counts, e.g. [0, 10, 100]")
+        return sorted(set(budgets))
+
+
 class EvalConfig(_Strict):
     name: str
     dataset: str = "mnist5k"
@@ -97,6 +115,7 @@ class EvalConfig(_Strict):
     attacks: dict[str, AttackSpec]
     resources: Resources = Resources()
     mlflow: MlflowSpec = MlflowSpec()
+    curves: Optional[CurvesSpec] = None  # used by `invgan curves`
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":

@@ -131,3 +131,25 @@ def test_killed_job_resumes_without_recomputing(tmp_path):
     assert f"{8 - done} computed, {done} reused" in out.stdout
     rows = pd.concat(pd.read_parquet(f) for f in rows_dir.glob("shard-*.parquet"))
     assert len(rows) == 16 * 2 * 3 and not rows.duplicated(KEY).any()
+
+
+def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.curves import point_defenses, run_curves
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(ROOT / "configs" / "curves.yaml",
+                      ["dataset=digits", "weights=weights/digits", "limit=8", "shard_size=8", "curves.budgets=[0,20,100]"],
+                      mlflow={"tracking_uri": uri})
+    assert list(point_defenses(cfg)) == ["invgan_T0", "defensegan_10x0", "invgan_T20", "defensegan_10x2",
+                                         "invgan_T100", "defensegan_10x10"]
+    table, run_dir, run_id = run_curves(cfg, out=tmp_path / "run", progress=False)
+    assert table.groupby("family").effective_iterations.apply(list).to_dict() == {
+        "defensegan": [0, 20, 100], "invgan": [1, 20, 100]}
+    assert (table.n == 8).all() and (run_dir / "curves.png").exists()
+    # more projection steps fit the clean images better: InvGAN at T=100 at least as accurate as T=0 here
+    inv = table[table.family == "invgan"].set_index("effective_iterations")
+    assert inv.loc[100, "clean_accuracy"] >= inv.loc[1, "clean_accuracy"]
+    history = MlflowClient(uri).get_metric_history(run_id, "curve/invgan/clean_accuracy")
+    assert sorted(m.step for m in history) == [1, 20, 100]

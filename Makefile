@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 eval: $(STAMP)
-	$(BIN)/invgan verify --dataset mnist5k
+	$(BIN)/invgan eval
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from jobs.common import default_tracking_uri, runs_dir
@@ -38,7 +37,7 @@ class EvalWorker:
         import torch
 
         from invgan_core.data import load_dataset
-        from jobs.config import DEFENSES, EvalConfig
+        from jobs.config import EvalConfig
 
         self.cfg = EvalConfig.model_validate(config)
         res = self.cfg.resources

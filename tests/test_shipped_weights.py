@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from invgan_core.checkpoint import load_model, read_manifest
@@ -49,3 +51,12 @@ def test_projection_figures_reproduce_on_the_check_subset(dataset):
     assert figures["projection_examples"] == CHECK_SUBSET
     assert compare(figures, recorded) == []
     assert {"defensegan_accuracy", "invgan_accuracy", "invgan_t0_accuracy"} <= set(figures)
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="the whole held-out split: set RUN_SLOW=1")
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_projection_figures_reproduce_on_the_whole_held_out_split(dataset):
+    quality = read_manifest(WEIGHTS_DIR / dataset / "generator")["quality"]
+    full = max(quality.values(), key=lambda v: v["projection_examples"])
+    figures = measure(dataset, limit=full["projection_examples"], progress=False)
+    assert compare(figures, full) == []

@@ -118,9 +118,44 @@ def curves(
 
 
 @app.command()
+def red(
+    config: Path = typer.Option(Path("configs/red_mnist5k.yaml"), help="YAML config (configs/red_*.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. steps=200"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N test examples"),
+    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]; rerun to resume"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Reverse engineering of deceptions (RED Table 1): signal and attack-type accuracy of CNN, BSD-GAN(-AD)
+    from a Defense-GAN or an inverter start, and SBSC/SBSAD, for every attack type of the dictionary.
+
+    Example:  invgan red --config configs/red_smoke.yaml --out /tmp/red1
+    """
+    from jobs.red import main as red_main
+
+    red_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
+             progress=not quiet)
+
+
+@app.command("red-theory")
+def red_theory(
+    out: Path = typer.Option(Path("runs/red-theory"), help="folder for the figures and numbers"),
+    n: int = typer.Option(10, help="realizable instances per point"),
+    steps: int = typer.Option(1000, help="Algorithm 1 iterations"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow"),
+    tracking_uri: Optional[str] = typer.Option(None),
+) -> None:
+    """RED theory checks on a one-layer GAN: output dimension m vs μ (Fig. 1), linear convergence."""
+    from jobs.red import theory_main
+
+    theory_main(out=out, n=n, steps=steps, log_mlflow=not no_mlflow, tracking_uri=tracking_uri)
+
+
+@app.command()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
-    limit: Optional[int] = typer.Option(None, help="projections on the first N held-out images [48, the manifests' quick check]"),
+    limit: Optional[int] = typer.Option(None, help="projections on the first N held-out images [100, the manifests' quick check]"),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder, if not embedded"),
     weights: Optional[Path] = typer.Option(None, help="weights folder [weights/<dataset>]"),
     write: bool = typer.Option(False, help="after training: measure the whole held-out split and the quick check, record both in the manifests"),

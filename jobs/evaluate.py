@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -185,7 +186,7 @@ def write_shard(path: Path, frame: pd.DataFrame) -> None:
         raise
 
 
-def prepare_run_dir(cfg: EvalConfig, run_dir: Path) -> None:
+def prepare_run_dir(cfg, run_dir: Path) -> None:
     """Create the run folder, or check that the one found holds the same config."""
     from invgan_core.checkpoint import atomic_write_json
 
@@ -200,44 +201,44 @@ def prepare_run_dir(cfg: EvalConfig, run_dir: Path) -> None:
         atomic_write_json(recorded, current)
 
 
-def compute_shards(cfg: EvalConfig, todo: list[tuple[int, int, int]], run_dir: Path, address: str | None,
-                   progress: bool) -> None:
-    """Run the missing shards through Ray Data; write each shard's rows as its result arrives."""
+def compute_shards(todo: list[tuple[int, int, int]], run_dir: Path, address: str | None, progress: bool, *,
+                   worker: type, worker_kwargs: dict, resources, expected: Callable[[int, int], int],
+                   columns: list[str], desc: str) -> None:
+    """Run the missing shards through Ray Data (`worker` actors, one shard per call); the driver writes
+    each shard's rows as they arrive, after checking the shard holds the `expected(start, stop)` rows."""
     import ray
     from tqdm.auto import tqdm
 
-    res = cfg.resources
     started_here = False
     if not ray.is_initialized():
         # a local instance leaves one CPU for Ray Data's own tasks beside the actors
-        kwargs = {} if address else {"num_cpus": int(math.ceil(res.num_workers * res.num_cpus_per_worker)) + 1}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+        cpus = int(math.ceil(resources.num_workers * resources.num_cpus_per_worker)) + 1
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **({} if address else {"num_cpus": cpus}))
         started_here = True
     try:
         items = [{"shard": k, "start": a, "stop": b} for k, a, b in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        rows = ds.map_batches(
-            EvalWorker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json")}, batch_size=1,
-            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(res.num_workers, len(items))),
-            num_cpus=res.num_cpus_per_worker, num_gpus=res.num_gpus_per_worker,
+        rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            worker, fn_constructor_kwargs=worker_kwargs, batch_size=1, batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=min(resources.num_workers, len(items))),
+            num_cpus=resources.num_cpus_per_worker, num_gpus=resources.num_gpus_per_worker,
         )
         bounds = {k: (a, b) for k, a, b in todo}
-        with tqdm(total=len(todo), desc=f"eval {cfg.name}", unit="shard", disable=not progress) as bar:
+        with tqdm(total=len(todo), desc=desc, unit="shard", disable=not progress) as bar:
             for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
                 for shard, frame in batch.groupby("shard"):
                     a, b = bounds[int(shard)]
-                    if len(frame) != expected_rows(cfg, a, b):
-                        raise RuntimeError(f"shard {shard}: {len(frame)} rows, expected {expected_rows(cfg, a, b)}")
-                    write_shard(shard_path(run_dir, int(shard)), frame[ROW_COLUMNS].reset_index(drop=True))
+                    if len(frame) != expected(a, b):
+                        raise RuntimeError(f"shard {shard}: {len(frame)} rows, expected {expected(a, b)}")
+                    write_shard(shard_path(run_dir, int(shard)), frame[columns].reset_index(drop=True))
                     bar.update(1)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def read_rows(run_dir: Path) -> pd.DataFrame:
+def read_rows(run_dir: Path, columns: list[str] = ROW_COLUMNS) -> pd.DataFrame:
     files = sorted((run_dir / "rows").glob("shard-*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame(columns=ROW_COLUMNS)
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame(columns=columns)
 
 
 def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
@@ -252,7 +253,9 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
     shards = plan_shards(n, cfg.shard_size)
     todo = [s for s in shards if not shard_path(run_dir, s[0]).exists()]
     if todo:
-        compute_shards(cfg, todo, run_dir, address, progress)
+        compute_shards(todo, run_dir, address, progress, worker=EvalWorker,
+                       worker_kwargs={"config": cfg.model_dump(mode="json")}, resources=cfg.resources,
+                       expected=lambda a, b: expected_rows(cfg, a, b), columns=ROW_COLUMNS, desc=f"eval {cfg.name}")
     rows = read_rows(run_dir)
     summary, run_id = finish(cfg, run_dir, rows, log_mlflow)
     return Results(run_dir, rows, summary, run_id, len(todo), len(shards) - len(todo))

@@ -1,0 +1,333 @@
+"""`invgan red`: reverse engineering of deceptions (RED Table 1) on Ray Data, recorded in MLflow.
+
+    config ─▶ attack dictionary D_a (built once on the driver, cached in the run folder, hash-checked)
+           ─▶ shards of the test set ─▶ RedWorker actors: attack each example with every attack type,
+              then per method (CNN, BSD-GAN from a Defense-GAN or an inverter start, SBSC) one row
+           ─▶ Parquet rows ─▶ signal / attack-type accuracy tables, confusion matrix ─▶ MLflow
+
+Rows: example_id, label, attack_type, signal_pred, attack_pred, method, seconds, final_loss. The
+BSD-GAN row carries both BSD-GAN's signal class and BSD-GAN-AD's attack type; SBSC's carries SBSC and SBSAD.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from jobs.config import AttackSpec, MlflowSpec, Resources, _Strict
+from jobs.common import PROJECT_ROOT
+
+RED_COLUMNS = ["example_id", "label", "attack_type", "signal_pred", "attack_pred", "method", "seconds", "final_loss",
+               "shard"]
+METHODS = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
+
+
+class DictionarySpec(_Strict):
+    per_class: int = Field(200, gt=0, description="training examples per class and attack type (paper: 200)")
+    attacks: dict[str, AttackSpec]  # the attack types: their order is the type index j
+
+
+class RedConfig(_Strict):
+    name: str
+    dataset: str = "mnist5k"
+    data_dir: Optional[Path] = None
+    limit: Optional[int] = Field(None, gt=0)
+    weights: Path = Path("weights/mnist5k")
+    seed: int = 0
+    shard_size: int = Field(16, gt=0)
+    dictionary: DictionarySpec
+    methods: list[Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]] = list(METHODS)
+    steps: int = Field(500, gt=0, description="Algorithm 1 iterations (App. B.2: 500)")
+    lam_multiplier: float = Field(0.35, gt=0, description="λ = multiplier · λ_max (App. B.2: 0.35)")
+    init_restarts: int = Field(10, gt=0, description="Defense-GAN start: restarts x init_steps (App. B.2: 10 x 100)")
+    init_steps: int = Field(100, ge=0)
+    sbsc_per_class: int = Field(50, gt=0, description="training images per class in SBSC's signal dictionary")
+    resources: Resources = Resources()
+    mlflow: MlflowSpec = MlflowSpec()
+
+    def weights_dir(self) -> Path:
+        return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
+
+    def config_hash(self) -> str:
+        import hashlib
+        import json
+
+        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def family(self) -> str:
+        return self.mlflow.experiment or f"red-{self.dataset}"
+
+
+def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
+    """D_a from `per_class` training examples per class, cached as run_dir/dictionary.{safetensors,json}."""
+    from invgan_core.checkpoint import load_model
+    from invgan_core.data import load_dataset
+    from invgan_core.red import build_attack_dictionary, load_dictionary, save_dictionary
+
+    stem = run_dir / "dictionary"
+    if stem.with_suffix(".json").exists():
+        return load_dictionary(stem)[0]
+    f, _ = load_model(cfg.weights_dir() / "classifier", kind="classifier")
+    f.requires_grad_(False)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    attacks = {name: spec.build() for name, spec in cfg.dictionary.attacks.items()}
+    dic = build_attack_dictionary(f, train.images, train.labels, attacks, cfg.dictionary.per_class, cfg.seed,
+                                  ids=train.ids)
+    save_dictionary(stem, dic, dataset=cfg.dataset, per_class=cfg.dictionary.per_class,
+                    attacks={k: v.model_dump() for k, v in cfg.dictionary.attacks.items()})
+    return dic
+
+
+class RedWorker:
+    """Loads models, the dictionary and SBSC's signal dictionary once; per shard emits the rows."""
+
+    def __init__(self, config: dict, dictionary: str):
+        import torch
+
+        from invgan_core.data import load_dataset
+        from invgan_core.red import load_dictionary, signal_dictionary
+        from jobs.evaluate import load_models
+
+        self.cfg = RedConfig.model_validate(config)
+        torch.set_num_threads(self.cfg.resources.torch_threads or max(1, int(self.cfg.resources.num_cpus_per_worker)))
+        self.models = load_models(self.cfg)
+        self.dic = load_dictionary(dictionary)[0]
+        self.attacks = {name: spec.build() for name, spec in self.cfg.dictionary.attacks.items()}
+        self.data = load_dataset(self.cfg.dataset, "test", self.cfg.data_dir).subset(self.cfg.limit)
+        if "sbsc" in self.cfg.methods:
+            train = load_dataset(self.cfg.dataset, "train", self.cfg.data_dir)
+            self.Ds, self.s_classes = signal_dictionary(train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([self.run_shard(int(r.shard), int(r.start), int(r.stop)) for r in batch.itertuples()],
+                         ignore_index=True)
+
+    def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
+        import torch
+
+        x, y = self.data.images[start:stop], self.data.labels[start:stop]
+        ids = torch.as_tensor(self.data.ids[start:stop])
+        f = self.models["classifier"]
+        inputs = {"clean": x} | {name: a(f, x, y, ids=ids).x_adv for name, a in self.attacks.items()}
+        rows = []
+        for attack_type, xa in inputs.items():
+            for method in self.cfg.methods:
+                t = time.perf_counter()
+                signal, attack, loss = self._method(method, xa, ids)
+                secs = (time.perf_counter() - t) / len(x)
+                rows += [(int(ids[i]), int(y[i]), attack_type, int(signal[i]), int(attack[i]), method, secs,
+                          float(loss[i]), shard) for i in range(len(x))]
+        return pd.DataFrame(rows, columns=RED_COLUMNS)
+
+    def _method(self, method: str, x, ids):
+        import torch
+
+        from invgan_core.red import initial_latents, red_solve, sbsc_solve
+
+        f, G, cfg = self.models["classifier"], self.models["generator"], self.cfg
+        if method == "cnn":
+            with torch.no_grad():
+                return f(x).argmax(1), torch.full((len(x),), -1), torch.full((len(x),), float("nan"))
+        if method == "sbsc":
+            r = sbsc_solve(x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier,
+                           steps=cfg.steps)
+            return r.signal_class, r.attack_type, r.loss
+        init = self.models["inverter"] if method == "bsd_gan_inverter" else "defensegan"
+        z0 = initial_latents(G, x, ids, init, cfg.seed, restarts=cfg.init_restarts, steps=cfg.init_steps)
+        r = red_solve(G, x, D=self.dic, z0=z0, lam_multiplier=cfg.lam_multiplier, steps=cfg.steps, classifier=f)
+        return r.signal_class, r.attack_type, r.loss
+
+
+# ---------------------------------------------------------------- results
+
+def red_tables(rows: pd.DataFrame, attack_names: list[str]) -> dict:
+    """RED Table 1: signal accuracy per method x input (clean + attacks), attack-type accuracy per method x attack."""
+    signal = rows.assign(ok=rows.signal_pred == rows.label).pivot_table(index="method", columns="attack_type",
+                                                                      values="ok", aggfunc="mean")
+    attacked = rows[(rows.attack_type != "clean") & (rows.method != "cnn")]
+    truth = attacked.attack_type.map({n: j for j, n in enumerate(attack_names)})
+    detect = attacked.assign(ok=attacked.attack_pred == truth).pivot_table(index="method", columns="attack_type",
+                                                                           values="ok", aggfunc="mean")
+    order = ["clean", *attack_names]
+    return {"signal_accuracy": signal.reindex(columns=order), "attack_accuracy": detect.reindex(columns=attack_names),
+            "n": rows.groupby(["method", "attack_type"]).size().unstack().reindex(columns=order),
+            "seconds_per_example": rows.pivot_table(index="method", columns="attack_type", values="seconds")}
+
+
+def confusion_figure(rows: pd.DataFrame, attack_names: list[str]):
+    """Attack-type confusion matrix of every dictionary method (rows: true type, columns: predicted)."""
+    from matplotlib.figure import Figure
+
+    methods = [m for m in rows.method.unique() if m != "cnn"]
+    fig = Figure(figsize=(3.6 * max(len(methods), 1), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, max(len(methods), 1)))
+    J = len(attack_names)
+    for ax, method in zip(axes, methods):
+        sub = rows[(rows.method == method) & (rows.attack_type != "clean")]
+        truth = sub.attack_type.map({n: j for j, n in enumerate(attack_names)}).to_numpy()
+        m = np.zeros((J, J))
+        np.add.at(m, (truth, sub.attack_pred.to_numpy()), 1)
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
+        for i in range(J):
+            for j in range(J):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="white" if m[i, j] > 0.5 else "black")
+        ax.set_xticks(range(J), attack_names)
+        ax.set_yticks(range(J), attack_names)
+        ax.set_xlabel("predicted attack type")
+        ax.set_ylabel("true attack type")
+        ax.set_title(method)
+    fig.tight_layout()
+    return fig
+
+
+def _markdown(frame: pd.DataFrame, n: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, row in frame.iterrows():
+        cells = [f"{row[c]:.3f} (n={int(n.loc[method, c])})" if pd.notna(row[c]) else "-" for c in cols]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
+            log_mlflow: bool = True) -> tuple[pd.DataFrame, dict, Path, str | None]:
+    from invgan_core.checkpoint import atomic_write_json
+    from invgan_core.data import load_dataset
+    from jobs.common import runs_dir
+    from jobs.evaluate import compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, shard_path
+
+    load_models(cfg)  # fail early on missing or altered weights
+    run_dir = Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    prepare_run_dir(cfg, run_dir)
+    dic = build_or_load_dictionary(cfg, run_dir)
+    n = len(load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit))
+    todo = [s for s in plan_shards(n, cfg.shard_size) if not shard_path(run_dir, s[0]).exists()]
+    per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
+    if todo:
+        compute_shards(todo, run_dir, address, progress, worker=RedWorker,
+                       worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
+                       resources=cfg.resources, expected=lambda a, b: (b - a) * per_example, columns=RED_COLUMNS,
+                       desc=f"red {cfg.name}")
+    rows = read_rows(run_dir, RED_COLUMNS)
+    tables = red_tables(rows, dic.attack_names)
+    summary = {k: v.to_dict() for k, v in tables.items()}
+    run_id = _log(cfg, run_dir, rows, tables, dic.attack_names) if log_mlflow else None
+    atomic_write_json(run_dir / "summary.json", summary | {"mlflow_run_id": run_id})
+    return rows, tables, run_dir, run_id
+
+
+def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> str:
+    import mlflow
+
+    from jobs.common import default_tracking_uri, git_commit, start_mlflow
+    from jobs.report import flatten_config
+
+    start_mlflow(cfg.mlflow.tracking_uri or default_tracking_uri(), cfg.family)
+    with mlflow.start_run(run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
+        params = flatten_config(cfg.model_dump(mode="json"))
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        for table in ("signal_accuracy", "attack_accuracy"):
+            for method, row in tables[table].iterrows():
+                for attack, value in row.items():
+                    if pd.notna(value):
+                        mlflow.log_metric(f"{table}/{method}/{attack}", float(value))
+            mlflow.log_table(tables[table].reset_index(), f"tables/{table}.json")
+        mlflow.log_figure(confusion_figure(rows, attack_names), "figures/attack_confusion.png")
+        mlflow.log_artifacts(str(run_dir / "rows"), "rows")
+        note = (f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
+                + _markdown(tables["signal_accuracy"], tables["n"])
+                + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n" + _markdown(tables["attack_accuracy"], tables["n"]))
+        mlflow.set_tags({"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(),
+                         "config_hash": cfg.config_hash(), "mlflow.note.content": note[:8000]})
+        return run.info.run_id
+
+
+def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
+         log_mlflow: bool, progress: bool) -> None:
+    import yaml
+    from pydantic import ValidationError
+
+    from jobs.config import apply_overrides
+
+    try:
+        if not Path(config).exists():
+            raise FileNotFoundError(f"config {config} does not exist")
+        raw = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
+        if limit:
+            raw["limit"] = limit
+        cfg = RedConfig.model_validate(raw)
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"invalid RED config: {err}") from None
+    rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow)
+    print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))
+    print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
+    print(f"\nrun folder: {run_dir}")
+    if run_id:
+        print(f"MLflow run {run_id} in experiment {cfg.family!r}; open with: invgan ui")
+
+
+# ---------------------------------------------------------------- theory figures (`invgan red-theory`)
+
+def theory_figures(ms=(30, 50, 100, 200, 500, 1000), *, n: int = 10, steps: int = 1000, seed: int = 0) -> dict:
+    """Fig. 1 (m vs mean μ, leaky ReLU and softplus β = 10) and linear convergence (log ||Δ||² vs k)."""
+    from matplotlib.figure import Figure
+
+    from invgan_core.red_theory import convergence_trace, mu_vs_output_dim, realizable_instance
+
+    curves = {act: mu_vs_output_dim(ms, n=n, steps=steps, activation=act, seed=seed) for act in ("leaky_relu", "softplus")}
+    fig_mu = Figure(figsize=(5, 4))
+    ax = fig_mu.subplots()
+    for act, c in curves.items():
+        ax.plot(c["m"], c["mean_mu"], "o-", label=act if act == "leaky_relu" else "softplus (β = 10)")
+    ax.set_xscale("log")
+    ax.set_xlabel("output dimension m")
+    ax.set_ylabel("mean μ along the path")
+    ax.set_title("local error bound vs m (RED Fig. 1)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    trace = convergence_trace(realizable_instance(100, 10, n, seed=seed), steps=steps, seed=seed)
+    fig_conv = Figure(figsize=(5, 4))
+    ax = fig_conv.subplots()
+    for row in trace["dist2"]:
+        ax.semilogy(row, alpha=0.6)
+    ax.set_xlabel("iteration k")
+    ax.set_ylabel("||Δz||² + ||Δc||²")
+    ax.set_title(f"linear convergence, m = 100 (mean rate {trace['rate'].mean():.3f}/step)")
+    ax.grid(alpha=0.3)
+    numbers = {"m": [int(m) for m in ms], **{f"mean_mu/{a}": c["mean_mu"].tolist() for a, c in curves.items()},
+               "rate_m100": float(trace["rate"].mean()), "attack_type_recovered": float(trace["attack_correct"].mean())}
+    return {"figures": {"mu_vs_m": fig_mu, "convergence": fig_conv}, "numbers": numbers}
+
+
+def theory_main(out: Path, n: int, steps: int, log_mlflow: bool, tracking_uri: str | None) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = theory_figures(n=n, steps=steps)
+    for name, fig in result["figures"].items():
+        fig.savefig(out / f"{name}.png", dpi=100)
+    (out / "theory.json").write_text(json.dumps(result["numbers"], indent=2))
+    print(json.dumps(result["numbers"], indent=2))
+    print(f"figures: {out / 'mu_vs_m.png'}, {out / 'convergence.png'}")
+    if log_mlflow:
+        import mlflow
+
+        from jobs.common import default_tracking_uri, start_mlflow
+
+        start_mlflow(tracking_uri or default_tracking_uri(), "red-theory")
+        with mlflow.start_run(run_name="red-theory") as run:
+            for name, fig in result["figures"].items():
+                mlflow.log_figure(fig, f"figures/{name}.png")
+            mlflow.log_dict(result["numbers"], "theory.json")
+            mlflow.log_metrics({"rate_m100": result["numbers"]["rate_m100"]})
+            print(f"MLflow run {run.info.run_id} in experiment 'red-theory'")

@@ -69,3 +69,14 @@ def test_rerun_reuses_the_dictionary_and_the_shards(red_run):
     assert (run_dir / "dictionary.safetensors").stat().st_mtime_ns == stamp
     assert rows2.sort_values(["example_id", "attack_type", "method"]).reset_index(drop=True).equals(
         rows.sort_values(["example_id", "attack_type", "method"]).reset_index(drop=True))
+
+
+def test_theory_figures_show_mu_growing_with_m_and_linear_convergence():
+    from jobs.red import theory_figures
+
+    result = theory_figures(ms=(30, 300), n=3, steps=300)
+    numbers = result["numbers"]
+    assert numbers["mean_mu/leaky_relu"][1] > numbers["mean_mu/leaky_relu"][0] > 0  # RED Fig. 1's trend
+    assert 0 < numbers["rate_m100"] < 1  # a contraction per step: linear convergence
+    assert numbers["attack_type_recovered"] == 1.0
+    assert set(result["figures"]) == {"mu_vs_m", "convergence"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -101,7 +101,25 @@ class CurvesSpec(_Strict):
         return sorted(set(budgets))
 
 
-class EvalConfig(_Strict):
+class JobConfig(_Strict):
+    """What every sharded job's config shares: weights folder, hash, MLflow experiment family."""
+
+    family_prefix: ClassVar[str] = "eval"  # experiment: <prefix>-<dataset> unless mlflow.experiment is given
+
+    def weights_dir(self) -> Path:
+        return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of everything that changes results (not resources or MLflow)."""
+        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def family(self) -> str:
+        return self.mlflow.experiment or f"{self.family_prefix}-{self.dataset}"
+
+
+class EvalConfig(JobConfig):
     name: str
     dataset: str = "mnist5k"
     data_dir: Optional[Path] = None
@@ -129,18 +147,6 @@ class EvalConfig(_Strict):
                 raise ValueError(f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
                                  f"({', '.join(self.defenses)})")
         return self
-
-    def weights_dir(self) -> Path:
-        return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
-
-    def config_hash(self) -> str:
-        """sha256 of the canonical JSON of everything that changes results (not resources or MLflow)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def family(self) -> str:
-        return self.mlflow.experiment or f"eval-{self.dataset}"
 
 
 def _construct(cls, params: dict, kind: str):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from jobs.config import AttackSpec, MlflowSpec, Resources, _Strict
-from jobs.common import PROJECT_ROOT
+from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict
 
 RED_COLUMNS = ["example_id", "label", "attack_type", "signal_pred", "attack_pred", "method", "seconds", "final_loss",
                "shard"]
@@ -32,7 +31,9 @@ class DictionarySpec(_Strict):
     attacks: dict[str, AttackSpec]  # the attack types: their order is the type index j
 
 
-class RedConfig(_Strict):
+class RedConfig(JobConfig):
+    family_prefix: ClassVar[str] = "red"
+
     name: str
     dataset: str = "mnist5k"
     data_dir: Optional[Path] = None
@@ -49,20 +50,6 @@ class RedConfig(_Strict):
     sbsc_per_class: int = Field(50, gt=0, description="training images per class in SBSC's signal dictionary")
     resources: Resources = Resources()
     mlflow: MlflowSpec = MlflowSpec()
-
-    def weights_dir(self) -> Path:
-        return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
-
-    def config_hash(self) -> str:
-        import hashlib
-        import json
-
-        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-    @property
-    def family(self) -> str:
-        return self.mlflow.experiment or f"red-{self.dataset}"
 
 
 def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):

@@ -303,7 +303,7 @@ class L2PGD(L2GradientDescent):
     def __init__(self, *, eps: float = 2.0, rel_stepsize: float = 0.05, abs_stepsize: Optional[float] = None,
                  steps: int = 200, random_start: bool = True, seed: int = 0, loss: Loss | str = Loss.CE):
         super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
-                         random_start=random_start, seed=seed)
+                         random_start=random_start, seed=seed, loss=loss)
 
 
 class L1PGD(L1GradientDescent):

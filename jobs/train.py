@@ -276,16 +276,21 @@ def _agree(accelerator, flag: bool) -> bool:
 
 
 def _resume(cfg: TrainConfig, accelerator) -> tuple[int, str | None]:
-    """(step, MLflow run id) saved in the work dir, after loading the saved state; (0, None) on a fresh start."""
-    progress_file = cfg.work_dir / "progress.json"
-    if not progress_file.exists():
+    """(step, MLflow run id) of the last saved state, after loading it; (0, None) on a fresh start.
+
+    The step is recorded inside the state folder, so weights and step are always from the same save;
+    `state.old` is the previous save, used when a kill fell between the two renames of a swap."""
+    for folder in (cfg.work_dir / "state", cfg.work_dir / "state.old"):
+        if (folder / "progress.json").exists():
+            break
+    else:
         return 0, None
-    progress = json.loads(progress_file.read_text())
+    progress = json.loads((folder / "progress.json").read_text())
     if progress.get("config") != _config_key(cfg):
         raise SystemExit(f"{cfg.work_dir} holds a run with a different config; use another --work-dir or delete it")
-    accelerator.load_state(str(cfg.work_dir / "state"))
+    accelerator.load_state(str(folder))
     if accelerator.is_main_process:
-        print(f"resuming from step {progress['step']} saved in {cfg.work_dir / 'state'}")
+        print(f"resuming from step {progress['step']} saved in {folder}")
     return progress["step"], progress.get("mlflow_run_id")
 
 
@@ -296,7 +301,8 @@ def _config_key(cfg: TrainConfig) -> dict:
 
 
 def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) -> None:
-    """save_state into state.tmp, then swap it in and record the step: a kill never leaves half a state."""
+    """save_state (and the step) into state.tmp, then swap it in with two renames: a kill at any point
+    leaves `state` or `state.old` complete, each holding the step its weights belong to."""
     tmp, final, old = cfg.work_dir / "state.tmp", cfg.work_dir / "state", cfg.work_dir / "state.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,10 +310,11 @@ def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) ->
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        atomic_write_json(tmp / "progress.json", {"step": step, "mlflow_run_id": run_id, "config": _config_key(cfg)})
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-        atomic_write_json(cfg.work_dir / "progress.json", {"step": step, "mlflow_run_id": run_id, "config": _config_key(cfg)})
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 

@@ -301,3 +301,8 @@ def test_carlini_wagner_agrees_with_foolbox_at_fixed_l2_thresholds(mnist):
         acc_fb = robust_accuracy(success_fb & (l2_fb <= threshold))
         assert abs(acc_ours - acc_fb) <= 0.03, (threshold, acc_ours, acc_fb)
     assert acc_ours < 0.5  # at ℓ2 = 4 most digits are broken: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("cls", [FGSM, LinfPGD, L2PGD, L1PGD])
+def test_every_gradient_attack_honours_the_loss_keyword(cls):
+    assert cls(loss="margin").loss.value == "margin" and cls().loss.value == "ce"

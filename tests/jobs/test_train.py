@@ -68,7 +68,7 @@ def test_killed_process_resumes_from_its_last_saved_state(tmp_path):
     cmd = [sys.executable, "-m", "invgan", "train", "classifier", "--dataset", "digits", "--steps", "3000",
            "--checkpoint-every", "25", "--out", str(tmp_path / "w"), "--work-dir", str(tmp_path / "work"), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    progress = tmp_path / "work" / "progress.json"
+    progress = tmp_path / "work" / "state" / "progress.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (progress.exists() and json.loads(progress.read_text())["step"] >= 50):
         time.sleep(0.2)
@@ -115,3 +115,13 @@ def test_bad_config_fails_before_any_work(tmp_path):
     with pytest.raises(ValidationError, match="gan_los"):
         _cfg(tmp_path, kind="gan", gan_loss="hinge")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_kill_between_the_two_renames_of_a_save_resumes_from_the_previous_state(tmp_path):
+    run(_cfg(tmp_path, steps=20, checkpoint_every=10))
+    work = tmp_path / "work"
+    (work / "state").rename(work / "state.old")  # as if killed after `state -> state.old`, before `tmp -> state`
+    resumed = run(_cfg(tmp_path, steps=30, checkpoint_every=10))
+    straight = run(_cfg(tmp_path / "straight", steps=30, checkpoint_every=10))
+    assert resumed["step"] == 30 and not (work / "state.old").exists()
+    torch.testing.assert_close(_flat(resumed["models"][0]), _flat(straight["models"][0]), rtol=0, atol=0)

@@ -243,42 +243,43 @@ class Substitute(Attack):
         self.epochs, self.lr, self.eps, self.seed = epochs, lr, eps, seed
         self.report: SubstituteReport | None = None
 
-    def train(self, target) -> int:
-        """Train the substitute on oracle labels; returns the number of oracle queries."""
-        torch.manual_seed(self.seed)
-        data, queries = self.seeds.clone(), 0
-        opt = torch.optim.Adam(self.substitute.parameters(), lr=self.lr)
+    def train(self, target, device=None) -> nn.Module:
+        """A fresh copy of the substitute trained on oracle labels; sets `self.queries_spent`."""
+        import copy
+
+        g = torch.Generator().manual_seed(self.seed)
+        sub = copy.deepcopy(self.substitute).to(device).requires_grad_(True)
+        data, queries = self.seeds.to(device).clone(), 0
+        opt = torch.optim.Adam(sub.parameters(), lr=self.lr)
         for r in range(self.rounds):
-            labels = predict(target, data, torch.arange(len(data)) + 10_000_000 * (r + 1))
+            labels = predict(target, data, torch.arange(len(data), device=device) + 10_000_000 * (r + 1))
             queries += len(data)
-            self.substitute.train()
+            sub.train()
             for _ in range(self.epochs):
-                for idx in torch.randperm(len(data)).split(64):
+                for idx in torch.randperm(len(data), generator=g).to(device).split(64):
                     opt.zero_grad()
-                    F.cross_entropy(self.substitute(data[idx]), labels[idx]).backward()
+                    F.cross_entropy(sub(data[idx]), labels[idx]).backward()
                     opt.step()
             if r < self.rounds - 1:
                 xg = data.clone().requires_grad_(True)
-                self.substitute.eval()
-                score = self.substitute(xg).gather(1, labels[:, None]).sum()
+                sub.eval()
+                score = sub(xg).gather(1, labels[:, None]).sum()
                 (jac,) = torch.autograd.grad(score, xg)
                 data = torch.cat([data, (data + self.lam * jac.sign()).clamp(0, 1)])
-        self.substitute.eval()
-        return queries
+        self.queries_spent = queries
+        return sub.eval().requires_grad_(False)
 
     def run(self, f, x, y, ids):
         raise NotImplementedError  # __call__ below needs the target itself, not a gradient rule
 
     def __call__(self, target, x, y, *, ids=None) -> AttackResult:
         ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-        queries = self.train(target)
-        for p in self.substitute.parameters():
-            p.requires_grad_(False)
-        transfer = FGSM(eps=self.eps)(self.substitute, x, y)
-        x_adv = transfer.x_adv
+        sub = self.train(target, x.device)
+        queries = self.queries_spent
+        x_adv = FGSM(eps=self.eps)(sub, x, y).x_adv
         with torch.no_grad():
             labels = predict(target, x_adv, ids)
-            self.report = SubstituteReport(queries, (self.substitute(x_adv).argmax(1) == labels).float().mean().item())
+            self.report = SubstituteReport(queries, (sub(x_adv).argmax(1) == labels).float().mean().item())
         delta = x_adv - x
         return AttackResult(x_adv=x_adv, success=labels != y, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
                             queries=torch.full((len(x),), queries, dtype=torch.int64))

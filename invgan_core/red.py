@@ -126,7 +126,7 @@ def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels:
             res = attack(classifier, x[sl], y[sl], ids=ids[sl])
             deltas.append((res.x_adv - x[sl]).flatten(1))
             success.append(res.success)
-        types.append(torch.full((len(x),), j, dtype=torch.int64))
+        types.append(torch.full((len(x),), j, dtype=torch.int64, device=y.device))
     classes, types = y.repeat(len(attacks)), torch.cat(types)
     order = torch.argsort(classes * len(attacks) + types, stable=True)
     return AttackDictionary(D=torch.cat(deltas)[order].T.contiguous().float(), classes=classes[order],

@@ -11,6 +11,7 @@ Attacks name their target (InvGAN Sec. 4.2 and Chen et al.):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
@@ -63,12 +64,15 @@ class DefenseSpec(_Strict):
     kind: str
     params: dict[str, Any] = {}
 
-    @field_validator("kind")
-    @classmethod
-    def _known(cls, kind: str) -> str:
-        if kind not in DEFENSES:
-            raise ValueError(f"unknown defense kind {kind!r}; choose one of {', '.join(DEFENSES)}")
-        return kind
+    @model_validator(mode="after")
+    def _known(self) -> "DefenseSpec":
+        if self.kind not in DEFENSES:
+            raise ValueError(f"unknown defense kind {self.kind!r}; choose one of {', '.join(DEFENSES)}")
+        allowed = set(inspect.signature(DEFENSES[self.kind]).parameters) - {"G", "inverter", "classifier", "seed"}
+        unknown = set(self.params) - allowed
+        if unknown:
+            raise ValueError(f"defense kind {self.kind!r}: unknown params {sorted(unknown)}; allowed {sorted(allowed)}")
+        return self
 
 
 class Resources(_Strict):
@@ -146,6 +150,15 @@ class EvalConfig(JobConfig):
             if spec.target not in ("classifier", "each", *self.defenses):
                 raise ValueError(f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
                                  f"({', '.join(self.defenses)})")
+            end_to_end = spec.kind in WRAPPERS
+            if end_to_end == (spec.target == "classifier"):
+                raise ValueError(f"attacks.{name}.target: {spec.kind!r} "
+                                 + ("goes through a defense: use 'each' or a defense name" if end_to_end else
+                                    "follows the classifier's gradient: its target must be 'classifier' "
+                                    "(wrap it, e.g. kind: bpda with base: {kind: " + spec.kind + "}, to attack a defense)"))
+            targets = list(self.defenses) if spec.target == "each" else [spec.target]
+            if spec.kind == "rp" and any(self.defenses[t].kind != "invgan" for t in targets if t in self.defenses):
+                raise ValueError(f"attacks.{name}: rp needs a defense with an inverter (kind invgan) as its target")
         return self
 
 
@@ -175,6 +188,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None, **fields) -> EvalConfig:
     """Read a YAML config, apply `--set` overrides and keyword fields, validate."""
     path = Path(path)
+    if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path  # `invgan eval` from outside the checkout still finds configs/
     if not path.exists():
         raise FileNotFoundError(f"config {path} does not exist (shipped configs: {', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})")
     raw = yaml.safe_load(path.read_text()) or {}

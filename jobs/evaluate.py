@@ -174,28 +174,41 @@ def expected_rows(cfg: EvalConfig, start: int, stop: int) -> int:
 
 
 def write_shard(path: Path, frame: pd.DataFrame) -> None:
-    """Parquet to a temp file in the same folder, then rename: a shard file is complete or absent."""
+    """Parquet to a temp file in the same folder, fsync, rename: a shard file is complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def weights_hashes(cfg) -> dict[str, str]:
+    """sha256 of every model file the job uses, from the (verified) manifests."""
+    root = cfg.weights_dir()
+    return {k: json.loads((root / f"{k}.json").read_text())["sha256"]
+            for k in ("generator", "classifier", "inverter") if (root / f"{k}.json").exists()}
+
+
 def prepare_run_dir(cfg, run_dir: Path) -> None:
-    """Create the run folder, or check that the one found holds the same config."""
+    """Create the run folder, or check that the one found holds the same config and the same weights
+    (so a resume never mixes rows of two configs, or of weights retrained in place)."""
     from invgan_core.checkpoint import atomic_write_json
 
     recorded = run_dir / "config.json"
-    current = {"config_hash": cfg.config_hash(), "config": cfg.model_dump(mode="json")}
+    current = {"config_hash": cfg.config_hash(), "weights_sha256": weights_hashes(cfg), "config": cfg.model_dump(mode="json")}
     if recorded.exists():
         previous = json.loads(recorded.read_text())
         if previous.get("config_hash") != current["config_hash"]:
             raise SystemExit(f"{run_dir} holds results of a different config ({previous.get('config_hash', '?')[:12]});"
+                             " choose another --out or delete the folder")
+        if previous.get("weights_sha256", current["weights_sha256"]) != current["weights_sha256"]:
+            raise SystemExit(f"{run_dir} holds results of other weights than {cfg.weights_dir()} now has;"
                              " choose another --out or delete the folder")
     else:
         atomic_write_json(recorded, current)
@@ -270,18 +283,30 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool)
     run_id = None
     if log_mlflow:
         figures = {"roc": report.roc_figure(rows), "images": example_grid(cfg)}
-        manifests = {k: json.loads((cfg.weights_dir() / f"{k}.json").read_text()) for k in ("generator", "classifier")}
         tags = {"dataset": cfg.dataset, "defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks),
                 "git_commit": git_commit(), "config_hash": cfg.config_hash(),
-                **{f"weights.{k}.sha256": m["sha256"] for k, m in manifests.items()}}
+                **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()}}
         previous = run_dir / "summary.json"
         prior_id = json.loads(previous.read_text()).get("mlflow_run_id") if previous.exists() else None
+        if prior_id and not _run_exists(cfg.mlflow.tracking_uri or default_tracking_uri(), prior_id):
+            prior_id = None  # recorded in another store (e.g. another --tracking-uri): start a new run
         run_id = report.log_to_mlflow(
             summary=summary, rows_dir=run_dir / "rows", config_dict=cfg.model_dump(mode="json"),
             run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", experiment=cfg.family,
             tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(), tags=tags, figures=figures, run_id=prior_id)
     report.write_summary(run_dir / "summary.json", summary, {"mlflow_run_id": run_id, "config_hash": cfg.config_hash()})
     return summary, run_id
+
+
+def _run_exists(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
 
 
 def example_grid(cfg: EvalConfig, n: int = 6):

@@ -83,14 +83,17 @@ class RedWorker:
         from jobs.evaluate import load_models
 
         self.cfg = RedConfig.model_validate(config)
-        torch.set_num_threads(self.cfg.resources.torch_threads or max(1, int(self.cfg.resources.num_cpus_per_worker)))
-        self.models = load_models(self.cfg)
+        res = self.cfg.resources
+        torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
+        self.device = torch.device("cuda" if res.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+        self.models = load_models(self.cfg, self.device)
         self.dic = load_dictionary(dictionary)[0]
         self.attacks = {name: spec.build() for name, spec in self.cfg.dictionary.attacks.items()}
         self.data = load_dataset(self.cfg.dataset, "test", self.cfg.data_dir).subset(self.cfg.limit)
         if "sbsc" in self.cfg.methods:
             train = load_dataset(self.cfg.dataset, "train", self.cfg.data_dir)
             self.Ds, self.s_classes = signal_dictionary(train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed)
+            self.Ds = self.Ds.to(self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         return pd.concat([self.run_shard(int(r.shard), int(r.start), int(r.stop)) for r in batch.itertuples()],
@@ -99,17 +102,17 @@ class RedWorker:
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
         import torch
 
-        x, y = self.data.images[start:stop], self.data.labels[start:stop]
+        x, y = self.data.images[start:stop].to(self.device), self.data.labels[start:stop].to(self.device)
         ids = torch.as_tensor(self.data.ids[start:stop])
         f = self.models["classifier"]
         inputs = {"clean": x} | {name: a(f, x, y, ids=ids).x_adv for name, a in self.attacks.items()}
-        rows = []
+        rows, y_cpu = [], y.cpu()
         for attack_type, xa in inputs.items():
             for method in self.cfg.methods:
                 t = time.perf_counter()
                 signal, attack, loss = self._method(method, xa, ids)
                 secs = (time.perf_counter() - t) / len(x)
-                rows += [(int(ids[i]), int(y[i]), attack_type, int(signal[i]), int(attack[i]), method, secs,
+                rows += [(int(ids[i]), int(y_cpu[i]), attack_type, int(signal[i]), int(attack[i]), method, secs,
                           float(loss[i]), shard) for i in range(len(x))]
         return pd.DataFrame(rows, columns=RED_COLUMNS)
 
@@ -121,15 +124,15 @@ class RedWorker:
         f, G, cfg = self.models["classifier"], self.models["generator"], self.cfg
         if method == "cnn":
             with torch.no_grad():
-                return f(x).argmax(1), torch.full((len(x),), -1), torch.full((len(x),), float("nan"))
+                return f(x).argmax(1).cpu(), torch.full((len(x),), -1), torch.full((len(x),), float("nan"))
         if method == "sbsc":
             r = sbsc_solve(x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier,
                            steps=cfg.steps)
-            return r.signal_class, r.attack_type, r.loss
+            return r.signal_class.cpu(), r.attack_type.cpu(), r.loss.cpu()
         init = self.models["inverter"] if method == "bsd_gan_inverter" else "defensegan"
         z0 = initial_latents(G, x, ids, init, cfg.seed, restarts=cfg.init_restarts, steps=cfg.init_steps)
         r = red_solve(G, x, D=self.dic, z0=z0, lam_multiplier=cfg.lam_multiplier, steps=cfg.steps, classifier=f)
-        return r.signal_class, r.attack_type, r.loss
+        return r.signal_class.cpu(), r.attack_type.cpu(), r.loss.cpu()
 
 
 # ---------------------------------------------------------------- results

@@ -197,3 +197,5 @@ def test_substitute_learns_the_oracle_and_its_fgsm_transfers(digits_models):
     assert attack.report.oracle_queries == 150 + 300 + 600
     assert attack.report.agreement >= 0.5
     assert 1 - result.success.float().mean().item() <= clean_acc - 0.2  # the transfer attack does damage
+    again = attack(oracle, test.images, test.labels)  # a second call trains a fresh copy: same answer
+    assert torch.equal(again.x_adv, result.x_adv)

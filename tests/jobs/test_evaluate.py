@@ -67,9 +67,10 @@ def test_summary_has_accuracy_auc_and_worst_case(smoke_run):
     assert summary["mlflow_run_id"] == res.mlflow_run_id
 
 
-def test_one_worker_gives_the_same_predictions_as_two(smoke_run, tmp_path):
+def test_one_worker_and_other_shards_give_the_same_predictions(smoke_run, tmp_path):
+    """1 worker and shards of 16 (one batch) vs 2 workers and shards of 4: rows must not depend on either."""
     cfg, res, _ = smoke_run
-    one = load_config(SMOKE, resources={"num_workers": 1, "num_cpus_per_worker": 1})
+    one = load_config(SMOKE, ["shard_size=16"], resources={"num_workers": 1, "num_cpus_per_worker": 1})
     single = evaluate(one, out=tmp_path / "one", progress=False, log_mlflow=False)
     a = res.rows.sort_values(KEY).reset_index(drop=True)
     b = single.rows.sort_values(KEY).reset_index(drop=True)

@@ -1,0 +1,48 @@
+"""The evaluation config fails before any work, naming the field; overrides and hashes behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from jobs.config import apply_overrides, load_config
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attacks.fgsm.params.epss=0.2", "epss"),
+    ("defenses.invgan.params.stepz=3", "stepz"),
+    ("attacks.bpda.target=classifier", "goes through a defense"),
+    ("attacks.fgsm.target=invgan", "its target must be 'classifier'"),
+    ("attacks.fgsm.target=nowhere", "not 'classifier', 'each' or a defense"),
+    ("attacks.fgsm.kind=fgsn", "unknown attack kind"),
+    ("defenses.none.kind=magic", "unknown defense kind"),
+    ("shard_size=0", "shard_size"),
+    ("surprise=1", "surprise"),
+])
+def test_bad_values_fail_naming_the_field(override, message):
+    with pytest.raises(ValidationError, match=message):
+        load_config(SMOKE, [override])
+
+
+def test_rp_needs_an_inverter_defense():
+    with pytest.raises(ValidationError, match="inverter"):
+        load_config(SMOKE, ["attacks.rp.kind=rp", "attacks.rp.target=none"])
+
+
+def test_overrides_parse_yaml_values_and_change_the_hash():
+    base = load_config(SMOKE)
+    other = load_config(SMOKE, ["attacks.fgsm.params.eps=0.2"])
+    assert other.attacks["fgsm"].params["eps"] == 0.2 and other.config_hash() != base.config_hash()
+    assert load_config(SMOKE, ["resources.num_workers=1"]).config_hash() == base.config_hash()  # not a result
+    with pytest.raises(ValueError, match="dotted.path=value"):
+        apply_overrides({}, ["no-equals-sign"])
+
+
+def test_shipped_configs_validate():
+    for path in SMOKE.parent.glob("*.yaml"):
+        if not path.name.startswith("red"):
+            load_config(path)

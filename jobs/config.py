@@ -48,16 +48,17 @@ class AttackSpec(_Strict):
         self.build()
         return self
 
-    def build(self):
-        """The attack object; raises ValueError naming the kind and the bad parameter."""
+    def build(self, seed: int | None = None):
+        """The attack object; raises ValueError naming the kind and the bad parameter. `seed` (the run's)
+        goes to attacks that draw random numbers, unless the config sets their own."""
         if self.kind in WRAPPERS:
-            inner = self.base.build() if self.base else None
-            return _construct(WRAPPERS[self.kind], self.params | ({"attack": inner} if inner else {}), self.kind)
+            inner = self.base.build(seed) if self.base else None
+            return _construct(WRAPPERS[self.kind], self.params | ({"attack": inner} if inner else {}), self.kind, seed)
         if self.kind not in ATTACKS:
             raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join([*ATTACKS, *WRAPPERS])}")
         if self.base is not None:
             raise ValueError(f"attack kind {self.kind!r} takes no `base`")
-        return _construct(ATTACKS[self.kind], self.params, self.kind)
+        return _construct(ATTACKS[self.kind], self.params, self.kind, seed)
 
 
 class DefenseSpec(_Strict):
@@ -162,7 +163,9 @@ class EvalConfig(JobConfig):
         return self
 
 
-def _construct(cls, params: dict, kind: str):
+def _construct(cls, params: dict, kind: str, seed: int | None = None):
+    if seed is not None and "seed" in inspect.signature(cls).parameters:
+        params = {"seed": seed} | params
     try:
         return cls(**params)
     except TypeError as err:

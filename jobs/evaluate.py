@@ -48,7 +48,7 @@ class EvalWorker:
         self.data = load_dataset(self.cfg.dataset, self.cfg.split, self.cfg.data_dir).subset(self.cfg.limit)
         G, I, f = self.models["generator"], self.models.get("inverter"), self.models["classifier"]
         self.defenses = {name: build_defense(spec, G, I, f, self.cfg.seed) for name, spec in self.cfg.defenses.items()}
-        self.attacks = {name: spec.build() for name, spec in self.cfg.attacks.items()}
+        self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.attacks.items()}
         with torch.no_grad():  # warm up torch's kernels so the first shard's seconds are not inflated
             f(G(G.sample_latent(2)))
 
@@ -320,7 +320,7 @@ def example_grid(cfg: EvalConfig, n: int = 6):
     models = load_models(cfg)
     x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)
     name = next((k for k, s in cfg.attacks.items() if s.target == "classifier"), None)
-    attacked = {name: cfg.attacks[name].build()(models["classifier"], x, y, ids=ids).x_adv} if name else {}
+    attacked = {name: cfg.attacks[name].build(cfg.seed)(models["classifier"], x, y, ids=ids).x_adv} if name else {}
     x_in = attacked[name] if name else x
     projected = {}
     for dname, spec in cfg.defenses.items():

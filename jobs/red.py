@@ -64,7 +64,8 @@ def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
     f, _ = load_model(cfg.weights_dir() / "classifier", kind="classifier")
     f.requires_grad_(False)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    attacks = {name: spec.build() for name, spec in cfg.dictionary.attacks.items()}
+    attacks = {name: spec.build(cfg.seed) for name, spec in cfg.dictionary.attacks.items()}
+    print(f"building the attack dictionary: {len(attacks)} attacks x {cfg.dictionary.per_class} examples per class ...", flush=True)
     dic = build_attack_dictionary(f, train.images, train.labels, attacks, cfg.dictionary.per_class, cfg.seed,
                                   ids=train.ids)
     save_dictionary(stem, dic, dataset=cfg.dataset, per_class=cfg.dictionary.per_class,
@@ -88,7 +89,7 @@ class RedWorker:
         self.device = torch.device("cuda" if res.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
         self.models = load_models(self.cfg, self.device)
         self.dic = load_dictionary(dictionary)[0]
-        self.attacks = {name: spec.build() for name, spec in self.cfg.dictionary.attacks.items()}
+        self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.dictionary.attacks.items()}
         self.data = load_dataset(self.cfg.dataset, "test", self.cfg.data_dir).subset(self.cfg.limit)
         if "sbsc" in self.cfg.methods:
             train = load_dataset(self.cfg.dataset, "train", self.cfg.data_dir)
@@ -220,20 +221,32 @@ def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack
     from jobs.common import default_tracking_uri, git_commit, start_mlflow
     from jobs.report import flatten_config
 
-    start_mlflow(cfg.mlflow.tracking_uri or default_tracking_uri(), cfg.family)
-    with mlflow.start_run(run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
-        params = flatten_config(cfg.model_dump(mode="json"))
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]))
+    import json
+
+    from jobs.common import runs_dir
+    from jobs.evaluate import _run_exists
+
+    uri = cfg.mlflow.tracking_uri or default_tracking_uri()
+    start_mlflow(uri, cfg.family)
+    previous = run_dir / "summary.json"
+    prior = json.loads(previous.read_text()).get("mlflow_run_id") if previous.exists() else None
+    prior = prior if prior and _run_exists(uri, prior) else None
+    with mlflow.start_run(run_id=prior, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
+        if prior is None:
+            items = list(flatten_config(cfg.model_dump(mode="json")).items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i:i + 100]))
         for table in ("signal_accuracy", "attack_accuracy"):
             for method, row in tables[table].iterrows():
                 for attack, value in row.items():
                     if pd.notna(value):
                         mlflow.log_metric(f"{table}/{method}/{attack}", float(value))
-            mlflow.log_table(tables[table].reset_index(), f"tables/{table}.json")
+            mlflow.log_text(tables[table].reset_index().to_json(orient="split"), f"tables/{table}.json")
         mlflow.log_figure(confusion_figure(rows, attack_names), "figures/attack_confusion.png")
         mlflow.log_artifacts(str(run_dir / "rows"), "rows")
+        theory = runs_dir() / "red-theory"  # figures of `invgan red-theory`, when it has been run
+        for png in sorted(theory.glob("*.png")) if theory.is_dir() else []:
+            mlflow.log_artifact(str(png), "figures/theory")
         note = (f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
                 + _markdown(tables["signal_accuracy"], tables["n"])
                 + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n" + _markdown(tables["attack_accuracy"], tables["n"]))

@@ -43,6 +43,13 @@ def _paths(stem: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
+def make_readable(tmp: str) -> None:
+    """mkstemp creates 0600 files; give the final file the usual mode (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,6 +83,7 @@ def save_model(stem: str | Path, model: nn.Module, *, kind: str, arch: dict, **m
     try:
         save_file(state, tmp, metadata={"kind": kind})
         digest = sha256_file(Path(tmp))
+        make_readable(tmp)
         os.replace(tmp, weights_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
+from invgan_core.checkpoint import make_readable
 from jobs.common import default_tracking_uri, runs_dir
 from jobs.config import EvalConfig
 
@@ -182,6 +183,7 @@ def write_shard(path: Path, frame: pd.DataFrame) -> None:
         frame.to_parquet(tmp, index=False)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,10 +11,9 @@ Also runnable as `python -m jobs.evaluate --config ...` (what `ray job submit` r
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 
 import pandas as pd
 
-from invgan_core.checkpoint import make_readable
+from invgan_core.checkpoint import atomic_write_bytes
 from jobs.common import default_tracking_uri, runs_dir
 from jobs.config import EvalConfig
 
@@ -175,19 +174,10 @@ def expected_rows(cfg: EvalConfig, start: int, stop: int) -> int:
 
 
 def write_shard(path: Path, frame: pd.DataFrame) -> None:
-    """Parquet to a temp file in the same folder, fsync, rename: a shard file is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Parquet bytes written atomically (temp file, fsync, rename): a shard file is complete or absent."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def weights_hashes(cfg) -> dict[str, str]:

@@ -96,9 +96,13 @@ def _ddp_worker(tmp: str) -> None:
 
 
 def test_two_processes_end_with_identical_weights_equal_to_one_process(tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(_ddp_worker, args=(str(tmp_path),), num_processes=2)
+    # a fresh interpreter forks the two workers: forking this pytest process, which may hold Ray's or
+    # MLflow's threads from earlier tests, can deadlock the children
+    script = ("from accelerate import debug_launcher; from tests.jobs.test_train import _ddp_worker; "
+              f"debug_launcher(_ddp_worker, args=({str(tmp_path)!r},), num_processes=2)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "rank1.pt").exists(), "the second process did not run as rank 1"
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     torch.testing.assert_close(w0, w1, rtol=0, atol=0)

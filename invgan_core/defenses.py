@@ -20,6 +20,11 @@ class Purified:
     loss: torch.Tensor  # (N,) reconstruction error ||G(z) - x||² / n
     effective_iterations: int  # restarts x steps
 
+    @property
+    def x_proj(self) -> torch.Tensor:
+        """The projection G(z) (the name the papers use); the same tensor as `x`."""
+        return self.x
+
 
 def _ids_for(x: torch.Tensor, ids) -> torch.Tensor:
     return torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)

@@ -27,7 +27,7 @@ def test_no_defense_is_the_identity(models):
     m, t = models
     d = NoDefense(m["classifier"])
     p = d.purify(t.images, t.ids)
-    assert torch.equal(p.x, t.images) and p.effective_iterations == 0
+    assert torch.equal(p.x, t.images) and p.effective_iterations == 0 and p.x_proj is p.x
     assert torch.equal(d.predict(t.images), m["classifier"](t.images).argmax(1))
 
 

@@ -61,6 +61,11 @@ class AttackSpec(_Strict):
         return _construct(ATTACKS[self.kind], self.params, self.kind, seed)
 
 
+def examples_in_shard(spec: AttackSpec, start: int, stop: int) -> int:
+    """How many of the shard's examples (positions start..stop-1) the attack runs on, given its `limit`."""
+    return stop - start if spec.limit is None else max(0, min(stop - start, spec.limit - start))
+
+
 class DefenseSpec(_Strict):
     kind: str
     params: dict[str, Any] = {}
@@ -188,8 +193,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, **fields) -> EvalConfig:
-    """Read a YAML config, apply `--set` overrides and keyword fields, validate."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *, model: type[JobConfig] = EvalConfig,
+                **fields) -> JobConfig:
+    """Read a YAML config, apply `--set` overrides and keyword fields, validate as `model`."""
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path  # `invgan eval` from outside the checkout still finds configs/
@@ -198,4 +204,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None, **fields) 
     raw = yaml.safe_load(path.read_text()) or {}
     raw = apply_overrides(raw, overrides or [])
     raw.update({k: v for k, v in fields.items() if v is not None})
-    return EvalConfig.model_validate(raw)
+    return model.model_validate(raw)

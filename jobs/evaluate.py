@@ -23,7 +23,7 @@ import pandas as pd
 
 from invgan_core.checkpoint import atomic_write_bytes
 from jobs.common import default_tracking_uri, runs_dir
-from jobs.config import EvalConfig
+from jobs.config import EvalConfig, examples_in_shard
 
 ROW_COLUMNS = ["example_id", "label", "attack", "defense", "prediction", "correct", "detection_score", "l2", "linf",
                "effective_iterations", "seconds", "attack_seconds", "attacked", "queries", "shard"]
@@ -67,7 +67,7 @@ class EvalWorker:
             rows += self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0)
         for name, attack in self.attacks.items():
             spec = self.cfg.attacks[name]
-            n = len(x) if spec.limit is None else max(0, min(len(x), spec.limit - start))
+            n = examples_in_shard(spec, start, stop)
             if n == 0:
                 continue
             xs, ys, ids_s = x[:n], y[:n], ids[:n]
@@ -150,7 +150,8 @@ class Results:
     skipped_shards: int
 
 
-def run_folder(cfg: EvalConfig, out: Path | None) -> Path:
+def run_folder(cfg, out: Path | None) -> Path:
+    """--out, or runs/<name>-<config hash> (any job config)."""
     return Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
 
 
@@ -165,12 +166,7 @@ def shard_path(run_dir: Path, shard: int) -> Path:
 
 def expected_rows(cfg: EvalConfig, start: int, stop: int) -> int:
     """Rows a complete shard holds: clean x defenses, plus each attack's examples x defenses it covers."""
-    n_def = len(cfg.defenses)
-    total = (stop - start) * n_def
-    for spec in cfg.attacks.values():
-        n = stop - start if spec.limit is None else max(0, min(stop - start, spec.limit - start))
-        total += n * n_def
-    return total
+    return len(cfg.defenses) * ((stop - start) + sum(examples_in_shard(s, start, stop) for s in cfg.attacks.values()))
 
 
 def write_shard(path: Path, frame: pd.DataFrame) -> None:
@@ -251,7 +247,7 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
     """Run (or resume) the evaluation described by `cfg`; returns the rows and their summary."""
     from invgan_core.data import load_dataset
 
-    load_models(cfg)  # fail on a missing or altered weights file before any Ray work
+    models = load_models(cfg)  # fail on a missing or altered weights file before any Ray work
     n = len(load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit))
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
@@ -262,26 +258,23 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
                        worker_kwargs={"config": cfg.model_dump(mode="json")}, resources=cfg.resources,
                        expected=lambda a, b: expected_rows(cfg, a, b), columns=ROW_COLUMNS, desc=f"eval {cfg.name}")
     rows = read_rows(run_dir)
-    summary, run_id = finish(cfg, run_dir, rows, log_mlflow)
+    summary, run_id = finish(cfg, run_dir, rows, log_mlflow, models)
     return Results(run_dir, rows, summary, run_id, len(todo), len(shards) - len(todo))
 
 
-def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool) -> tuple[dict, str | None]:
+def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool, models: dict) -> tuple[dict, str | None]:
     """Summary, figures and the MLflow run, all derived from the rows."""
     from jobs import report
-    from jobs.common import default_tracking_uri, git_commit
+    from jobs.common import git_commit
 
     summary = report.summarize(rows)
     run_id = None
     if log_mlflow:
-        figures = {"roc": report.roc_figure(rows), "images": example_grid(cfg)}
+        figures = {"roc": report.roc_figure(rows), "images": example_grid(cfg, models)}
         tags = {"dataset": cfg.dataset, "defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks),
                 "git_commit": git_commit(), "config_hash": cfg.config_hash(),
                 **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()}}
-        previous = run_dir / "summary.json"
-        prior_id = json.loads(previous.read_text()).get("mlflow_run_id") if previous.exists() else None
-        if prior_id and not _run_exists(cfg.mlflow.tracking_uri or default_tracking_uri(), prior_id):
-            prior_id = None  # recorded in another store (e.g. another --tracking-uri): start a new run
+        prior_id = previous_run_id(run_dir, cfg.mlflow.tracking_uri or default_tracking_uri())
         run_id = report.log_to_mlflow(
             summary=summary, rows_dir=run_dir / "rows", config_dict=cfg.model_dump(mode="json"),
             run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", experiment=cfg.family,
@@ -290,18 +283,24 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool)
     return summary, run_id
 
 
-def _run_exists(tracking_uri: str, run_id: str) -> bool:
+def previous_run_id(run_dir: Path, tracking_uri: str) -> str | None:
+    """The MLflow run a previous pass over this run folder logged to, if that run is in this store
+    (a rerun continues it; a run recorded in another store, e.g. another --tracking-uri, is not)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    summary = run_dir / "summary.json"
+    run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.exists() else None
+    if not run_id:
+        return None
     try:
         MlflowClient(tracking_uri).get_run(run_id)
-        return True
+        return run_id
     except MlflowException:
-        return False
+        return None
 
 
-def example_grid(cfg: EvalConfig, n: int = 6):
+def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     """Clean / attacked / projected images of the first n examples (InvGAN Fig. 2), first attack vs classifier."""
     import torch
 
@@ -309,7 +308,6 @@ def example_grid(cfg: EvalConfig, n: int = 6):
     from jobs import report
 
     data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(min(n, cfg.limit or n))
-    models = load_models(cfg)
     x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)
     name = next((k for k, s in cfg.attacks.items() if s.target == "classifier"), None)
     attacked = {name: cfg.attacks[name].build(cfg.seed)(models["classifier"], x, y, ids=ids).x_adv} if name else {}

@@ -192,11 +192,10 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
             log_mlflow: bool = True) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
-    from jobs.common import runs_dir
-    from jobs.evaluate import compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, shard_path
+    from jobs.evaluate import compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path
 
     load_models(cfg)  # fail early on missing or altered weights
-    run_dir = Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
     dic = build_or_load_dictionary(cfg, run_dir)
     n = len(load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit))
@@ -218,19 +217,13 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
 def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> str:
     import mlflow
 
-    from jobs.common import default_tracking_uri, git_commit, start_mlflow
+    from jobs.common import default_tracking_uri, git_commit, runs_dir, start_mlflow
+    from jobs.evaluate import previous_run_id
     from jobs.report import flatten_config
-
-    import json
-
-    from jobs.common import runs_dir
-    from jobs.evaluate import _run_exists
 
     uri = cfg.mlflow.tracking_uri or default_tracking_uri()
     start_mlflow(uri, cfg.family)
-    previous = run_dir / "summary.json"
-    prior = json.loads(previous.read_text()).get("mlflow_run_id") if previous.exists() else None
-    prior = prior if prior and _run_exists(uri, prior) else None
+    prior = previous_run_id(run_dir, uri)
     with mlflow.start_run(run_id=prior, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
         if prior is None:
             items = list(flatten_config(cfg.model_dump(mode="json")).items())
@@ -257,18 +250,12 @@ def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack
 
 def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
          log_mlflow: bool, progress: bool) -> None:
-    import yaml
     from pydantic import ValidationError
 
-    from jobs.config import apply_overrides
+    from jobs.config import load_config
 
     try:
-        if not Path(config).exists():
-            raise FileNotFoundError(f"config {config} does not exist")
-        raw = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
-        if limit:
-            raw["limit"] = limit
-        cfg = RedConfig.model_validate(raw)
+        cfg = load_config(config, overrides, model=RedConfig, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"invalid RED config: {err}") from None
     rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from jobs.config import apply_overrides, load_config
+from jobs.config import EvalConfig, apply_overrides, load_config
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
@@ -43,6 +43,17 @@ def test_overrides_parse_yaml_values_and_change_the_hash():
 
 
 def test_shipped_configs_validate():
+    from jobs.red import RedConfig
+
     for path in SMOKE.parent.glob("*.yaml"):
-        if not path.name.startswith("red"):
-            load_config(path)
+        load_config(path, model=RedConfig if path.name.startswith("red") else EvalConfig)
+
+
+def test_shipped_configs_are_found_from_outside_the_checkout(tmp_path, monkeypatch):
+    from jobs.red import RedConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/smoke.yaml").name == "smoke"
+    assert load_config("configs/red_smoke.yaml", model=RedConfig, limit=4).limit == 4
+    with pytest.raises(FileNotFoundError, match="shipped configs: .*smoke.yaml"):
+        load_config("configs/nope.yaml")

@@ -268,7 +268,7 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool,
     from jobs.common import git_commit
 
     summary = report.summarize(rows)
-    run_id = None
+    run_id = recorded_run_id(run_dir)  # a rerun without MLflow keeps the link to the run logged before
     if log_mlflow:
         figures = {"roc": report.roc_figure(rows), "images": example_grid(cfg, models)}
         tags = {"dataset": cfg.dataset, "defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks),
@@ -283,14 +283,19 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, log_mlflow: bool,
     return summary, run_id
 
 
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id summary.json records for this run folder, if any."""
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("mlflow_run_id") if summary.exists() else None
+
+
 def previous_run_id(run_dir: Path, tracking_uri: str) -> str | None:
     """The MLflow run a previous pass over this run folder logged to, if that run is in this store
     (a rerun continues it; a run recorded in another store, e.g. another --tracking-uri, is not)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    summary = run_dir / "summary.json"
-    run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.exists() else None
+    run_id = recorded_run_id(run_dir)
     if not run_id:
         return None
     try:

@@ -192,7 +192,8 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
             log_mlflow: bool = True) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
-    from jobs.evaluate import compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path
+    from jobs.evaluate import (compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, recorded_run_id,
+                               run_folder, shard_path)
 
     load_models(cfg)  # fail early on missing or altered weights
     run_dir = run_folder(cfg, out)
@@ -209,26 +210,24 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
     rows = read_rows(run_dir, RED_COLUMNS)
     tables = red_tables(rows, dic.attack_names)
     summary = {k: v.to_dict() for k, v in tables.items()}
-    run_id = _log(cfg, run_dir, rows, tables, dic.attack_names) if log_mlflow else None
+    run_id = _log(cfg, run_dir, rows, tables, dic.attack_names) if log_mlflow else recorded_run_id(run_dir)
     atomic_write_json(run_dir / "summary.json", summary | {"mlflow_run_id": run_id})
     return rows, tables, run_dir, run_id
 
 
 def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> str:
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from jobs.common import default_tracking_uri, git_commit, runs_dir, start_mlflow
     from jobs.evaluate import previous_run_id
-    from jobs.report import flatten_config
+    from jobs.report import log_config_params
 
     uri = cfg.mlflow.tracking_uri or default_tracking_uri()
     start_mlflow(uri, cfg.family)
     prior = previous_run_id(run_dir, uri)
     with mlflow.start_run(run_id=prior, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
-        if prior is None:
-            items = list(flatten_config(cfg.model_dump(mode="json")).items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
+        log_config_params(MlflowClient(uri), run.info.run_id, cfg.model_dump(mode="json"))
         for table in ("signal_accuracy", "attack_accuracy"):
             for method, row in tables[table].iterrows():
                 for attack, value in row.items():

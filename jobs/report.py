@@ -222,6 +222,17 @@ def _log_table(client, run_id: str, frame: pd.DataFrame, artifact_file: str) -> 
         mlflow.log_table(frame, artifact_file=artifact_file)
 
 
+def log_config_params(client, run_id: str, config_dict: dict) -> None:
+    """The flattened config as params, in MLflow-sized batches; on a resumed run only new or changed keys
+    (a changed value then raises MLflow's own error: one run never mixes two configs)."""
+    import mlflow
+
+    logged = client.get_run(run_id).data.params
+    params = [(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
+    for i in range(0, len(params), PARAMS_PER_BATCH):
+        mlflow.log_params(dict(params[i:i + PARAMS_PER_BATCH]))
+
+
 def log_to_mlflow(*, summary: dict, rows_dir: Path, config_dict: dict, run_name: str, experiment: str,
                   tracking_uri: str, tags: dict, figures: dict[str, Figure], run_id: str | None = None) -> str:
     """Record one evaluation as an MLflow run (resumed when `run_id` is given); returns the run id.
@@ -238,10 +249,7 @@ def log_to_mlflow(*, summary: dict, rows_dir: Path, config_dict: dict, run_name:
     with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
         run_id = run.info.run_id
         client = MlflowClient(tracking_uri)
-        logged = client.get_run(run_id).data.params
-        params = [(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
-        for i in range(0, len(params), PARAMS_PER_BATCH):
-            mlflow.log_params(dict(params[i:i + PARAMS_PER_BATCH]))
+        log_config_params(client, run_id, config_dict)
         metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
                    for m in ("accuracy", "auc", "n", "seconds_per_example")
                    for d, cells in summary[m].items() for a, v in cells.items()}

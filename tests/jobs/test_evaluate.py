@@ -113,6 +113,14 @@ def test_mlflow_run_holds_metrics_tables_and_figures(smoke_run):
     assert re.search(r"\| none +\| ", note) and "(n=16)" in note  # the accuracy table, readable in the UI
 
 
+def test_reruns_keep_and_continue_the_mlflow_run(smoke_run):
+    cfg, res, _ = smoke_run
+    quiet = evaluate(cfg, out=res.run_dir, progress=False, log_mlflow=False)  # all shards reused
+    assert quiet.computed_shards == 0 and quiet.mlflow_run_id == res.mlflow_run_id
+    again = evaluate(cfg, out=res.run_dir, progress=False)
+    assert again.mlflow_run_id == res.mlflow_run_id
+
+
 def test_killed_job_resumes_without_recomputing(tmp_path):
     """A real kill: SIGKILL the CLI after its first shard file, rerun, check nothing is lost or repeated."""
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}

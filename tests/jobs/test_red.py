@@ -80,3 +80,13 @@ def test_theory_figures_show_mu_growing_with_m_and_linear_convergence():
     assert 0 < numbers["rate_m100"] < 1  # a contraction per step: linear convergence
     assert numbers["attack_type_recovered"] == 1.0
     assert set(result["figures"]) == {"mu_vs_m", "convergence"}
+
+
+def test_rerun_with_mlflow_continues_the_same_run(red_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, (rows, tables, run_dir, run_id), tmp = red_run
+    *_, again = run_red(cfg, out=run_dir, progress=False)
+    assert again == run_id
+    run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(run_id)
+    assert run.data.params["steps"] == str(cfg.steps) and run.data.params["dictionary.per_class"] == "5"

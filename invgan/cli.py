@@ -83,6 +83,7 @@ def eval_(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
 ) -> None:
     """Evaluate every attack against every defense on Ray Data; record the results in MLflow.
 
@@ -97,7 +98,7 @@ def eval_(
     from jobs.evaluate import main as eval_main
 
     eval_main(config=config, overrides=set_, limit=limit, out=out, address=address, tracking_uri=tracking_uri,
-              log_mlflow=not no_mlflow, progress=not quiet)
+              log_mlflow=not no_mlflow, progress=not quiet, verbose=verbose)
 
 
 @app.command()
@@ -109,12 +110,13 @@ def curves(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows, table and plot only"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
 ) -> None:
     """Accuracy and wall time versus effective iterations (restarts x steps), InvGAN vs Defense-GAN (InvGAN Fig. 4)."""
     from jobs.curves import main as curves_main
 
     curves_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
-                progress=not quiet)
+                progress=not quiet, verbose=verbose)
 
 
 @app.command()
@@ -126,6 +128,7 @@ def red(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
 ) -> None:
     """Reverse engineering of deceptions (RED Table 1): signal and attack-type accuracy of CNN, BSD-GAN(-AD)
     from a Defense-GAN or an inverter start, and SBSC/SBSAD, for every attack type of the dictionary.
@@ -135,7 +138,7 @@ def red(
     from jobs.red import main as red_main
 
     red_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
-             progress=not quiet)
+             progress=not quiet, verbose=verbose)
 
 
 @app.command("red-theory")
@@ -171,6 +174,41 @@ def verify(
 
 
 @app.command()
+def tune(
+    config: Path = typer.Option(Path("configs/tune/invgan_defense.yaml"),
+                                help="search config (configs/tune/): kind, base config, space, objective"),
+    set_: list[str] = typer.Option([], "--set", help="override a search-config value by dotted path, e.g. search.seed=1"),
+    num_samples: Optional[int] = typer.Option(None, help="trials to run [search.num_samples of the config]"),
+    out: Optional[Path] = typer.Option(None, help="search folder (default: runs/tune/NAME-HASH); rerun the same command to resume"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join a running one); default: local"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write the trials table, best.yaml and summary only"),
+    quiet: bool = typer.Option(False, help="no line per finished trial"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray Tune's own logs"),
+) -> None:
+    """Search hyperparameters with Ray Tune, scored on the validation split (never the test split).
+
+    Three kinds of search, named in the config: defense-time (InvGAN T, step size, optimizer; Defense-GAN R, L, step size), inverter training (λ1, λ2, λ3, η, lr; reported every N steps so ASHA stops bad trials early) and RED (λ multiplier, z step, iterations).
+
+    Prints one line per finished trial, then the best point. Writes OUT/best.yaml (a ready-to-run config with the best values), OUT/summary.json and OUT/trials.parquet; MLflow gets one parent run per search and one child run per trial. Rerunning the same command after Ctrl-C or a kill continues the search: finished trials are not run again.
+
+    Examples:
+
+        invgan tune --config configs/tune/invgan_defense.yaml
+
+        invgan tune --config configs/tune/inverter.yaml --num-samples 16 --address auto
+
+        invgan tune --config configs/tune/red.yaml
+
+        invgan tune --config configs/tune/smoke.yaml --out /tmp/tune1
+    """
+    from tuning.search import main as tune_main
+
+    tune_main(config=config, overrides=set_, out=out, address=address, num_samples=num_samples,
+              tracking_uri=tracking_uri, log_mlflow=not no_mlflow, progress=not quiet, verbose=verbose)
+
+
+@app.command()
 def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None)) -> None:
     """Open the MLflow UI on 127.0.0.1 for the project's run store."""
     import subprocess
@@ -182,6 +220,113 @@ def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Optio
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                       "--host", "127.0.0.1", "--port", str(port)]))
+
+
+
+# ---------------------------------------------------------------- cluster: `invgan cluster`, `submit`, `jobs`
+
+cluster_app = typer.Typer(help="Start and stop a Ray cluster of separate node processes on this machine "
+                               "(for real machines: `ray up ray_cluster.yaml`).", no_args_is_help=True)
+jobs_app = typer.Typer(help="List, follow and stop the jobs of a Ray cluster.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(jobs_app, name="jobs")
+ADDRESS_HELP = "the cluster's job server, http://HEAD:8265 [$RAY_API_SERVER_ADDRESS, else the local cluster]"
+
+
+@cluster_app.command("up")
+def cluster_up(
+    local: bool = typer.Option(False, "--local", help="required: start the nodes as processes on this machine"),
+    workers: int = typer.Option(2, min=0, help="worker nodes besides the head"),
+    head_cpus: int = typer.Option(1, min=1, help="CPUs the head offers to tasks (the job's driver needs none)"),
+    worker_cpus: int = typer.Option(1, min=1, help="CPUs each worker node offers"),
+    host: str = typer.Option("127.0.0.1", help="address every service binds (dashboard, MLflow, Ray's ports)"),
+    mlflow: bool = typer.Option(True, help="start the cluster's MLflow tracking server"),
+) -> None:
+    """Start a head and N worker nodes (real `ray start` processes) and an MLflow server; jobs submitted
+    with `invgan submit` then run on them and log to that server. Stop everything with `invgan cluster down`."""
+    from cluster.local import state_dir, up
+
+    if not local:
+        raise typer.BadParameter("only --local is built in; on real machines run `ray up ray_cluster.yaml`",
+                                 param_hint="--local")
+    state = up(workers, head_cpus=head_cpus, worker_cpus=worker_cpus, host=host, mlflow=mlflow)
+    typer.echo(f"Ray cluster up: head + {workers} worker node(s), {head_cpus + workers * worker_cpus} CPUs")
+    typer.echo(f"  job server / dashboard: {state.dashboard_url}    (GCS {state.gcs_address})")
+    if state.mlflow_uri:
+        typer.echo(f"  MLflow server (and UI): {state.mlflow_uri}")
+    typer.echo(f"  auth token: {state.token_path}    state, logs, run folders: {state_dir()}")
+    typer.echo("submit a job:  invgan submit -- eval --config configs/smoke.yaml")
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop exactly the processes `invgan cluster up` started; logs, the MLflow store and results stay."""
+    from cluster.local import down, state_dir
+
+    pids = down()
+    typer.echo(f"stopped {len(pids)} process(es) of the local cluster" if pids else f"no local cluster in {state_dir()}")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Show the local cluster's addresses and its live processes."""
+    from cluster.local import cluster_pids, load_state, state_dir
+
+    state = load_state()
+    if state is None:
+        raise typer.Exit(typer.echo(f"no local cluster in {state_dir()}") or 1)
+    typer.echo(f"job server {state.dashboard_url}, MLflow {state.mlflow_uri}, {len(state.nodes)} node(s), "
+               f"{len(cluster_pids(state))} live process(es)")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def submit(
+    command: list[str] = typer.Argument(None, help="the invgan command to run, after --, e.g. -- eval --config ..."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    wait: bool = typer.Option(True, help="stream the job's logs and exit with its status [--no-wait: print its id]"),
+    env: list[str] = typer.Option([], "--env", help="NAME=VALUE for the job's environment, e.g. MLFLOW_TRACKING_URI=http://..."),
+) -> None:
+    """Run an invgan command (eval, red, curves, tune, train) as a job on a Ray cluster.
+
+    The project (without .venv, runs/, databases, caches) is uploaded as the job's working directory and
+    `python -m invgan <command>` runs on the head; its Ray work spreads over the cluster's nodes.
+
+    Examples:  invgan submit -- eval --config configs/mnist5k_table2.yaml
+               invgan submit --no-wait -- red --config configs/red_mnist5k.yaml
+               invgan submit --address http://HEAD:8265 -- tune --config configs/tune/inverter.yaml
+    """
+    from cluster.submit import submit as submit_job
+
+    pairs = dict(item.split("=", 1) for item in env if "=" in item)
+    if len(pairs) != len(env):
+        raise typer.BadParameter("expected NAME=VALUE", param_hint="--env")
+    raise typer.Exit(submit_job(command or [], address=address, wait=wait, env=pairs or None))
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
+    """The cluster's jobs, oldest first."""
+    from cluster.submit import list_jobs
+
+    for j in list_jobs(address):
+        typer.echo(f"{j['job_id']:<28} {j['status']:<10} {j['started']}  {j['seconds']:>6} s  {j['entrypoint']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+              follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends")) -> None:
+    """A job's output so far (or streamed with --follow)."""
+    from cluster.submit import logs
+
+    logs(job_id, address, follow)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) -> None:
+    """Stop a running job; prints its final status."""
+    from cluster.submit import stop
+
+    typer.echo(f"{job_id}: {stop(job_id, address)}")
 
 
 if __name__ == "__main__":

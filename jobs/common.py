@@ -52,6 +52,8 @@ def start_mlflow(tracking_uri: str | None, experiment: str):
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):
+        if mlflow.get_experiment_by_name(experiment) is None:  # created here, not by set_experiment's INFO line
+            mlflow.create_experiment(experiment)
         return mlflow.set_experiment(experiment)
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)

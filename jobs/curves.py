@@ -65,40 +65,44 @@ def curve_figure(table: pd.DataFrame, title: str):
 
 
 def run_curves(cfg: EvalConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-               log_mlflow: bool = True) -> tuple[pd.DataFrame, Path, str | None]:
+               log_mlflow: bool = True, verbose: bool = False) -> tuple[pd.DataFrame, Path, str | None]:
     """Evaluate every curve point (clean and the config's attacks), plot, log; returns the table."""
-    from jobs.common import default_tracking_uri, start_mlflow
+    from jobs.common import default_tracking_uri, git_commit
     from jobs.evaluate import evaluate
+    from jobs.report import replace_table
+    from jobs.runner import run_folder
+    from jobs.tracking import tracked_run
 
     if cfg.curves is None:
         raise SystemExit("the config has no `curves:` section (see configs/curves.yaml)")
     points = point_defenses(cfg)
     point_cfg = cfg.model_copy(update={"name": f"{cfg.name}-curves", "defenses": {k: v[2] for k, v in points.items()}})
-    res = evaluate(point_cfg, out=out, address=address, progress=progress, log_mlflow=False)
-    table = curve_table(res.rows, points)
-    table.to_csv(res.run_dir / "curves.csv", index=False)
-    fig = curve_figure(table, f"{cfg.dataset}: accuracy and cost vs effective iterations")
-    fig.savefig(res.run_dir / "curves.png", dpi=100)
-    run_id = None
-    if log_mlflow:
-        import mlflow
-
-        start_mlflow(cfg.mlflow.tracking_uri or default_tracking_uri(), cfg.family)
-        with mlflow.start_run(run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}") as run:
-            mlflow.set_tags({"dataset": cfg.dataset, "kind": "curves", "config_hash": point_cfg.config_hash()})
+    tags = {"dataset": cfg.dataset, "kind": "curves", "config_hash": point_cfg.config_hash(), "git_commit": git_commit()}
+    with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+                     experiment=cfg.family, run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}",
+                     run_dir=run_folder(point_cfg, out), config_dict=point_cfg.model_dump(mode="json"),
+                     tags=tags) as tracker:
+        res = evaluate(point_cfg, out=out, address=address, progress=progress, log_mlflow=False, verbose=verbose,
+                       on_shard=tracker.progress if tracker else None)
+        table = curve_table(res.rows, points)
+        table.to_csv(res.run_dir / "curves.csv", index=False)
+        fig = curve_figure(table, f"{cfg.dataset}: accuracy and cost vs effective iterations")
+        fig.savefig(res.run_dir / "curves.png", dpi=100)
+        if tracker is not None:
+            client, run_id = tracker.client, tracker.run_id
             for r in table.itertuples():
                 for metric in ("clean_accuracy", "attacked_accuracy", "seconds_per_example"):
                     value = getattr(r, metric)
                     if value == value:  # not NaN
-                        mlflow.log_metric(f"curve/{r.family}/{metric}", float(value), step=int(r.effective_iterations))
-            mlflow.log_figure(fig, "figures/curves.png")
-            mlflow.log_table(table, "tables/curves.json")
-            run_id = run.info.run_id
-    return table, res.run_dir, run_id
+                        client.log_metric(run_id, f"curve/{r.family}/{metric}", float(value),
+                                          step=int(r.effective_iterations))
+            client.log_figure(run_id, fig, "figures/curves.png")
+            replace_table(client, run_id, table, "tables/curves.json")
+    return table, res.run_dir, tracker.run_id if tracker else None
 
 
 def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
-         log_mlflow: bool, progress: bool) -> None:
+         log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
     from pydantic import ValidationError
 
     from jobs.config import load_config
@@ -107,7 +111,8 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         cfg = load_config(config, overrides, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"invalid curves config: {err}") from None
-    table, run_dir, run_id = run_curves(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow)
+    table, run_dir, run_id = run_curves(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow,
+                                        verbose=verbose)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"plot: {run_dir / 'curves.png'}   table: {run_dir / 'curves.csv'}")
     if run_id:

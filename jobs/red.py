@@ -96,10 +96,6 @@ class RedWorker:
             self.Ds, self.s_classes = signal_dictionary(train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed)
             self.Ds = self.Ds.to(self.device)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.concat([self.run_shard(int(r.shard), int(r.start), int(r.stop)) for r in batch.itertuples()],
-                         ignore_index=True)
-
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
         import torch
 
@@ -189,66 +185,69 @@ def _markdown(frame: pd.DataFrame, n: pd.DataFrame) -> str:
 
 
 def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-            log_mlflow: bool = True) -> tuple[pd.DataFrame, dict, Path, str | None]:
+            log_mlflow: bool = True, verbose: bool = False) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
-    from jobs.evaluate import (compute_shards, load_models, plan_shards, prepare_run_dir, read_rows, recorded_run_id,
-                               run_folder, shard_path)
+    from jobs.common import default_tracking_uri, git_commit
+    from jobs.evaluate import load_models
+    from jobs.runner import (missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows, run_folder,
+                             run_shards)
+    from jobs.tracking import recorded_run_id, tracked_run
 
+    quiet_ray_logging(verbose)
     load_models(cfg)  # fail early on missing or altered weights
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
-    dic = build_or_load_dictionary(cfg, run_dir)
     n = len(load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit))
-    todo = [s for s in plan_shards(n, cfg.shard_size) if not shard_path(run_dir, s[0]).exists()]
+    todo = missing_shards(run_dir, plan_shards(n, cfg.shard_size))
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
-    if todo:
-        compute_shards(todo, run_dir, address, progress, worker=RedWorker,
-                       worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
-                       resources=cfg.resources, expected=lambda a, b: (b - a) * per_example, columns=RED_COLUMNS,
-                       desc=f"red {cfg.name}")
-    rows = read_rows(run_dir, RED_COLUMNS)
-    tables = red_tables(rows, dic.attack_names)
+    tags = {"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(), "config_hash": cfg.config_hash()}
+    with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+                     experiment=cfg.family, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", run_dir=run_dir,
+                     config_dict=cfg.model_dump(mode="json"), tags=tags) as tracker:
+        dic = build_or_load_dictionary(cfg, run_dir)
+        retried = 0
+        if todo:
+            retried = run_shards(
+                todo, run_dir, worker=RedWorker,
+                worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
+                resources=cfg.resources, expected=lambda a, b: (b - a) * per_example, columns=RED_COLUMNS,
+                desc=f"red {cfg.name}", address=address, progress=progress, verbose=verbose,
+                on_shard=tracker.progress if tracker else None).retried
+        rows = read_rows(run_dir, RED_COLUMNS)
+        tables = red_tables(rows, dic.attack_names)
+        if tracker is not None:
+            _log(tracker, cfg, run_dir, rows, tables, dic.attack_names)
+    run_id = tracker.run_id if tracker else recorded_run_id(run_dir)
     summary = {k: v.to_dict() for k, v in tables.items()}
-    run_id = _log(cfg, run_dir, rows, tables, dic.attack_names) if log_mlflow else recorded_run_id(run_dir)
-    atomic_write_json(run_dir / "summary.json", summary | {"mlflow_run_id": run_id})
+    atomic_write_json(run_dir / "summary.json", summary | {"mlflow_run_id": run_id, "shards_retried": retried})
     return rows, tables, run_dir, run_id
 
 
-def _log(cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> str:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+def _log(tracker, cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> None:
+    from mlflow.entities import Metric
 
-    from jobs.common import default_tracking_uri, git_commit, runs_dir, start_mlflow
-    from jobs.evaluate import previous_run_id
-    from jobs.report import log_config_params
+    from jobs.common import runs_dir
 
-    uri = cfg.mlflow.tracking_uri or default_tracking_uri()
-    start_mlflow(uri, cfg.family)
-    prior = previous_run_id(run_dir, uri)
-    with mlflow.start_run(run_id=prior, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}") as run:
-        log_config_params(MlflowClient(uri), run.info.run_id, cfg.model_dump(mode="json"))
-        for table in ("signal_accuracy", "attack_accuracy"):
-            for method, row in tables[table].iterrows():
-                for attack, value in row.items():
-                    if pd.notna(value):
-                        mlflow.log_metric(f"{table}/{method}/{attack}", float(value))
-            mlflow.log_text(tables[table].reset_index().to_json(orient="split"), f"tables/{table}.json")
-        mlflow.log_figure(confusion_figure(rows, attack_names), "figures/attack_confusion.png")
-        mlflow.log_artifacts(str(run_dir / "rows"), "rows")
-        theory = runs_dir() / "red-theory"  # figures of `invgan red-theory`, when it has been run
-        for png in sorted(theory.glob("*.png")) if theory.is_dir() else []:
-            mlflow.log_artifact(str(png), "figures/theory")
-        note = (f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
-                + _markdown(tables["signal_accuracy"], tables["n"])
-                + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n" + _markdown(tables["attack_accuracy"], tables["n"]))
-        mlflow.set_tags({"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(),
-                         "config_hash": cfg.config_hash(), "mlflow.note.content": note[:8000]})
-        return run.info.run_id
+    client, run_id, now = tracker.client, tracker.run_id, int(time.time() * 1000)
+    for table in ("signal_accuracy", "attack_accuracy"):
+        client.log_batch(run_id, metrics=[Metric(f"{table}/{method}/{attack}", float(value), now, 0)
+                                          for method, row in tables[table].iterrows()
+                                          for attack, value in row.items() if pd.notna(value)])
+        client.log_text(run_id, tables[table].reset_index().to_json(orient="split"), f"tables/{table}.json")
+    client.log_figure(run_id, confusion_figure(rows, attack_names), "figures/attack_confusion.png")
+    client.log_artifacts(run_id, str(run_dir / "rows"), "rows")
+    theory = runs_dir() / "red-theory"  # figures of `invgan red-theory`, when it has been run
+    for png in sorted(theory.glob("*.png")) if theory.is_dir() else []:
+        client.log_artifact(run_id, str(png), "figures/theory")
+    note = (f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
+            + _markdown(tables["signal_accuracy"], tables["n"])
+            + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n" + _markdown(tables["attack_accuracy"], tables["n"]))
+    client.set_tag(run_id, "mlflow.note.content", note[:8000])
 
 
 def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
-         log_mlflow: bool, progress: bool) -> None:
+         log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
     from pydantic import ValidationError
 
     from jobs.config import load_config
@@ -257,7 +256,11 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         cfg = load_config(config, overrides, model=RedConfig, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"invalid RED config: {err}") from None
-    rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow)
+    try:
+        rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress,
+                                                log_mlflow=log_mlflow, verbose=verbose)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; finished shards are kept in the run folder: rerun the same command to resume")
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))
     print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
     print(f"\nrun folder: {run_dir}")

@@ -9,6 +9,7 @@ convention). Only `log_to_mlflow` touches MLflow, and only the driver calls it.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -211,58 +212,50 @@ def description(summary: dict, run_name: str) -> str:
     return text[:MAX_TAG_VALUE]
 
 
-def _log_table(client, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
-    """mlflow.log_table, but replacing the file when resuming (log_table itself appends rows)."""
-    import mlflow
-
+def replace_table(client, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
+    """client.log_table, but replacing the file when resuming (log_table itself appends rows)."""
     folder = artifact_file.rpartition("/")[0] or None
     if artifact_file in {f.path for f in client.list_artifacts(run_id, folder)}:
-        mlflow.log_text(frame.to_json(orient="split", index=False), artifact_file)
+        client.log_text(run_id, frame.to_json(orient="split", index=False), artifact_file)
     else:
-        mlflow.log_table(frame, artifact_file=artifact_file)
+        client.log_table(run_id, frame, artifact_file)
 
 
 def log_config_params(client, run_id: str, config_dict: dict) -> None:
     """The flattened config as params, in MLflow-sized batches; on a resumed run only new or changed keys
     (a changed value then raises MLflow's own error: one run never mixes two configs)."""
-    import mlflow
+    from mlflow.entities import Param
 
     logged = client.get_run(run_id).data.params
-    params = [(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
+    params = [Param(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
     for i in range(0, len(params), PARAMS_PER_BATCH):
-        mlflow.log_params(dict(params[i:i + PARAMS_PER_BATCH]))
+        client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH])
 
 
-def log_to_mlflow(*, summary: dict, rows_dir: Path, config_dict: dict, run_name: str, experiment: str,
-                  tracking_uri: str, tags: dict, figures: dict[str, Figure], run_id: str | None = None) -> str:
-    """Record one evaluation as an MLflow run (resumed when `run_id` is given); returns the run id.
+def log_results(client, run_id: str, *, summary: dict, rows_dir: Path, run_name: str, figures: dict[str, Figure],
+                tags: dict) -> None:
+    """Record an evaluation's results in its (running) MLflow run.
 
-    params: the flattened config; metrics: accuracy|auc|n|seconds_per_example/<defense>/<attack>,
-    mean_l2|mean_linf/<attack>; artifacts: tables/*.json, figures/<name>.png, rows/ (Parquet).
+    metrics: accuracy|auc|n|seconds_per_example/<defense>/<attack>, mean_l2|mean_linf/<attack>;
+    artifacts: tables/*.json, figures/<name>.png, rows/ (Parquet); the note: both tables.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric
 
-    from jobs.common import start_mlflow
-
-    start_mlflow(tracking_uri, experiment)
-    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
-        run_id = run.info.run_id
-        client = MlflowClient(tracking_uri)
-        log_config_params(client, run_id, config_dict)
-        metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
-                   for m in ("accuracy", "auc", "n", "seconds_per_example")
-                   for d, cells in summary[m].items() for a, v in cells.items()}
-        metrics |= {f"{m}/{_metric_part(a)}": v for m in ("mean_l2", "mean_linf") for a, v in summary[m].items()}
-        mlflow.log_metrics(metrics)
-        for metric in ("accuracy", "auc", "n"):
-            _log_table(client, run_id, table_frame(summary, metric), f"tables/{metric}.json")
-        for name, fig in figures.items():
-            mlflow.log_figure(fig, f"figures/{name}.png")
-        mlflow.log_artifacts(str(rows_dir), "rows")
-        mlflow.set_tags({**{k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()},
-                         "mlflow.note.content": description(summary, run_name)})
-    return run_id
+    now = int(time.time() * 1000)
+    metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
+               for m in ("accuracy", "auc", "n", "seconds_per_example")
+               for d, cells in summary[m].items() for a, v in cells.items()}
+    metrics |= {f"{m}/{_metric_part(a)}": v for m in ("mean_l2", "mean_linf") for a, v in summary[m].items()}
+    items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH * 10):
+        client.log_batch(run_id, metrics=items[i:i + PARAMS_PER_BATCH * 10])
+    for metric in ("accuracy", "auc", "n"):
+        replace_table(client, run_id, table_frame(summary, metric), f"tables/{metric}.json")
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"figures/{name}.png")
+    client.log_artifacts(run_id, str(rows_dir), "rows")
+    for key, value in {**tags, "mlflow.note.content": description(summary, run_name)}.items():
+        client.set_tag(run_id, key, str(value)[:MAX_TAG_VALUE])
 
 
 def write_summary(path: Path, summary: dict, extra: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from jobs.config import load_config
 from jobs.evaluate import ROW_COLUMNS, evaluate, expected_rows
+from jobs.runner import WHERE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -41,7 +42,8 @@ def smoke_run(ray_instance, tmp_path_factory):
 def test_rows_have_the_schema_and_one_row_per_example_attack_defense(smoke_run):
     cfg, res, _ = smoke_run
     rows = res.rows
-    assert list(rows.columns) == ROW_COLUMNS
+    assert list(rows.columns) == ROW_COLUMNS + WHERE_COLUMNS  # + node and worker: where each shard ran
+    assert rows.node.str.len().min() > 0 and rows.worker.str.contains(":").all()
     assert not rows.duplicated(KEY).any()
     n = 16
     assert len(rows) == expected_rows(cfg, 0, n) == n * len(cfg.defenses) * (1 + len(cfg.attacks))

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from jobs.red import RED_COLUMNS, RedConfig, red_tables, run_red
+from jobs.runner import WHERE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,8 @@ def red_run(tmp_path_factory):
 
 def test_rows_have_the_schema_and_one_row_per_example_input_method(red_run):
     cfg, (rows, tables, run_dir, run_id), _ = red_run
-    assert list(rows.columns) == RED_COLUMNS
+    assert list(rows.columns) == RED_COLUMNS + WHERE_COLUMNS  # + node and worker: where each shard ran
+    assert rows.node.str.len().min() > 0 and rows.worker.str.contains(":").all()
     assert not rows.duplicated(["example_id", "attack_type", "method"]).any()
     assert len(rows) == 8 * 3 * len(cfg.methods)  # clean + 2 attack types
     assert set(rows.attack_type) == {"clean", "linf", "l2"}

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from invgan_core.detection import detection_auc
-from jobs.report import (flatten_config, image_grid, log_to_mlflow, markdown_table, roc_figure, summarize,
+from jobs.report import (flatten_config, image_grid, log_results, markdown_table, roc_figure, summarize,
                          table_frame, write_summary)
+from jobs.tracking import tracked_run
 
 
 def _row(example_id: int, attack: str, defense: str, correct: bool, score: float = np.nan, l2: float = 1.0) -> dict:
@@ -134,7 +135,17 @@ def _artifact_json(client, run_id: str, path: str, dst: Path) -> dict:
     return json.loads(Path(client.download_artifacts(run_id, path, str(dst))).read_text())
 
 
-def test_log_to_mlflow_records_metrics_params_tables_figures_rows_and_resumes(tmp_path: Path):
+def _log(tmp_path, rows_dir, summary, uri, config, figures):
+    """One pass of a job as jobs/evaluate.py makes it: a tracked run, then its results."""
+    with tracked_run(enabled=True, tracking_uri=uri, experiment="eval-digits", run_name="smoke-abc123",
+                     run_dir=tmp_path / "run", config_dict=config,
+                     tags={"dataset": "digits", "git_commit": "deadbeef"}) as tracker:
+        log_results(tracker.client, tracker.run_id, summary=summary, rows_dir=rows_dir, run_name="smoke-abc123",
+                    figures=figures, tags={"dataset": "digits"})
+    return tracker.run_id
+
+
+def test_log_results_records_metrics_params_tables_figures_rows_and_resumes(tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
     rows = _table_rows()
@@ -145,10 +156,8 @@ def test_log_to_mlflow_records_metrics_params_tables_figures_rows_and_resumes(tm
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config = {"name": "smoke", "attacks": {f"a{i}": {"kind": "fgsm", "params": {"eps": i}} for i in range(120)}}
     x = np.zeros((3, 1, 8, 8))
-    kwargs = dict(summary=summary, rows_dir=rows_dir, config_dict=config, run_name="smoke-abc123",
-                  experiment="eval-digits", tracking_uri=uri, tags={"dataset": "digits", "git_commit": "deadbeef"},
-                  figures={"roc": roc_figure(rows), "images": image_grid(x, x, x)})
-    run_id = log_to_mlflow(**kwargs)
+    figures = {"roc": roc_figure(rows), "images": image_grid(x, x, x)}
+    run_id = _log(tmp_path, rows_dir, summary, uri, config, figures)
 
     client = MlflowClient(uri)
     run = client.get_run(run_id)
@@ -156,7 +165,7 @@ def test_log_to_mlflow_records_metrics_params_tables_figures_rows_and_resumes(tm
     assert run.data.metrics["accuracy/invgan/worst_case"] == 0.25
     assert run.data.metrics["accuracy/none/bpda"] == 1.0
     assert run.data.metrics["n/none/bpda"] == 2 and run.data.metrics["auc/invgan/pgd"] == 1.0
-    assert "auc/none/fgsm" not in run.data.metrics
+    assert "auc/none/fgsm" not in run.data.metrics and "wall_seconds" in run.data.metrics
     assert run.data.params["attacks.a7.params.eps"] == "7" and len(run.data.params) == 241  # > 100: chunked
     assert run.data.tags["dataset"] == "digits" and run.data.tags["git_commit"] == "deadbeef"
     assert markdown_table(summary) in run.data.tags["mlflow.note.content"]
@@ -165,10 +174,11 @@ def test_log_to_mlflow_records_metrics_params_tables_figures_rows_and_resumes(tm
             "rows/shard-00000.parquet"} <= files
     table = _artifact_json(client, run_id, "tables/accuracy.json", tmp_path / "dl")
     assert table["columns"][:2] == ["defense", "clean"] and len(table["data"]) == 2
+    assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run_id
 
-    # resume: same run, tables replaced (not appended), a later shard added
+    # resume: the run recorded in the run folder continues, tables replaced (not appended), a later shard added
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), rows_dir / "shard-00001.parquet")
-    assert log_to_mlflow(**kwargs, run_id=run_id) == run_id
+    assert _log(tmp_path, rows_dir, summary, uri, config, figures) == run_id
     assert len(client.search_runs([run.info.experiment_id])) == 1
     table = _artifact_json(client, run_id, "tables/accuracy.json", tmp_path / "dl2")
     assert len(table["data"]) == 2
@@ -179,3 +189,42 @@ def test_log_to_mlflow_records_metrics_params_tables_figures_rows_and_resumes(tm
     assert written["mlflow_run_id"] == run_id and written["accuracy"] == summary["accuracy"]
     assert written["auc"] == summary["auc"] and written["n"]["none"]["worst_case"] == 2
     assert table_frame(summary, "n").set_index("defense").at["none", "bpda"] == 2
+
+
+@pytest.mark.parametrize("fate", ["error", "interrupt", "sigterm", "ray_sigterm"])
+def test_run_is_running_during_the_job_and_ends_with_its_fate(tmp_path: Path, fate: str):
+    """RUNNING while the job works; FAILED with the error, KILLED on Ctrl-C or on `ray job stop`'s SIGTERM;
+    the rerun continues the same run, clears the old error and ends FINISHED."""
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    kwargs = dict(enabled=True, tracking_uri=uri, experiment="e", run_name="r", run_dir=tmp_path / "run",
+                  config_dict={"name": "r"}, tags={})
+    expected = {"error": (ValueError, "FAILED"), "interrupt": (KeyboardInterrupt, "KILLED"),
+                "sigterm": (KeyboardInterrupt, "KILLED"), "ray_sigterm": (SystemExit, "KILLED")}[fate]
+    handler = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's if a test before this one ran ray.init
+    with pytest.raises(expected[0]):
+        with tracked_run(**kwargs) as tracker:
+            assert client.get_run(tracker.run_id).info.status == "RUNNING"
+            if fate == "error":
+                raise ValueError("shard 3: boom")
+            if fate == "interrupt":
+                raise KeyboardInterrupt
+            if fate == "ray_sigterm":  # what the SIGTERM handler ray.init installs does
+                raise SystemExit(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends the job's driver
+            time.sleep(5)  # not reached: the handler raises
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == expected[1]
+    assert ("boom" in run.data.tags["error"]) if fate == "error" else run.data.tags["error"].startswith("interrupted")
+    assert signal.getsignal(signal.SIGTERM) == handler  # the job's handler only while it runs
+
+    with tracked_run(**kwargs) as again:
+        pass
+    run = client.get_run(again.run_id)
+    assert again.run_id == tracker.run_id and run.info.status == "FINISHED" and "error" not in run.data.tags

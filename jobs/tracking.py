@@ -1,0 +1,132 @@
+"""One MLflow run over a job's whole life (eval, curves, RED): the driver's only link to MLflow while work runs.
+
+The run is created (status RUNNING, params and tags at once) before any shard is computed, so the MLflow
+UI shows the job while it runs; progress metrics (`progress/shards_done`, `progress/examples_per_second`,
+step = shards done) arrive with every shard; the run ends FINISHED, FAILED (the error in the tag
+`error`) or KILLED (Ctrl-C, `ray job stop`, SIGTERM). The run id is recorded in the run folder at once, so a rerun after a
+crash or a kill continues the same run instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from invgan_core.checkpoint import atomic_write_json
+
+RUN_RECORD = "mlflow_run.json"  # in the run folder: {"run_id", "tracking_uri"}
+MAX_TAG_VALUE = 8000
+
+
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id recorded for this run folder (mlflow_run.json, or summary.json of older runs)."""
+    for name in (RUN_RECORD, "summary.json"):
+        path = run_dir / name
+        if path.exists():
+            run_id = json.loads(path.read_text()).get("run_id" if name == RUN_RECORD else "mlflow_run_id")
+            if run_id:
+                return run_id
+    return None
+
+
+def previous_run_id(run_dir: Path, tracking_uri: str) -> str | None:
+    """The MLflow run a previous pass over this run folder logged to, if that run is in this store
+    (a rerun continues it; a run recorded in another store, e.g. another --tracking-uri, is not)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id = recorded_run_id(run_dir)
+    if not run_id:
+        return None
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+        return run_id
+    except MlflowException:
+        return None
+
+
+@dataclass
+class JobRun:
+    client: object
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    started: float
+
+    def progress(self, bar) -> None:
+        """Called by the runner after every shard (`bar` is its Progress)."""
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), bar.done_shards
+        rate = bar.done_examples / max(time.monotonic() - bar.started, 1e-9)
+        self.client.log_batch(self.run_id, metrics=[
+            Metric("progress/shards_done", bar.done_shards, now, step),
+            Metric("progress/shards_total", bar.total_shards, now, step),
+            Metric("progress/examples_per_second", rate, now, step)])
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (what `ray job stop` and `kill` send) into KeyboardInterrupt while the job runs, so its
+    MLflow run ends KILLED instead of staying RUNNING forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def tracked_run(*, enabled: bool, tracking_uri: str, experiment: str, run_name: str, run_dir: Path,
+                config_dict: dict, tags: dict) -> Iterator[JobRun | None]:
+    """Yield a RUNNING MLflow run for the job (None when `enabled` is false) and end it with the job's fate."""
+    if not enabled:
+        yield None
+        return
+    from mlflow.tracking import MlflowClient
+
+    from jobs.common import start_mlflow
+    from jobs.report import log_config_params
+
+    exp = start_mlflow(tracking_uri, experiment)
+    client = MlflowClient(tracking_uri)
+    run_id = previous_run_id(run_dir, tracking_uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        if "error" in client.get_run(run_id).data.tags:  # the error of an earlier, failed pass
+            client.delete_tag(run_id, "error")
+    else:
+        run_id = client.create_run(exp.experiment_id, run_name=run_name).info.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_RECORD, {"run_id": run_id, "tracking_uri": tracking_uri})
+    log_config_params(client, run_id, config_dict)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:MAX_TAG_VALUE])
+    run = JobRun(client, run_id, tracking_uri, experiment, time.monotonic())
+    try:
+        with _sigterm_interrupts():
+            yield run
+    except BaseException as err:
+        # Ctrl-C, our SIGTERM handler, or Ray's (ray.init installs one that calls sys.exit(SIGTERM))
+        if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == signal.SIGTERM):
+            client.set_tag(run_id, "error", f"interrupted ({err or 'KeyboardInterrupt'})"[:MAX_TAG_VALUE])
+            client.set_terminated(run_id, status="KILLED")
+            raise
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:MAX_TAG_VALUE])
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.log_metric(run_id, "wall_seconds", time.monotonic() - run.started)
+    client.set_terminated(run_id, status="FINISHED")

@@ -9,6 +9,7 @@ directory the user names, and a missing file is an error that says what is expec
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import zlib
 from dataclasses import dataclass, field
@@ -18,8 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation", "fit")
 SPLIT_SEED = 0  # the fixed stratified split of the embedded sets; recorded in every manifest
+# The validation split that searches (`invgan tune`) measure their objective on: carved from the training
+# split (never the test split), stratified, fixed by its own seed. `fit` is the rest of the training split,
+# for whatever a search builds from training images (RED's attack dictionary), so the two never overlap.
+VAL_FRACTION = 0.1
+VAL_SEED = 1
+# Comma-separated splits that load_dataset refuses: set inside every Tune trial to "test", so no code path
+# of a search can read a test image (the test split is for the final `invgan eval` only).
+FORBIDDEN_SPLITS_ENV = "INVGAN_FORBIDDEN_SPLITS"
 
 
 class DataError(ValueError):
@@ -59,6 +68,11 @@ class Dataset:
         if n is None or n >= len(self):
             return self
         return Dataset(self.name, self.split, self.ids[:n], self.images[:n], self.labels[:n], self.info)
+
+    def select(self, index: np.ndarray, split: str) -> "Dataset":
+        """The examples at positions `index` (ids kept), named as split `split`."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return Dataset(self.name, split, self.ids[index.numpy()], self.images[index], self.labels[index], self.info)
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, split: str, seed: int) -> np.ndarray:
@@ -252,9 +266,32 @@ REGISTRY: dict[str, Callable[[str, Path | None], Dataset]] = {
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load `split` ('train' or 'test') of a registered dataset."""
+    """Load `split` of a registered dataset: 'train' or 'test' (the dataset's own split), or 'validation' /
+    'fit' (a fixed stratified VAL_FRACTION of 'train' and the rest of it; see `validation_split`)."""
     if name not in REGISTRY:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(REGISTRY)}")
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
-    return REGISTRY[name](split, Path(data_dir) if data_dir is not None else None)
+        raise DataError(f"unknown split {split!r}; choose 'train', 'test', 'validation' or 'fit'")
+    forbidden = {s.strip() for s in os.environ.get(FORBIDDEN_SPLITS_ENV, "").split(",") if s.strip()}
+    if split in forbidden:
+        raise DataError(f"{name}/{split}: this process may not read the {split!r} split (${FORBIDDEN_SPLITS_ENV}="
+                        f"{os.environ[FORBIDDEN_SPLITS_ENV]}): searches measure on 'validation', never on 'test'")
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if split in ("validation", "fit"):
+        return validation_split(REGISTRY[name]("train", data_dir), split)
+    return REGISTRY[name](split, data_dir)
+
+
+def validation_split(train: Dataset, split: str = "validation") -> Dataset:
+    """'validation': a fixed stratified VAL_FRACTION of the training split (seed VAL_SEED, source order
+    kept); 'fit': the rest. Both keep the training split's ids, so they are disjoint from the test ids."""
+    labels = train.labels.numpy()
+    stratify = labels if np.bincount(labels).min() >= 2 else None
+    from sklearn.model_selection import train_test_split
+
+    fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=VAL_FRACTION, stratify=stratify,
+                                        random_state=VAL_SEED)
+    picked = np.sort(val_idx if split == "validation" else fit_idx)
+    out = train.select(picked, split)
+    out.info = {**train.info, "val_fraction": VAL_FRACTION, "val_seed": VAL_SEED, "carved_from": "train"}
+    return out

@@ -133,7 +133,7 @@ class EvalConfig(JobConfig):
     name: str
     dataset: str = "mnist5k"
     data_dir: Optional[Path] = None
-    split: Literal["train", "test"] = "test"
+    split: Literal["train", "test", "validation"] = "test"  # validation: carved from train, what `invgan tune` uses
     limit: Optional[int] = Field(None, gt=0, description="first N examples of the split")
     weights: Path = Path("weights/mnist5k")
     seed: int = 0

@@ -7,7 +7,7 @@ with `accelerator.save_state` every `checkpoint_every` steps into `<work_dir>/st
 atomically; rerunning the same command resumes from there. With N processes (torchrun or
 `accelerate.debug_launcher`) each takes 1/N of every global batch and DDP averages the gradients.
 
-Also runnable as `python -m jobs.train --help`.
+Run as `invgan train ...` (or `python -m invgan train ...`, e.g. under torchrun).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -79,6 +79,8 @@ class TrainConfig(BaseModel):
     lambda_adv: float = 1.0
     lambda_semantic: float = 100.0
     lambda_latent: float = 1.0
+    # the held-out split of the manifest's figures; 'validation' (carved from train) inside searches (never test)
+    eval_split: Literal["test", "validation"] = "test"
     # records
     tracking_uri: Optional[str] = None
     experiment: str = "train"
@@ -165,16 +167,25 @@ def _evaluate(cfg: TrainConfig, models, test, device) -> dict[str, float]:
     return {}
 
 
-def run(cfg: TrainConfig, accelerator=None) -> dict:
+# on_checkpoint(step, models, metrics): called on the main process right after every saved state;
+# `models` as in run()'s result (inverter: [I, D, G]), `metrics` the last step's losses.
+CheckpointHook = Callable[[int, list, dict], None]
+
+
+def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | None = None,
+        log_mlflow: bool = True) -> dict:
     """Train one model kind to `cfg.steps`, resuming from `cfg.work_dir` when state is there.
 
     Returns step, finished, mlflow_run_id and, on the main process, files, metrics and the models.
+    `on_checkpoint` lets a caller (a Tune trial) report after every saved state; `log_mlflow=False`
+    leaves MLflow to that caller (a Tune trial's driver logs its child run).
     """
     import mlflow
 
     accelerator = accelerator or _make_accelerator(cfg.device)
     main = accelerator.is_main_process
-    train, test = load_dataset(cfg.dataset, "train", cfg.data_dir), load_dataset(cfg.dataset, "test", cfg.data_dir)
+    log = main and log_mlflow
+    train, test = load_dataset(cfg.dataset, "train", cfg.data_dir), load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir)
     if cfg.steps is None:  # classifier: 100 epochs (the RED appendix: 50 epochs, but of 60,000 images)
         cfg.steps = 100 * max(len(train) // cfg.batch_size, 1)
     if cfg.eta is None:  # an ℓ2 margin of 0.03 per-pixel RMS: 0.84 on 28x28, 0.24 on 8x8
@@ -189,7 +200,7 @@ def run(cfg: TrainConfig, accelerator=None) -> dict:
     loop = _Loop(cfg, accelerator, list(prepared[: len(trainable)]), list(prepared[len(trainable):]), models, train)
 
     start, run_id = _resume(cfg, accelerator)
-    if main:
+    if log:
         start_mlflow(cfg.tracking_uri, cfg.experiment)
         mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.dataset}-{cfg.kind}")
         if run_id is None:
@@ -206,12 +217,16 @@ def run(cfg: TrainConfig, accelerator=None) -> dict:
             bar.update(1)
             timed_out = False
             if step % 50 == 0 or step == cfg.steps:
-                if main:
+                if log:
                     mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+                if main:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
                 timed_out = _agree(accelerator, cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
                 _save_state(accelerator, cfg, step, run_id)
+                if on_checkpoint is not None and main:
+                    on_checkpoint(step, [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):],
+                                  metrics)
             if timed_out:
                 break
         bar.close()
@@ -220,13 +235,14 @@ def run(cfg: TrainConfig, accelerator=None) -> dict:
         result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
         if main:
             metrics = _evaluate(cfg, result["models"], test, accelerator.device)
-            mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=step)
+            if log:
+                mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=step)
             result["files"] = _save_models(cfg, result["models"], train, metrics, step)
             result["metrics"] = metrics
         status = "FINISHED"
         return result
     finally:
-        if main:
+        if log:
             mlflow.end_run(status=status)
 
 
@@ -296,7 +312,8 @@ def _resume(cfg: TrainConfig, accelerator) -> tuple[int, str | None]:
 
 def _config_key(cfg: TrainConfig) -> dict:
     """The config fields that must match for a resume to be valid (not steps, output or logging)."""
-    skip = {"steps", "out", "work_dir", "checkpoint_every", "max_minutes", "tracking_uri", "quiet", "device"}
+    skip = {"steps", "out", "work_dir", "checkpoint_every", "max_minutes", "tracking_uri", "quiet", "device",
+            "eval_split"}
     return json.loads(cfg.model_dump_json(exclude=skip))
 
 
@@ -339,9 +356,3 @@ def _save_models(cfg: TrainConfig, models, train, metrics: dict, step: int) -> l
         save_model(cfg.out / name, model, kind=name, arch=model.arch, **common)
         written.append(str(cfg.out / name))
     return written
-
-
-if __name__ == "__main__":
-    from invgan.cli import app
-
-    sys.exit(app(["train", *sys.argv[1:]]))

@@ -1,0 +1,389 @@
+"""`invgan tune`: run (or resume) a Ray Tune search and write what it found.
+
+    search config ─pydantic─▶ TuneSearch (every path and bound checked) ─▶ <out>/search.json
+        ─▶ MLflow parent run ─▶ Tuner(trainable of tuning/trials.py, random or Optuna TPE, ASHA or none)
+        ─▶ one child run and one printed line per trial (tuning/tracking.py)
+        ─▶ <out>/trials.parquet, <out>/best.yaml, <out>/summary.json (atomic), the parent's figure and tags
+
+Rerunning the same command continues the search from Tune's experiment state in <out>/tune: finished
+trials are kept, unfinished ones continue from their last Tune checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tuning.config import TuneSearch
+from tuning.space import Grid, LogUniform
+from tuning.trials import TRIALS, eval_config_dict, red_dictionary
+
+EXPERIMENT = "tune"  # Tune's experiment folder inside <out>
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    best_trial: str | None
+    best_config: dict
+    best_metric: float | None
+    trials: pd.DataFrame
+    summary: dict
+    mlflow_parent_run_id: str | None
+
+
+def default_out(search: TuneSearch) -> Path:
+    from jobs.common import runs_dir
+
+    return runs_dir() / "tune" / f"{search.name}-{search.search_hash()[:12]}"
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """Trials run in their own working folders: a relative SQLite path must become absolute first."""
+    from jobs.common import default_tracking_uri
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def total_trials(search: TuneSearch) -> int:
+    grid = math.prod(len(d.grid) for d in search.space.values() if isinstance(d, Grid))
+    return search.search.num_samples * grid
+
+
+def _record(search: TuneSearch, out: Path) -> None:
+    """<out>/search.json names the search; a rerun into the same folder must be the same search."""
+    from invgan_core.checkpoint import atomic_write_json
+
+    path = out / "search.json"
+    if path.exists():
+        recorded = json.loads(path.read_text()).get("search_hash")
+        if recorded != search.search_hash():
+            raise SystemExit(f"{out} holds another search ({recorded[:12]}); choose another --out or delete the folder")
+    else:
+        atomic_write_json(path, {"search_hash": search.search_hash(), "search": search.model_dump(mode="json")})
+
+
+def _tuner(search: TuneSearch, out: Path, callback):
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(TRIALS[search.kind], search=search.model_dump(mode="json"), out=str(out)),
+        {"cpu": search.resources.cpus, "gpu": search.resources.gpus})
+    exp_dir = out / EXPERIMENT
+    if tune.Tuner.can_restore(str(exp_dir)):
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True), True
+    reports = _reports_per_trial(search)
+    scheduler = None
+    if search.scheduler.kind == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        # max_t above the last report: ASHA never stops a trial that is about to finish (and save its model)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
+                                  grace_period=min(search.scheduler.grace_period, reports),
+                                  reduction_factor=search.scheduler.reduction_factor)
+    random = search.search.algorithm == "random"  # its generator limits concurrency itself
+    tune_config = tune.TuneConfig(metric="objective", mode=search.mode, search_alg=_search_alg(search),
+                                  scheduler=scheduler, num_samples=search.search.num_samples,
+                                  max_concurrent_trials=None if random else search.search.max_concurrent_trials)
+    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
+                                failure_config=tune.FailureConfig(max_failures=0),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    return tune.Tuner(trainable, param_space=search.param_space(), tune_config=tune_config,
+                      run_config=run_config), False
+
+
+def _search_alg(search: TuneSearch):
+    if search.search.algorithm == "random":
+        from ray.tune.search import BasicVariantGenerator
+        return BasicVariantGenerator(random_state=search.search.seed, max_concurrent=search.search.max_concurrent_trials,
+                                     points_to_evaluate=_points(search))
+    try:
+        import optuna  # a project dependency; an install without it gets this message
+    except ImportError:
+        raise SystemExit("search.algorithm 'optuna' needs the optuna package: pip install optuna "
+                         "(or use search.algorithm: random)") from None
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines would interleave with ours
+    return OptunaSearch(seed=search.search.seed, points_to_evaluate=_points(search))
+
+
+def _points(search: TuneSearch) -> list[dict] | None:
+    point = search.base_point() if search.search.include_base else None
+    if point is None or any(isinstance(d, Grid) for d in search.space.values()):
+        return None
+    return [point]
+
+
+def _reports_per_trial(search: TuneSearch) -> int:
+    if search.kind == "inverter":
+        return math.ceil(search.inverter.steps / search.inverter.report_every)
+    from invgan_core.data import load_dataset
+
+    cfg = eval_config_dict(search, {}, for_trial=True)
+    n = len(load_dataset(cfg["dataset"], "validation", cfg.get("data_dir")).subset(cfg.get("limit")))
+    return math.ceil(n / cfg["shard_size"])
+
+
+# ---------------------------------------------------------------- results
+
+def trials_table(grid, search: TuneSearch) -> pd.DataFrame:
+    """One row per trial: trial_id, each searched parameter, objective (the last reported: a stopped trial's is
+    on fewer examples or steps), value, seconds, reports, step (examples or training steps done), status."""
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        status = "error" if result.error else ("complete" if m.get("complete") else "stopped")
+        rows.append({"trial_id": m.get("trial_id") or Path(result.path).name.split("_")[1],
+                     **{p: result.config.get(p) for p in search.space},
+                     "objective": m.get("objective"), "value": m.get("value", m.get("objective")),
+                     "seconds_per_example": m.get("seconds_per_example"), "seconds": m.get("time_total_s"),
+                     "reports": m.get("training_iteration", 0), "step": m.get("step"), "status": status})
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("trial_id", ignore_index=True) if len(frame) else frame
+
+
+def pick_best(table: pd.DataFrame, search: TuneSearch) -> tuple[pd.Series | None, pd.Series | None]:
+    """(best, cheapest within the tolerance) among complete trials; ties go to the cheaper trial."""
+    done = table[(table.status == "complete") & table.objective.notna()]
+    if done.empty:
+        return None, None
+    cost = "seconds_per_example" if done["seconds_per_example"].notna().all() else "seconds"
+    sign = -1 if search.mode == "max" else 1
+    ranked = done.assign(_key=sign * done.objective).sort_values(["_key", cost, "trial_id"])
+    best = ranked.iloc[0]
+    near = done[sign * (done.objective - best.objective) <= search.objective.tolerance]
+    return best, near.sort_values([cost, "trial_id"]).iloc[0]
+
+
+def objective_figure(table: pd.DataFrame, search: TuneSearch):
+    """The objective against each searched parameter (one panel each); the best trial ringed."""
+    from matplotlib.figure import Figure
+
+    params = list(search.space)
+    fig = Figure(figsize=(3.6 * len(params), 3.2))
+    axes = fig.subplots(1, len(params), squeeze=False)[0]
+    done = table[table.objective.notna()]
+    best, _ = pick_best(table, search)
+    for ax, p in zip(axes, params):
+        values = done[p]
+        numeric = pd.api.types.is_numeric_dtype(values)
+        xs = values if numeric else values.astype(str)
+        for status, marker in (("complete", "o"), ("stopped", "x")):
+            sel = done.status == status
+            ax.scatter(xs[sel], done.objective[sel], marker=marker, label=status)
+        if best is not None:
+            ax.scatter([best[p] if numeric else str(best[p])], [best.objective], s=160, facecolors="none",
+                       edgecolors="red", label="best")
+        if isinstance(search.space[p], LogUniform):
+            ax.set_xscale("log")
+        ax.set_xlabel(p.rsplit(".", 1)[-1] if p.count(".") < 3 else p.split(".", 1)[1])
+        ax.set_ylabel(search.objective.label())
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{search.name}: {search.objective.label()} per trial (x: stopped early)")
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run_id: str | None) -> dict:
+    """trials.parquet, best.yaml (and the best inverter's weights folder), summary.json, all atomic."""
+    from invgan_core.checkpoint import atomic_write_bytes, atomic_write_json
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(out / "trials.parquet", buffer.getvalue())
+    best, cheapest = pick_best(table, search)
+    summary = {"name": search.name, "kind": search.kind, "metric": search.objective.label(), "mode": search.mode,
+               "trials": len(table), "complete": int((table.status == "complete").sum()) if len(table) else 0,
+               "stopped_early": int((table.status == "stopped").sum()) if len(table) else 0,
+               "errors": int((table.status == "error").sum()) if len(table) else 0,
+               "best_trial": None, "best_config": None, "best_metric": None, "mlflow_parent_run_id": parent_run_id}
+    if best is not None:
+        params = {p: _plain(best[p]) for p in search.space}
+        summary |= {"best_trial": best.trial_id, "best_config": params, "best_metric": float(best.objective),
+                    "best_yaml": str(out / "best.yaml")}
+        if cheapest is not None and cheapest.trial_id != best.trial_id:
+            summary["cheapest_within_tolerance"] = {
+                "trial": cheapest.trial_id, "config": {p: _plain(cheapest[p]) for p in search.space},
+                "metric": float(cheapest.objective), "tolerance": search.objective.tolerance,
+                "seconds_per_example": _plain(cheapest.seconds_per_example)}
+        base = _baseline(table, search)
+        if base is not None:
+            summary["baseline"] = {"trial": base.trial_id, "config": {p: _plain(base[p]) for p in search.space},
+                                   "metric": _plain(base.objective), "status": base.status,
+                                   "gain": float(best.objective - base.objective) if base.status == "complete" else None}
+        text, reproduce = best_yaml(search, out, params, best)
+        atomic_write_bytes(out / "best.yaml", text.encode())
+        summary["reproduce"] = reproduce
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _baseline(table: pd.DataFrame, search: TuneSearch):
+    """The trial of the base config's own point (search.include_base), if one ran."""
+    point = search.base_point() if search.search.include_base else None
+    if point is None or not len(table):
+        return None
+    match = table
+    for p, v in point.items():
+        match = match[match[p].map(lambda x: x == v or (isinstance(x, float) and math.isclose(x, v)))]
+    return match.iloc[0] if len(match) else None
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, str]:
+    """A ready-to-run config with the best values (the base's split: the final, held-out evaluation) and the
+    command that reproduces the trial's measurement on the validation split."""
+    trial_params = {} if search.kind == "inverter" else params
+    cfg = eval_config_dict(search, trial_params, for_trial=False)
+    trial = eval_config_dict(search, trial_params, for_trial=True)
+    if search.kind == "inverter":  # the best trial's inverter, beside the base's generator and classifier
+        weights = out / "best-weights"
+        weights.mkdir(exist_ok=True)
+        src = search.base_config().weights_dir()
+        for kind in ("generator", "classifier"):
+            for ext in (".json", ".safetensors"):
+                shutil.copyfile(src / f"{kind}{ext}", weights / f"{kind}{ext}")
+        for ext in (".json", ".safetensors"):
+            shutil.copyfile(out / "trials" / best.trial_id / "weights" / f"inverter{ext}", weights / f"inverter{ext}")
+        cfg["weights"] = trial["weights"] = str(weights)
+    command = "invgan red" if search.kind == "red" else "invgan eval"
+    sets = ["split=validation"] + [f"limit={trial['limit']}"] * bool(trial.get("limit")) + [f"shard_size={trial['shard_size']}"]
+    # RED's job reads the test split only (RedConfig has no split field yet): no command repeats a RED trial
+    reproduce = None if search.kind == "red" else f"{command} --config {out / 'best.yaml'} " + " ".join(f"--set {s}" for s in sets)
+    header = (f"# Best of search {search.name!r} ({search.kind}): {search.objective.label()} = {best.objective:.6g} "
+              f"on the validation split, trial {best.trial_id}.\n# Searched: "
+              + ", ".join(f"{k}={v}" for k, v in params.items())
+              + f"\n# Final evaluation (held-out split): {command} --config {out / 'best.yaml'}\n"
+              + (f"# The trial's measurement again:      {reproduce}\n" if reproduce else ""))
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    return header + yaml.safe_dump(cfg, sort_keys=False), reproduce
+
+
+def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.DataFrame, summary: dict) -> None:
+    """The search's results on its parent run; the best child run tagged."""
+    from jobs.report import replace_table
+
+    if summary.get("best_metric") is not None:
+        client.log_metric(run_id, "best_objective", summary["best_metric"])
+        client.set_tag(run_id, "best_trial", summary["best_trial"])
+        client.set_tag(run_id, "best_config", json.dumps(summary["best_config"])[:5000])
+        children = json.loads((out / "child_runs.json").read_text()) if (out / "child_runs.json").exists() else {}
+        for trial_id, child in children.items():
+            client.set_tag(child, "best_trial", str(trial_id == summary["best_trial"]).lower())
+    for key in ("trials", "complete", "stopped_early", "errors"):
+        client.log_metric(run_id, f"trials_{key}" if key != "trials" else "trials_total", summary[key])
+    if len(table):
+        replace_table(client, run_id, table.astype({p: str for p in search.space}), "tables/trials.json")
+        client.log_figure(run_id, objective_figure(table, search), "figures/objective_vs_params.png")
+    client.log_artifact(run_id, str(out / "summary.json"))
+    if (out / "best.yaml").exists():
+        client.log_artifact(run_id, str(out / "best.yaml"))
+
+
+# ---------------------------------------------------------------- the search
+
+def run_search(search: TuneSearch, *, out: Path | None = None, address: str | None = None, progress: bool = True,
+               log_mlflow: bool = True, verbose: bool = False) -> SearchResult:
+    """Run (or resume) the search; returns the trials table and the summary written to <out>."""
+    from jobs.common import git_commit
+    from jobs.evaluate import load_models
+    from jobs.runner import quiet_ray_logging, ray_session
+    from jobs.tracking import tracked_run
+    from tuning.tracking import SearchCallback
+
+    out = Path(out or default_out(search)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _record(search, out)
+    load_models(search.base_config())  # missing or altered weights fail before any trial
+    if search.kind == "red":
+        red_dictionary(search, out)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # experiment state saved at every step: a kill loses no finished trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banner, no status tables; our lines instead
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ... which is cheap here
+    quiet_ray_logging(verbose)
+    if not verbose:  # on resume, about trials an interruption caught before their first report
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    uri = absolute_tracking_uri(search.mlflow.tracking_uri)
+    tags = {"kind": f"tune-{search.kind}", "search_hash": search.search_hash(), "git_commit": git_commit(),
+            "metric": search.objective.label(), "mode": search.mode, "mlflow.note.content":
+            f"Search {search.name}: {search.objective.label()} ({search.mode}) over "
+            + ", ".join(search.space) + ". Each child run is one trial."}
+    with tracked_run(enabled=log_mlflow, tracking_uri=uri, experiment=search.experiment, run_name=search.name,
+                     run_dir=out, config_dict=search.model_dump(mode="json"), tags=tags) as parent:
+        exp_id = parent.client.get_run(parent.run_id).info.experiment_id if parent else None
+        callback = SearchCallback(out=str(out), tracking_uri=uri if parent else None, experiment_id=exp_id,
+                                  parent_run_id=parent.run_id if parent else None, metric="objective",
+                                  mode=search.mode, label=search.objective.label(), total=total_trials(search),
+                                  show=progress)
+        cpus = math.ceil(search.search.max_concurrent_trials * search.resources.cpus)
+        with ray_session(address, num_cpus=cpus, verbose=verbose):
+            tuner, resumed = _tuner(search, out, callback)
+            if progress:
+                print(f"{'resuming' if resumed else 'starting'} search {search.name!r}: {total_trials(search)} "
+                      f"trial(s) of {search.kind}, {search.objective.label()} ({search.mode}), "
+                      f"{search.search.max_concurrent_trials} at a time; folder {out}", flush=True)
+            grid = tuner.fit()
+        if len(grid) < total_trials(search) or grid.num_terminated + grid.num_errors < len(grid):
+            raise KeyboardInterrupt  # Tune stopped on Ctrl-C and saved its state: mark the parent run KILLED
+        table = trials_table(grid, search)
+        summary = write_outputs(search, out, table, parent.run_id if parent else None)
+        if parent is not None:
+            log_parent(parent.client, parent.run_id, search, out, table, summary)
+    return SearchResult(out, summary["best_trial"], summary["best_config"] or {}, summary["best_metric"], table,
+                        summary, summary["mlflow_parent_run_id"])
+
+
+def main(config: Path, overrides: list[str], out: Path | None, address: str | None, num_samples: int | None,
+         tracking_uri: str | None, log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
+    """The `invgan tune` command: validate, run or resume, print the best point and where everything is."""
+    from pydantic import ValidationError
+
+    from tuning.config import load_search
+
+    extra = [f"search.num_samples={num_samples}"] * (num_samples is not None) \
+        + [f"mlflow.tracking_uri={tracking_uri}"] * bool(tracking_uri)
+    try:
+        search = load_search(config, [*overrides, *extra])
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"invalid search config: {err}") from None
+    out = Path(out or default_out(search)).resolve()
+    try:
+        res = run_search(search, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; the search state is kept in {out}: rerun the same command to resume")
+    s = res.summary
+    print(f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, {s['errors']} failed")
+    if res.best_trial is None:
+        print("no trial completed: nothing to recommend (see the trial errors above)")
+    else:
+        print(f"best: {s['metric']} = {res.best_metric:.4g} (trial {res.best_trial}) with "
+              + ", ".join(f"{k}={v}" for k, v in res.best_config.items()))
+        if s.get("baseline") and s["baseline"]["gain"] is not None:
+            b = s["baseline"]
+            print(f"the base config's point ({', '.join(f'{k}={v}' for k, v in b['config'].items())}): "
+                  f"{b['metric']:.4g}; the best gains {b['gain']:+.4g}")
+        if "cheapest_within_tolerance" in s:
+            c = s["cheapest_within_tolerance"]
+            print(f"cheapest within {c['tolerance']}: {c['metric']:.4g} (trial {c['trial']}) with "
+                  + ", ".join(f"{k}={v}" for k, v in c["config"].items()))
+        print(f"best config: {s['best_yaml']}" + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else ""))
+    print(f"trials table: {out / 'trials.parquet'}; summary: {out / 'summary.json'}")
+    if res.mlflow_parent_run_id:
+        print(f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "
+              f"(one child run per trial); open with: invgan ui")

@@ -1,0 +1,267 @@
+"""The Tune trainables: one function per search kind, each running the job's own code in-process.
+
+- defense: `jobs.evaluate.EvalWorker` over shards of the validation split, one report per shard
+  (the objective so far), rows checkpointed so a restored trial continues after its last shard;
+- inverter: `jobs.train.run` (the Accelerate loop) with an `on_checkpoint` hook that reports the latent
+  error ||z - I(G(z))|| and the T = 0 validation accuracy after every saved state, which is also the
+  trial's Tune checkpoint;
+- red: `jobs.red.RedWorker` (Algorithm 1) on attacked validation images, the dictionary built from the
+  rest of the training split.
+
+No trial reads the test split: each sets $INVGAN_FORBIDDEN_SPLITS=test, so `load_dataset` refuses it.
+Only the driver writes to MLflow (tuning/tracking.py); trials report metrics to Tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from tuning.config import TuneSearch, set_path
+
+TRIAL_ROWS = "rows.parquet"  # in <out>/trials/<trial id>/: every row the trial computed
+STARTS_LOG = "starts.log"  # one line per time the trial's function started (fresh or restored)
+
+
+# ---------------------------------------------------------------- job configs of a trial
+
+def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> dict:
+    """The eval (or RED) config of one point of the space: the base with the point's values set.
+
+    For a trial: split 'validation' (eval configs), the validation limit and shard size, one worker with the
+    trial's CPUs. Otherwise (best.yaml): the base's split, limit and resources, for the final evaluation."""
+    raw = search.base_raw()
+    for path, value in params.items():
+        set_path(raw, path, value)
+    raw["name"] = f"{search.name}-best" if not for_trial else f"{search.name}-trial"
+    if for_trial:
+        if search.kind != "red":
+            raw["split"] = "validation"
+        if search.validation.limit:
+            raw["limit"] = search.validation.limit
+        if search.validation.shard_size:
+            raw["shard_size"] = search.validation.shard_size
+        cpus = search.resources.cpus
+        raw["resources"] = {"num_workers": 1, "num_cpus_per_worker": cpus, "num_gpus_per_worker": search.resources.gpus,
+                            "torch_threads": max(1, int(cpus))}
+    return search.job_model().model_validate(raw).model_dump(mode="json")
+
+
+def _enter_trial(search: TuneSearch, out: Path) -> tuple[str, Path]:
+    """Guard the test split, size torch's threads, record the start; returns (trial id, trial folder)."""
+    import torch
+    from ray import tune
+
+    from invgan_core.data import FORBIDDEN_SPLITS_ENV
+
+    os.environ[FORBIDDEN_SPLITS_ENV] = "test"
+    torch.set_num_threads(max(1, int(search.resources.cpus)))
+    trial_id = tune.get_context().get_trial_id()
+    folder = out / "trials" / trial_id
+    folder.mkdir(parents=True, exist_ok=True)
+    restored = tune.get_checkpoint() is not None
+    with (folder / STARTS_LOG).open("a") as log:
+        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'restored' if restored else 'fresh'} pid {os.getpid()}\n")
+    return trial_id, folder
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    from invgan_core.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _report_with_rows(metrics: dict, rows: pd.DataFrame) -> None:
+    """tune.report with the rows so far as the trial's checkpoint."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.to_parquet(Path(tmp) / TRIAL_ROWS, index=False)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _rows_from_checkpoint() -> pd.DataFrame | None:
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return pd.read_parquet(Path(d) / TRIAL_ROWS)
+
+
+# ---------------------------------------------------------------- defense-time
+
+def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
+    """The objective from eval rows, through the same summary `invgan eval` writes."""
+    from jobs import report
+
+    obj = search.objective
+    summary = report.summarize(rows)
+    table = summary["accuracy"] if obj.metric == "accuracy" else summary["auc"]
+    value = float(table.get(obj.defense, {}).get(obj.attack, float("nan")))
+    seconds = float(summary["seconds_per_example"][obj.defense]["clean"])
+    return {"objective": value / max(seconds, 1e-9) if obj.per_second else value, "value": value,
+            "seconds_per_example": seconds}
+
+
+def defense_trial(config: dict, *, search: dict, out: str) -> None:
+    """Evaluate one point of a defense-time space on the validation split, one report per shard."""
+    from jobs.evaluate import EvalWorker
+    from jobs.runner import plan_shards
+
+    search_ = TuneSearch.model_validate(search)
+    trial_id, folder = _enter_trial(search_, Path(out))
+    cfg = eval_config_dict(search_, config, for_trial=True)
+    worker = EvalWorker(cfg)
+    shards = plan_shards(len(worker.data), cfg["shard_size"])
+    rows = _rows_from_checkpoint()
+    done = set() if rows is None else set(rows["shard"])
+    rows = rows if rows is not None else pd.DataFrame()
+    for shard, start, stop in shards:
+        if shard in done:
+            continue
+        rows = pd.concat([rows, worker.run_shard(shard, start, stop)], ignore_index=True)
+        complete = shard == shards[-1][0]
+        if complete:
+            _write_parquet(folder / TRIAL_ROWS, rows)
+        _report_with_rows({**defense_objective(search_, rows), "examples": stop, "step": stop,
+                           "complete": int(complete)}, rows)
+
+
+# ---------------------------------------------------------------- inverter training
+
+def inverter_trial(config: dict, *, search: dict, out: str) -> None:
+    """Train an inverter with one point's λ1, λ2, λ3, η, lr; report latent error and T = 0 val accuracy
+    after every saved state (ASHA's rungs), the state being the trial's Tune checkpoint."""
+    import torch
+    from ray import tune
+
+    from invgan_core.checkpoint import load_model
+    from invgan_core.data import load_dataset
+    from invgan_core.defenses import InvGAN
+    from invgan_core.models import sample_prior
+    from jobs.train import TrainConfig, run
+
+    search_ = TuneSearch.model_validate(search)
+    trial_id, folder = _enter_trial(search_, Path(out))
+    base, inv = search_.base_config(), search_.inverter
+    cfg = TrainConfig(kind="inverter", dataset=base.dataset, data_dir=base.data_dir, steps=inv.steps,
+                      checkpoint_every=inv.report_every, seed=inv.seed, generator=base.weights_dir() / "generator",
+                      out=folder / "weights", work_dir=folder / "train", eval_split="validation", quiet=True,
+                      device="cpu" if search_.resources.gpus == 0 else None,
+                      **({"batch_size": inv.batch_size} if inv.batch_size else {}), **inv.fixed, **config)
+    _restore_train_state(cfg.work_dir)
+    f, _ = load_model(base.weights_dir() / "classifier", kind="classifier")
+    f.requires_grad_(False)
+    val = load_dataset(base.dataset, "validation", base.data_dir).subset(search_.validation.limit)
+
+    def on_checkpoint(step: int, models: list, losses: dict) -> None:
+        I, _, G = models
+        I.eval()
+        with torch.no_grad():  # the same latents at every report and in every trial
+            z_fixed = sample_prior(G.prior, 256, G.latent_dim, torch.Generator().manual_seed(12345))
+            latent_error = (I(G(z_fixed)) - z_fixed).norm(dim=1).mean().item()
+            pred = InvGAN(G, I, f, steps=0, seed=base.seed).predict(val.images, torch.as_tensor(val.ids))
+            t0 = (pred == val.labels).float().mean().item()
+        I.train()
+        metrics = {"t0_accuracy": t0, "latent_error": latent_error}
+        tune.report({"objective": metrics[search_.objective.metric], **metrics, "step": step,
+                     "complete": int(step >= cfg.steps),
+                     **{f"train/{k}": float(v) for k, v in losses.items()}},
+                    checkpoint=tune.Checkpoint.from_directory(str(cfg.work_dir / "state")))
+
+    result = run(cfg, on_checkpoint=on_checkpoint, log_mlflow=False)
+    (folder / "result.json").write_text(json.dumps({"files": result.get("files"), "metrics": result.get("metrics"),
+                                                    "step": result["step"]}))
+
+
+def _restore_train_state(work_dir: Path) -> None:
+    """A restored trial continues from its Tune checkpoint (the Accelerate state of its last report);
+    a fresh one starts from nothing, whatever an earlier attempt left in its folder."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if ckpt is not None:
+        ckpt.to_directory(str(work_dir / "state"))
+
+
+# ---------------------------------------------------------------- RED
+
+@contextlib.contextmanager
+def red_on_validation():
+    """RED's job reads 'test' (the examples) and 'train' (dictionaries); inside a search they read 'validation'
+    and 'fit' (the rest of the training split), so the dictionary never holds a validation image.
+    (Until RedConfig has a split field of its own.)"""
+    from invgan_core import data
+
+    real = data.load_dataset
+    data.load_dataset = lambda name, split, data_dir=None: real(name, {"test": "validation", "train": "fit"}.get(split, split),
+                                                                data_dir)
+    try:
+        yield
+    finally:
+        data.load_dataset = real
+
+
+def red_dictionary(search: TuneSearch, out: Path) -> Path:
+    """The attack dictionary of the search (built once, on the driver, from the 'fit' split)."""
+    from jobs.red import RedConfig, build_or_load_dictionary
+
+    cfg = RedConfig.model_validate(eval_config_dict(search, {}, for_trial=True))
+    with red_on_validation():
+        build_or_load_dictionary(cfg, out)
+    return out / "dictionary"
+
+
+def red_objective(search: TuneSearch, rows: pd.DataFrame, attack_names: list[str]) -> dict:
+    from jobs.red import red_tables
+
+    tables = red_tables(rows, attack_names)
+    method, metric = search.objective.method, search.objective.metric
+    table = tables[metric].reindex(columns=attack_names)  # attacked inputs only
+    value = float(table.loc[method].mean()) if method in table.index else float("nan")
+    seconds = float(rows.loc[rows.method == method, "seconds"].mean())
+    return {"objective": value, "value": value, "seconds_per_example": seconds}
+
+
+def red_trial(config: dict, *, search: dict, out: str) -> None:
+    """Algorithm 1 with one point's λ multiplier / z step / iterations on attacked validation images."""
+    from invgan_core.red import load_dictionary
+    from jobs.red import RedWorker
+    from jobs.runner import plan_shards
+
+    search_ = TuneSearch.model_validate(search)
+    trial_id, folder = _enter_trial(search_, Path(out))
+    cfg = eval_config_dict(search_, config, for_trial=True)
+    dictionary = Path(out) / "dictionary"
+    with red_on_validation():
+        worker = RedWorker(cfg, str(dictionary))
+    names = load_dictionary(dictionary)[0].attack_names
+    shards = plan_shards(len(worker.data), cfg["shard_size"])
+    rows = _rows_from_checkpoint()
+    done = set() if rows is None else set(rows["shard"])
+    rows = rows if rows is not None else pd.DataFrame()
+    for shard, start, stop in shards:
+        if shard in done:
+            continue
+        rows = pd.concat([rows, worker.run_shard(shard, start, stop)], ignore_index=True)
+        complete = shard == shards[-1][0]
+        if complete:
+            _write_parquet(folder / TRIAL_ROWS, rows)
+        _report_with_rows({**red_objective(search_, rows, names), "examples": stop, "step": stop,
+                           "complete": int(complete)}, rows)
+
+
+TRIALS = {"defense": defense_trial, "inverter": inverter_trial, "red": red_trial}

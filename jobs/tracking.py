@@ -72,7 +72,7 @@ class JobRun:
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM (what `ray job stop` and `kill` send) into KeyboardInterrupt while the job runs, so its
     MLflow run ends KILLED instead of staying RUNNING forever."""
     if threading.current_thread() is not threading.main_thread():
@@ -117,7 +117,7 @@ def tracked_run(*, enabled: bool, tracking_uri: str, experiment: str, run_name: 
         client.set_tag(run_id, key, str(value)[:MAX_TAG_VALUE])
     run = JobRun(client, run_id, tracking_uri, experiment, time.monotonic())
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             yield run
     except BaseException as err:
         # Ctrl-C, our SIGTERM handler, or Ray's (ray.init installs one that calls sys.exit(SIGTERM))

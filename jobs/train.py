@@ -12,6 +12,7 @@ Run as `invgan train ...` (or `python -m invgan train ...`, e.g. under torchrun)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import shutil
@@ -29,6 +30,7 @@ from invgan_core.checkpoint import atomic_write_json, load_model, save_model
 from invgan_core.data import SPLIT_SEED, load_dataset
 from invgan_core.models import build_model, default_arch, sample_prior
 from jobs.common import git_commit, runs_dir, start_mlflow, weights_stem
+from jobs.tracking import MAX_TAG_VALUE, sigterm_interrupts
 
 Kind = Literal["gan", "classifier", "inverter"]
 
@@ -209,6 +211,8 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
         run_id = mlflow.active_run().info.run_id
     t0, step, status = time.monotonic(), start, "FAILED"
     bar = _progress(cfg, start, main)
+    signals = contextlib.ExitStack()
+    signals.enter_context(sigterm_interrupts())  # `kill` / `ray job stop`: end the MLflow run KILLED, not RUNNING
     try:
         while step < cfg.steps:
             _reseed(cfg, step, accelerator.process_index)
@@ -241,7 +245,13 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
             result["metrics"] = metrics
         status = "FINISHED"
         return result
+    except BaseException as err:  # the run ends KILLED on Ctrl-C / SIGTERM, FAILED with the error otherwise
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        if log:
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:MAX_TAG_VALUE])
+        raise
     finally:
+        signals.close()
         if log:
             mlflow.end_run(status=status)
 

@@ -129,3 +129,24 @@ def test_a_kill_between_the_two_renames_of_a_save_resumes_from_the_previous_stat
     straight = run(_cfg(tmp_path / "straight", steps=30, checkpoint_every=10))
     assert resumed["step"] == 30 and not (work / "state.old").exists()
     torch.testing.assert_close(_flat(resumed["models"][0]), _flat(straight["models"][0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("raised, status", [(ValueError("bad batch"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_training_run_is_running_while_it_trains_and_ends_with_its_fate(tmp_path, raised, status):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    seen = {}
+
+    def on_checkpoint(step, models, metrics):
+        import mlflow
+
+        seen["status"] = client.get_run(mlflow.active_run().info.run_id).info.status
+        seen["run_id"] = mlflow.active_run().info.run_id
+        raise raised
+
+    with pytest.raises(type(raised)):
+        run(_cfg(tmp_path, steps=4, checkpoint_every=2), on_checkpoint=on_checkpoint)
+    assert seen["status"] == "RUNNING"
+    ended = client.get_run(seen["run_id"])
+    assert ended.info.status == status and type(raised).__name__ in ended.data.tags["error"]

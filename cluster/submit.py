@@ -55,8 +55,10 @@ def client(address: str | None):
     url = resolve_address(address)  # first: it sets the token settings Ray reads when it is imported
     from ray.job_submission import JobSubmissionClient
 
-    for name in ("ray", "ray.dashboard", "ray._private.runtime_env"):  # packaging and websocket chatter
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # packaging and websocket chatter: the SDK modules set their own loggers to INFO, so quiet each of them
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith(("ray.dashboard", "ray._private.runtime_env")):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     try:
         return JobSubmissionClient(url)

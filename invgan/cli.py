@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+# every command prints its own MLflow link once; MLflow's per-run "View run" lines would repeat it per trial
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 app = typer.Typer(
     help="Evaluate GAN-inversion adversarial defenses (Defense-GAN, InvGAN, RED) at scale.",

@@ -116,4 +116,6 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"plot: {run_dir / 'curves.png'}   table: {run_dir / 'curves.csv'}")
     if run_id:
-        print(f"MLflow run {run_id} (open with: invgan ui)")
+        from jobs.tracking import where_to_open
+
+        print(f"MLflow run {run_id}; open with: {where_to_open(cfg.mlflow.tracking_uri)}")

@@ -22,7 +22,7 @@ from jobs.common import default_tracking_uri
 from jobs.config import EvalConfig, examples_in_shard
 from jobs.runner import (ShardStats, missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows,
                          run_folder, run_shards, weights_hashes)
-from jobs.tracking import recorded_run_id
+from jobs.tracking import recorded_run_id, where_to_open
 
 ROW_COLUMNS = ["example_id", "label", "attack", "defense", "prediction", "correct", "detection_score", "l2", "linf",
                "effective_iterations", "seconds", "attack_seconds", "attacked", "queries", "shard"]
@@ -249,7 +249,6 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")
     print(f"run folder: {res.run_dir}")
     if res.mlflow_run_id:
-        uri = cfg.mlflow.tracking_uri or default_tracking_uri()
-        where = uri if uri.startswith("http") else "invgan ui"
-        print(f"MLflow run {res.mlflow_run_id} in experiment {cfg.family!r} ({uri}); open with: {where}")
+        print(f"MLflow run {res.mlflow_run_id} in experiment {cfg.family!r}; open with: "
+              f"{where_to_open(cfg.mlflow.tracking_uri)}")
 

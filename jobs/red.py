@@ -265,7 +265,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
     print(f"\nrun folder: {run_dir}")
     if run_id:
-        print(f"MLflow run {run_id} in experiment {cfg.family!r}; open with: invgan ui")
+        from jobs.tracking import where_to_open
+
+        print(f"MLflow run {run_id} in experiment {cfg.family!r}; open with: {where_to_open(cfg.mlflow.tracking_uri)}")
 
 
 # ---------------------------------------------------------------- theory figures (`invgan red-theory`)

@@ -71,6 +71,14 @@ class JobRun:
             Metric("progress/examples_per_second", rate, now, step)])
 
 
+def where_to_open(tracking_uri: str | None) -> str:
+    """How a user opens a run: the server's own UI for an http store, `invgan ui` for a local SQLite file."""
+    from jobs.common import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    return uri if uri.startswith("http") else "invgan ui"
+
+
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Turn SIGTERM (what `ray job stop` and `kill` send) into KeyboardInterrupt while the job runs, so its

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from jobs.tracking import where_to_open
 from tuning.config import TuneSearch
 from tuning.space import Grid, LogUniform
 from tuning.trials import TRIALS, eval_config_dict, red_dictionary
@@ -386,4 +387,4 @@ def main(config: Path, overrides: list[str], out: Path | None, address: str | No
     print(f"trials table: {out / 'trials.parquet'}; summary: {out / 'summary.json'}")
     if res.mlflow_parent_run_id:
         print(f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "
-              f"(one child run per trial); open with: invgan ui")
+              f"(one child run per trial); open with: {where_to_open(tracking_uri)}")

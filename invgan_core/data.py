@@ -170,7 +170,7 @@ def _find_idx(name: str, data_dir: Path, stem: str) -> Path:
 def _idx_loader(name: str) -> Callable[[str, Path | None], Dataset]:
     def load(split: str, data_dir: Path | None = None) -> Dataset:
         if data_dir is None:
-            raise DataError(f"{name} needs --data-dir: a folder with the IDX files {', '.join(IDX_FILES[split])}[.gz]")
+            raise DataError(f"{name} needs a data folder (--data-dir, or data_dir: in a config) with the IDX files {', '.join(IDX_FILES[split])}[.gz]")
         images_file, labels_file = (_find_idx(name, Path(data_dir), stem) for stem in IDX_FILES[split])
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -221,7 +221,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(split: str, data_dir: Path | None = None) -> Dataset:
     """CIFAR-10 from the standard `cifar-10-batches-py` folder (read with a restricted unpickler)."""
     if data_dir is None:
-        raise DataError("cifar10 needs --data-dir: the folder cifar-10-batches-py (or its parent)")
+        raise DataError("cifar10 needs a data folder (--data-dir, or data_dir: in a config): cifar-10-batches-py or its parent")
     root = Path(data_dir)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"

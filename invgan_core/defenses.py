@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from invgan_core.inversion import project
+import math
+
+from invgan_core.inversion import CONSTRAINTS, OPTIMIZERS, project
 
 
 @dataclass
@@ -38,6 +40,23 @@ class Defense:
     def __init__(self, classifier: nn.Module):
         self.classifier = classifier
 
+    @staticmethod
+    def check_params(params: dict) -> None:
+        """Refuse a budget no projection can run (before any model is loaded): raises ValueError naming it."""
+        for key, value in params.items():
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if key == "steps" and not (whole and value >= 0):
+                raise ValueError(f"steps={value!r}: give a whole number of projection steps >= 0")
+            if key == "restarts" and not (whole and value >= 1):
+                raise ValueError(f"restarts={value!r}: give a whole number of restarts >= 1")
+            if key == "lr" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and math.isfinite(value) and value > 0):
+                raise ValueError(f"lr={value!r}: give a finite step size > 0")
+            if key == "optimizer" and value not in OPTIMIZERS:
+                raise ValueError(f"optimizer={value!r}: choose one of {', '.join(OPTIMIZERS)}")
+            if key == "constraint" and value not in CONSTRAINTS:
+                raise ValueError(f"constraint={value!r}: choose one of {CONSTRAINTS}")
+
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
         raise NotImplementedError
 
@@ -61,6 +80,7 @@ class DefenseGAN(Defense):
     def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 10, steps: int = 200, lr: float = 0.05,
                  optimizer: str = "adam", seed: int = 0):
         super().__init__(classifier)
+        self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer))
         self.G, self.restarts, self.steps, self.lr, self.optimizer, self.seed = G, restarts, steps, lr, optimizer, seed
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
@@ -77,6 +97,7 @@ class InvGAN(Defense):
     def __init__(self, G: nn.Module, inverter: nn.Module, classifier: nn.Module, *, steps: int = 200, lr: float = 0.05,
                  optimizer: str = "adam", seed: int = 0):
         super().__init__(classifier)
+        self.check_params(dict(steps=steps, lr=lr, optimizer=optimizer))
         self.G, self.inverter, self.steps, self.lr, self.optimizer, self.seed = G, inverter, steps, lr, optimizer, seed
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
@@ -98,6 +119,7 @@ class ClippedProjection(Defense):
     def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 1, steps: int = 500, lr: float = 5.0,
                  optimizer: str = "sgd", constraint: str = "stochastic_clip", seed: int = 0):
         super().__init__(classifier)
+        self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer, constraint=constraint))
         if G.prior != "uniform":
             raise ValueError("ClippedProjection needs a generator with a uniform prior (box [-1, 1]^d); "
                              f"this one has prior {G.prior!r}")

@@ -78,6 +78,10 @@ class DefenseSpec(_Strict):
         unknown = set(self.params) - allowed
         if unknown:
             raise ValueError(f"defense kind {self.kind!r}: unknown params {sorted(unknown)}; allowed {sorted(allowed)}")
+        try:  # the same checks the defense's constructor makes, before any model is loaded or Ray started
+            DEFENSES[self.kind].check_params(self.params)
+        except ValueError as err:
+            raise ValueError(f"defense kind {self.kind!r}: {err}") from None
         return self
 
 
@@ -201,7 +205,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, model: 
         path = PROJECT_ROOT / path  # `invgan eval` from outside the checkout still finds configs/
     if not path.exists():
         raise FileNotFoundError(f"config {path} does not exist (shipped configs: {', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}  # safe: a Python tag (!!python/object) is refused here
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a mapping of settings (name: ..., defenses: ..., attacks: ...), "
+                         f"got a YAML {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     raw.update({k: v for k, v in fields.items() if v is not None})
     return model.model_validate(raw)

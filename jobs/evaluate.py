@@ -238,8 +238,15 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
             cfg.mlflow.tracking_uri = tracking_uri
     except (ValidationError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"invalid evaluation config: {err}") from None
+    from invgan_core.checkpoint import CheckpointError
+    from invgan_core.data import DataError
+
     try:
         res = evaluate(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
+    except (CheckpointError, DataError) as err:  # weights or data the config names: checked before any Ray work
+        if verbose:
+            raise
+        raise SystemExit(f"cannot run {config}: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; finished shards are kept in {run_folder(cfg, out)}: rerun the same command to resume")
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))

@@ -256,9 +256,16 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         cfg = load_config(config, overrides, model=RedConfig, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"invalid RED config: {err}") from None
+    from invgan_core.checkpoint import CheckpointError
+    from invgan_core.data import DataError
+
     try:
         rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress,
                                                 log_mlflow=log_mlflow, verbose=verbose)
+    except (CheckpointError, DataError) as err:  # weights or data the config names
+        if verbose:
+            raise
+        raise SystemExit(f"cannot run {config}: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted; finished shards are kept in the run folder: rerun the same command to resume")
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))

@@ -22,6 +22,13 @@ SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
     ("defenses.none.kind=magic", "unknown defense kind"),
     ("shard_size=0", "shard_size"),
     ("surprise=1", "surprise"),
+    # defense budgets: refused at validation, like attack parameters, not inside a Ray worker
+    ("defenses.invgan.params.steps=-5", r"defenses.invgan\n.*steps=-5: give a whole number"),
+    ("defenses.invgan.params.steps=2.5", "steps=2.5"),
+    ("defenses.invgan.params.lr=0", "lr=0: give a finite step size > 0"),
+    ("defenses.invgan.params.lr=.nan", "lr=nan"),
+    ("defenses.invgan.params.optimizer=adamw", "optimizer='adamw': choose one of adam, sgd, momentum"),
+    ("defenses.dg={kind: defensegan, params: {restarts: 0}}", "restarts=0"),
 ])
 def test_bad_values_fail_naming_the_field(override, message):
     with pytest.raises(ValidationError, match=message):
@@ -57,3 +64,32 @@ def test_shipped_configs_are_found_from_outside_the_checkout(tmp_path, monkeypat
     assert load_config("configs/red_smoke.yaml", model=RedConfig, limit=4).limit == 4
     with pytest.raises(FileNotFoundError, match="shipped configs: .*smoke.yaml"):
         load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b\n", "expected a mapping of settings .* got a YAML list"),
+    ("just words\n", "got a YAML str"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("!!python/object/apply:os.system [\"echo pwned\"]\n", "not valid YAML .*python/object"),  # safe loading only
+])
+def test_a_config_that_is_not_a_yaml_mapping_fails_in_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_defense_kind_refuses_an_impossible_budget_itself():
+    """The constructors make the same checks (table-driven over the registry: a new kind is covered)."""
+    import inspect
+
+    from jobs.config import DEFENSES
+
+    for kind, cls in DEFENSES.items():
+        params = inspect.signature(cls).parameters
+        for key, bad in [("steps", -1), ("restarts", 0), ("lr", -0.1), ("optimizer", "rmsprop")]:
+            if key in params:
+                with pytest.raises(ValueError, match=key):
+                    cls.check_params({key: bad})
+                cls.check_params({key: params[key].default})  # the defaults pass

@@ -65,7 +65,27 @@ def shard_path(run_dir: Path, shard: int) -> Path:
 
 
 def missing_shards(run_dir: Path, shards: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    return [s for s in shards if not shard_path(run_dir, s[0]).exists()]
+    """The shards still to compute: no file, or a file that is not a readable Parquet file (damaged on disk
+    after it was written: moved to <run>/damaged/ with a warning, then computed again)."""
+    return [s for s in shards if not _readable_shard(shard_path(run_dir, s[0]))]
+
+
+def _readable_shard(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return False
+    try:
+        pq.read_metadata(path)  # the footer: a truncated or overwritten file fails here
+        return True
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        damaged = path.parent.parent / "damaged"  # beside rows/, so it is not read or uploaded as rows
+        damaged.mkdir(exist_ok=True)
+        target = damaged / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+        path.replace(target)
+        print(f"warning: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+              f"moved to {target} and computing the shard again", file=sys.stderr, flush=True)
+        return False
 
 
 def write_shard(path: Path, frame: pd.DataFrame) -> None:

@@ -91,6 +91,16 @@ def test_rerun_computes_only_missing_shards(smoke_run, tmp_path):
     assert (again.computed_shards, again.skipped_shards) == (1, 3)
     assert not again.rows.duplicated(KEY).any() and len(again.rows) == len(res.rows)
 
+    # a shard file damaged on disk (truncated) before a resume: moved aside, recomputed, the rows as before
+    shard = run_dir / "rows" / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    fixed = evaluate(cfg, out=run_dir, progress=False, log_mlflow=False)
+    assert (fixed.computed_shards, fixed.skipped_shards) == (1, 3)
+    assert len(list((run_dir / "damaged").glob("shard-00001.parquet.*"))) == 1
+    key = ["example_id", "attack", "defense"]
+    pd.testing.assert_series_equal(fixed.rows.sort_values(key).prediction.reset_index(drop=True),
+                                   again.rows.sort_values(key).prediction.reset_index(drop=True))
+
 
 def test_a_run_folder_of_another_config_is_refused(smoke_run):
     cfg, res, _ = smoke_run

@@ -107,11 +107,40 @@ def weights_hashes(cfg) -> dict[str, str]:
             for k in ("generator", "classifier", "inverter") if (root / f"{k}.json").exists()}
 
 
+_LOCKS: dict[Path, object] = {}  # run folder -> the open lock file this process holds until it exits
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One writer per run folder: a second process asked to write it at once stops with a clear message
+    instead of interleaving shards. The lock (flock on <run>/.lock) is released when the process exits,
+    however it exits; the same process may prepare the folder again (a rerun in a notebook or a test)."""
+    import fcntl
+
+    run_dir = run_dir.resolve()
+    if run_dir in _LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SystemExit(f"{run_dir} is being written by {holder}: wait for it to finish, or choose another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _LOCKS[run_dir] = handle
+
+
 def prepare_run_dir(cfg, run_dir: Path) -> None:
     """Create the run folder, or check that the one found holds the same config and the same weights
     (so a resume never mixes rows of two configs, or of weights retrained in place)."""
     from invgan_core.checkpoint import atomic_write_json
 
+    lock_run_dir(run_dir)
     recorded = run_dir / "config.json"
     current = {"config_hash": cfg.config_hash(), "weights_sha256": weights_hashes(cfg), "config": cfg.model_dump(mode="json")}
     if recorded.exists():

@@ -192,8 +192,8 @@ def ray_session(address: str | None = None, *, num_cpus: int, verbose: bool = Fa
     try:
         yield
     finally:
-        # A job's driver stays connected until it exits: disconnecting releases the job's runtime env,
-        # and Ray then deletes the working directory the driver is still running in.
+        # A submitted job's driver stays connected until it exits: the job owns the connection (Ray
+        # closes it when the job ends), and later stages of the same command reuse it.
         if not in_job:
             ray.shutdown()
 

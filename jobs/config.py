@@ -181,6 +181,21 @@ def _construct(cls, params: dict, kind: str, seed: int | None = None):
         raise ValueError(f"attack kind {kind!r}: {err}") from err
 
 
+def describe_error(err: Exception) -> str:
+    """A config error as one line per problem, each naming its field: `defenses.invgan: steps=-5: ...`
+    (pydantic's own text spreads one problem over three lines with a link)."""
+    from pydantic import ValidationError
+
+    if not isinstance(err, ValidationError):
+        return str(err)
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "config"
+        message = e["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`a.b.c=value` sets raw['a']['b']['c'] (YAML-parsed value), creating dicts on the way."""
     for item in overrides:

@@ -110,7 +110,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     try:
         cfg = load_config(config, overrides, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"invalid curves config: {err}") from None
+        from jobs.config import describe_error
+
+        raise SystemExit(f"invalid curves config: {describe_error(err)}") from None
     table, run_dir, run_id = run_curves(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow,
                                         verbose=verbose)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -237,7 +237,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         if tracking_uri:
             cfg.mlflow.tracking_uri = tracking_uri
     except (ValidationError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"invalid evaluation config: {err}") from None
+        from jobs.config import describe_error
+
+        raise SystemExit(f"invalid evaluation config: {describe_error(err)}") from None
     from invgan_core.checkpoint import CheckpointError
     from invgan_core.data import DataError
 

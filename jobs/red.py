@@ -255,7 +255,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     try:
         cfg = load_config(config, overrides, model=RedConfig, limit=limit)
     except (ValidationError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"invalid RED config: {err}") from None
+        from jobs.config import describe_error
+
+        raise SystemExit(f"invalid RED config: {describe_error(err)}") from None
     from invgan_core.checkpoint import CheckpointError
     from invgan_core.data import DataError
 

@@ -362,7 +362,9 @@ def main(config: Path, overrides: list[str], out: Path | None, address: str | No
     try:
         search = load_search(config, [*overrides, *extra])
     except (ValidationError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"invalid search config: {err}") from None
+        from jobs.config import describe_error
+
+        raise SystemExit(f"invalid search config: {describe_error(err)}") from None
     out = Path(out or default_out(search)).resolve()
     try:
         res = run_search(search, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)

@@ -93,3 +93,14 @@ def test_every_defense_kind_refuses_an_impossible_budget_itself():
                 with pytest.raises(ValueError, match=key):
                     cls.check_params({key: bad})
                 cls.check_params({key: params[key].default})  # the defaults pass
+
+
+def test_config_errors_are_one_line_per_problem_naming_each_field():
+    from jobs.config import describe_error
+
+    with pytest.raises(ValidationError) as err:
+        load_config(SMOKE, ["shard_size=0", "defenses.invgan.params.steps=-5"])
+    text = describe_error(err.value)
+    assert "\n" not in text and "errors.pydantic.dev" not in text
+    assert "shard_size: Input should be greater than 0" in text
+    assert "defenses.invgan: defense kind 'invgan': steps=-5" in text

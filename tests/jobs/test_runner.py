@@ -39,3 +39,26 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
     time.sleep(0.1)
     prepare_run_dir(cfg, run_dir)  # the lock died with its process
     prepare_run_dir(cfg, run_dir)  # and this process may prepare its own folder again
+
+
+def test_two_evaluations_log_to_one_fresh_sqlite_store_at_once(tmp_path):
+    """Two real `invgan eval` processes, one new SQLite store: both finish, each with its own FINISHED run
+    (no 'database is locked', no migration race)."""
+    import json
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--set", f"name={n}",
+                               "--set", "shard_size=8", "--set", "resources.num_workers=1"],
+                              cwd=SMOKE.parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for n in ("left", "right")]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    ids = {json.loads(next((tmp_path / "runs").glob(f"{n}-*/mlflow_run.json")).read_text())["run_id"]
+           for n in ("left", "right")}
+    assert len(ids) == 2 and all(client.get_run(i).info.status == "FINISHED" for i in ids)

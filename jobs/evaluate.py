@@ -180,7 +180,8 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
                                verbose=verbose, on_shard=tracker.progress if tracker else on_shard)
         rows = read_rows(run_dir, ROW_COLUMNS)
         shards_info = {"total": len(shards), "computed": stats.computed, "reused": len(shards) - len(todo),
-                       "retried": stats.retried, "lost_workers": stats.lost}
+                       "retried": stats.retried, "lost_workers": stats.lost,
+                       "failed_attempts": {str(k): v for k, v in stats.failed.items()}}
         summary = finish(cfg, run_dir, rows, tracker, models, shards_info)
     run_id = tracker.run_id if tracker else recorded_run_id(run_dir)
     return Results(run_dir, rows, summary, run_id, len(todo), len(shards) - len(todo), stats.retried)
@@ -254,7 +255,7 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + report.markdown_table(res.summary, "auc"))
-    retried = f", {res.retried_shards} run again after a lost worker" if res.retried_shards else ""
+    retried = f", {res.retried_shards} run again (see summary.json: shards)" if res.retried_shards else ""
     print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")
     print(f"run folder: {res.run_dir}")
     if res.mlflow_run_id:

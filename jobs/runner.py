@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -204,6 +205,19 @@ def _node_where() -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _inject_fault(shard: int) -> None:
+    """For the fault tests only: $INVGAN_INJECT_FAULT = "<folder>:<shard>,<shard>" makes the first attempt
+    at each listed shard raise (a marker file in <folder> records the attempt)."""
+    spec = os.environ.get("INVGAN_INJECT_FAULT")
+    if not spec:
+        return
+    folder, shards = spec.rsplit(":", 1)
+    marker = Path(folder) / f"fault-shard-{shard}"
+    if str(shard) in shards.split(",") and not marker.exists():
+        marker.touch()
+        raise OSError(f"injected fault on the first attempt at shard {shard} ($INVGAN_INJECT_FAULT)")
+
+
 class ShardActor:
     """One Ray Data actor: builds the job's worker once, then runs one shard per call and tags its rows
     with the node and process that computed them. A worker exception names the shard."""
@@ -216,6 +230,7 @@ class ShardActor:
         frames = []
         for r in batch.itertuples():
             try:
+                _inject_fault(int(r.shard))
                 frame = self.worker.run_shard(int(r.shard), int(r.start), int(r.stop))
             except Exception as err:
                 raise RuntimeError(f"shard {r.shard} (examples {r.start}..{r.stop - 1}) failed on node "
@@ -287,9 +302,27 @@ def _duration(seconds: float) -> str:
 @dataclass
 class ShardStats:
     computed: int = 0
-    retried: int = 0  # shards run again after a lost actor or node
+    retried: int = 0  # shards run again after a lost actor or node, or a shard's failed first attempt
     attempts: int = 0
     lost: list[str] = field(default_factory=list)  # what was lost, one entry per failed pass
+    failed: dict[int, str] = field(default_factory=dict)  # shard -> the error of its failed first attempt
+
+
+_SHARD_ERROR = re.compile(r"shard (\d+) \(examples [^)]*\) failed on node \w+: (.*)")
+
+
+def _retry_once_or_raise(err: BaseException, stats: ShardStats, desc: str, run_dir: Path, max_attempts: int) -> str:
+    """A shard whose worker raised gets one more attempt (a transient fault: memory, a file system); the
+    second failure of the same shard, or an error that names no shard, stops the job with that error."""
+    found = _SHARD_ERROR.search(str(err))
+    if found is None or stats.attempts >= max_attempts:
+        raise err
+    shard, message = int(found.group(1)), found.group(2).splitlines()[0][:300]
+    if shard in stats.failed:
+        raise RuntimeError(f"{desc}: shard {shard} failed twice ({message}); finished shards are kept in "
+                           f"{run_dir}: fix the cause and rerun to resume") from err
+    stats.failed[shard] = message
+    return f"shard {shard} failed ({message})"
 
 
 def _is_lost_worker(err: BaseException) -> bool:
@@ -331,7 +364,11 @@ def run_shards(todo: list[tuple[int, int, int]], run_dir: Path, *, worker: type,
                               on_shard, elastic=stats.attempts > 1)
                 except Exception as err:  # noqa: BLE001 - sorted into lost workers and real errors below
                     if not _is_lost_worker(err):
-                        raise
+                        failure = _retry_once_or_raise(err, stats, desc, run_dir, max_attempts)
+                        remaining = len(missing_shards(run_dir, todo))
+                        stats.retried += remaining
+                        bar.note(f"{failure}; running the {remaining} missing shard(s) again")
+                        continue
                     remaining = len(missing_shards(run_dir, todo))
                     stats.lost.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
                     if stats.attempts >= max_attempts:

@@ -62,3 +62,36 @@ def test_two_evaluations_log_to_one_fresh_sqlite_store_at_once(tmp_path):
     ids = {json.loads(next((tmp_path / "runs").glob(f"{n}-*/mlflow_run.json")).read_text())["run_id"]
            for n in ("left", "right")}
     assert len(ids) == 2 and all(client.get_run(i).info.status == "FINISHED" for i in ids)
+
+
+def _eval(tmp_path, out: str, fault: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1", "INVGAN_INJECT_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--no-mlflow", "--out",
+                           str(tmp_path / out), "--set", "resources.num_workers=1"],
+                          cwd=SMOKE.parents[1], env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path):
+    import json
+
+    from jobs.evaluate import ROW_COLUMNS
+    from jobs.runner import read_rows
+
+    proc = _eval(tmp_path, "run", f"{tmp_path}:1,2")  # the first attempts at shards 1 and 2 raise
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shard 1 failed (OSError: injected fault" in proc.stdout + proc.stderr or \
+        "shard 2 failed (OSError: injected fault" in proc.stdout + proc.stderr
+    rows = read_rows(tmp_path / "run", ROW_COLUMNS)
+    assert len(rows) == 16 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
+    shards = json.loads((tmp_path / "run" / "summary.json").read_text())["shards"]
+    assert set(shards["failed_attempts"]) == {"1", "2"} and shards["retried"] >= 2
+    assert all("injected fault" in m for m in shards["failed_attempts"].values())
+
+
+def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path):
+    proc = _eval(tmp_path, "run", f"{tmp_path / 'no-such-folder'}:0")  # the marker cannot be written: always fails
+    assert proc.returncode != 0
+    assert "shard 0 failed twice (FileNotFoundError" in proc.stdout + proc.stderr
+    assert "finished shards are kept" in proc.stdout + proc.stderr

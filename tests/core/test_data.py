@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from invgan_core.data import REGISTRY, DataError, load_dataset, read_idx
+from invgan_core.data import REGISTRY, TEST_ID_OFFSET, DataError, load_dataset, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 
@@ -140,7 +140,7 @@ def test_idx_loader_reads_exact_pixels_and_labels(tmp_path, name, subdir, gz, sp
     assert torch.equal(ds.images[:, 0], scaled(pixels))
     assert ds.images[0, 0, 0, 0] == 0.0 and ds.images[0, 0, 0, 1] == 1.0
     assert torch.equal(ds.labels, torch.from_numpy(labels.astype(np.int64)))
-    assert np.array_equal(ds.ids, np.arange(7))
+    assert np.array_equal(ds.ids, np.arange(7) + (TEST_ID_OFFSET if split == "test" else 0))
 
 
 def test_idx_loader_rejects_torchvision_folder_of_the_other_dataset(tmp_path):
@@ -149,6 +149,24 @@ def test_idx_loader_rejects_torchvision_folder_of_the_other_dataset(tmp_path):
         write_idx(tmp_path / "FashionMNIST" / "raw", stem, arr, gz=True)
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_dataset("mnist", "test", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_ids_are_unique_across_train_and_test(tmp_path, name):
+    """Per-example randomness is keyed by id: test image k must not share training image k's random start."""
+    for split, n in (("train", 12), ("test", 7)):
+        pixels, labels = fake_mnist(n, seed=n)
+        for stem, arr in zip(STEMS[split], (pixels, labels)):
+            write_idx(tmp_path, stem, arr, gz=False)
+    train, test = load_dataset(name, "train", tmp_path), load_dataset(name, "test", tmp_path)
+    assert not set(train.ids.tolist()) & set(test.ids.tolist())
+    assert len(set(test.ids.tolist())) == len(test)
+
+
+def test_registry_datasets_without_files_have_ids_unique_across_splits():
+    for name in ("digits", "mnist5k"):
+        train, test = load_dataset(name, "train"), load_dataset(name, "test")
+        assert not set(train.ids.tolist()) & set(test.ids.tolist()), name
 
 
 def _bad_magic(raw: bytes) -> bytes:
@@ -274,7 +292,7 @@ def test_cifar_reads_channel_major_rows(tmp_path, split, files, point_at):
         assert torch.equal(ds.images[:, channel], scaled(plane))
     assert ds.images[0, 1, 2, 5] == data[0, 1024 + 32 * 2 + 5] / np.float32(255)
     assert ds.labels.tolist() == labels
-    assert np.array_equal(ds.ids, np.arange(n))
+    assert np.array_equal(ds.ids, np.arange(n) + (TEST_ID_OFFSET if split == "test" else 0))
 
 
 class _RunsShell:

@@ -169,6 +169,10 @@ class EvalConfig(JobConfig):
             targets = list(self.defenses) if spec.target == "each" else [spec.target]
             if spec.kind == "rp" and any(self.defenses[t].kind != "invgan" for t in targets if t in self.defenses):
                 raise ValueError(f"attacks.{name}: rp needs a defense with an inverter (kind invgan) as its target")
+            if spec.kind == "unrolled" and any(self.defenses[t].kind == "none" for t in targets if t in self.defenses):
+                raise ValueError(f"attacks.{name}: unrolled differentiates through projection steps, so its target "
+                                 "needs a generator (defensegan, invgan or clipped), not kind none; name such a "
+                                 "defense as its target instead of 'each'")
         return self
 
 

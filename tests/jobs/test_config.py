@@ -40,6 +40,18 @@ def test_rp_needs_an_inverter_defense():
         load_config(SMOKE, ["attacks.rp.kind=rp", "attacks.rp.target=none"])
 
 
+@pytest.mark.parametrize("target", ["none", "each"])
+def test_unrolled_against_no_defense_fails_at_validation(target):
+    """Not inside a Ray worker after the models are loaded: the smoke config has a `none` defense."""
+    with pytest.raises(ValidationError, match="unrolled differentiates through projection steps"):
+        load_config(SMOKE, ["attacks.u={kind: unrolled, target: %s, base: {kind: pgd_linf, params: {eps: 0.3}}}" % target])
+
+
+def test_unrolled_against_a_projection_defense_is_valid():
+    cfg = load_config(SMOKE, ["attacks.u={kind: unrolled, target: invgan, base: {kind: pgd_linf, params: {eps: 0.3}}}"])
+    assert cfg.attacks["u"].target == "invgan"
+
+
 def test_overrides_parse_yaml_values_and_change_the_hash():
     base = load_config(SMOKE)
     other = load_config(SMOKE, ["attacks.fgsm.params.eps=0.2"])

@@ -81,7 +81,7 @@ def _scaled(spec: dict, key: str, factor: float) -> dict | None:
 
 def expand_checks(attacks: dict[str, dict], *, examples: int, eps_factor: float, steps_factor: int) -> dict[str, dict]:
     """The extra attacks that checks (b) and (d) need, for every white-box iterative attack of the config:
-    `check/<name>/eps=E` (E = ε × eps_factor; for ℓ∞ capped at 1, the whole box) and `check/<name>/steps×K`."""
+    `check/<name>/eps_E` (E = ε × eps_factor; for ℓ∞ capped at 1, the whole box) and `check/<name>/steps_xK`."""
     extra: dict[str, dict] = {}
     for name, spec in attacks.items():
         if name.startswith(CHECK_PREFIX):
@@ -94,11 +94,11 @@ def expand_checks(attacks: dict[str, dict], *, examples: int, eps_factor: float,
             wide = _scaled(spec, "eps", eps_factor if p.norm != "linf" else min(eps_factor, 1.0 / p.eps))
             if wide is not None:
                 eps = _inner(wide)["params"]["eps"]
-                extra[f"{CHECK_PREFIX}{name}/eps={eps:g}"] = {**wide, "limit": limit}
+                extra[f"{CHECK_PREFIX}{name}/eps_{eps:g}"] = {**wide, "limit": limit}
         if steps_factor > 1:
             longer = _scaled(spec, "steps", steps_factor)
             if longer is not None:
-                extra[f"{CHECK_PREFIX}{name}/steps×{steps_factor}"] = {**longer, "limit": limit}
+                extra[f"{CHECK_PREFIX}{name}/steps_x{steps_factor}"] = {**longer, "limit": limit}
     return extra
 
 
@@ -153,12 +153,12 @@ def masking_flags(rows: pd.DataFrame, attacks: dict[str, dict], *, tol: float = 
             for check_name in attacks:
                 if not check_name.startswith(f"{CHECK_PREFIX}{name}/"):
                     continue
-                if "/eps=" in check_name:  # (b) the ε sweep's wide end must reach ~0
+                if "/eps_" in check_name:  # (b) the ε sweep's wide end must reach ~0
                     if check_name in acc.columns and acc[check_name].notna().any():
                         wide = acc[check_name].dropna().astype(bool)
                         pair = (float(wide.mean()), floor, len(wide))
                         add(defense, "eps_not_zero", check_name, "floor", pair, pair[0] > floor)
-                elif "/steps×" in check_name:  # (d) more steps must not lower accuracy
+                elif "/steps_x" in check_name:  # (d) more steps must not lower accuracy
                     pair = _paired(acc, name, check_name)
                     if pair:
                         add(defense, "not_converged", name, check_name, pair, pair[0] - pair[1] > tol)

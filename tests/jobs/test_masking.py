@@ -44,18 +44,18 @@ def test_each_rule_flags_exactly_the_cells_it_should():
     rows = rows_from({
         # defense A: PGD weaker than FGSM (a); NES stronger than BPDA (c); BPDA not converged (d); wide ε stays high (b)
         ("A", "fgsm"): ten(3), ("A", "pgd"): ten(6), ("A", "bpda"): ten(5), ("A", "nes"): ten(2),
-        ("A", "check/bpda/steps×4"): ten(1), ("A", "check/bpda/eps=0.9"): ten(4),
-        ("A", "check/pgd/steps×4"): ten(6), ("A", "check/pgd/eps=0.9"): ten(0),
+        ("A", "check/bpda/steps_x4"): ten(1), ("A", "check/bpda/eps_0.9"): ten(4),
+        ("A", "check/pgd/steps_x4"): ten(6), ("A", "check/pgd/eps_0.9"): ten(0),
         # defense B: a healthy ordering: nothing flagged
         ("B", "fgsm"): ten(5), ("B", "pgd"): ten(1), ("B", "bpda"): ten(1), ("B", "nes"): ten(4),
-        ("B", "check/bpda/steps×4"): ten(1), ("B", "check/bpda/eps=0.9"): ten(0),
-        ("B", "check/pgd/steps×4"): ten(1), ("B", "check/pgd/eps=0.9"): ten(0),
+        ("B", "check/bpda/steps_x4"): ten(1), ("B", "check/bpda/eps_0.9"): ten(0),
+        ("B", "check/pgd/steps_x4"): ten(1), ("B", "check/pgd/eps_0.9"): ten(0),
     })
     flags = masking_flags(rows, attacks)
     assert flagged(flags) == {
         ("A", "single_step_stronger", "pgd"), ("A", "single_step_stronger", "bpda"),
         ("A", "black_box_stronger", "pgd"), ("A", "black_box_stronger", "bpda"),
-        ("A", "not_converged", "bpda"), ("A", "eps_not_zero", "check/bpda/eps=0.9"),
+        ("A", "not_converged", "bpda"), ("A", "eps_not_zero", "check/bpda/eps_0.9"),
     }
     assert set(flags["check"]) == {"single_step_stronger", "black_box_stronger", "not_converged", "eps_not_zero"}
     assert not flags[flags["defense"] == "B"]["flagged"].any()
@@ -76,11 +76,11 @@ def test_expand_checks_scales_the_loop_caps_linf_at_the_box_and_skips_what_canno
     extra = expand_checks({"fgsm": FGSM, "nes": NES, "bpda": BPDA, "bpda_default": {"kind": "bpda", "target": "each"},
                            "l2": {"kind": "pgd_l2", "params": {"eps": 2.0}, "limit": 5}},
                           examples=20, eps_factor=5, steps_factor=2)
-    assert set(extra) == {"check/bpda/eps=1", "check/bpda/steps×2", "check/l2/eps=10", "check/l2/steps×2"}
-    assert extra["check/bpda/eps=1"]["base"]["params"] == {"eps": 1.0, "steps": 40}  # ℓ∞ 1.0: the whole box
-    assert extra["check/bpda/steps×2"]["base"]["params"] == {"eps": 0.3, "steps": 80}
-    assert extra["check/l2/steps×2"]["params"]["steps"] == 400  # the loop's default (200), doubled
-    assert extra["check/bpda/eps=1"]["limit"] == 20 and extra["check/l2/eps=10"]["limit"] == 5
+    assert set(extra) == {"check/bpda/eps_1", "check/bpda/steps_x2", "check/l2/eps_10", "check/l2/steps_x2"}
+    assert extra["check/bpda/eps_1"]["base"]["params"] == {"eps": 1.0, "steps": 40}  # ℓ∞ 1.0: the whole box
+    assert extra["check/bpda/steps_x2"]["base"]["params"] == {"eps": 0.3, "steps": 80}
+    assert extra["check/l2/steps_x2"]["params"]["steps"] == 400  # the loop's default (200), doubled
+    assert extra["check/bpda/eps_1"]["limit"] == 20 and extra["check/l2/eps_10"]["limit"] == 5
     assert BPDA["base"]["params"] == {"eps": 0.3, "steps": 40}  # the config's own spec is untouched
 
 

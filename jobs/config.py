@@ -115,6 +115,19 @@ class CurvesSpec(_Strict):
         return sorted(set(budgets))
 
 
+class MaskingChecks(_Strict):
+    """Gradient-masking checks (jobs/masking.py). The rows of the config's own attacks give checks (a)
+    single step stronger than iterative and (c) black box stronger than white box; for (b) and (d) every
+    white-box iterative attack is run again on the first `examples` examples with ε × `eps_factor` and
+    with `steps_factor` × the steps, as attacks named check/<attack>/..., kept out of the headline tables."""
+
+    examples: int = Field(20, gt=0, description="examples the extra check attacks run on")
+    eps_factor: float = Field(3.0, gt=1, description="the ε sweep's wide end (ℓ∞ capped at 1: the whole box)")
+    steps_factor: int = Field(4, gt=1, description="more steps: must not lower accuracy if the attack converged")
+    tol: float = Field(0.02, ge=0, lt=1, description="accuracy difference that raises a flag")
+    floor: float = Field(0.1, ge=0, lt=1, description="accuracy the wide-ε attack must get below")
+
+
 class JobConfig(_Strict):
     """What every sharded job's config shares: weights folder, hash, MLflow experiment family."""
 
@@ -148,6 +161,7 @@ class EvalConfig(JobConfig):
     resources: Resources = Resources()
     mlflow: MlflowSpec = MlflowSpec()
     curves: Optional[CurvesSpec] = None  # used by `invgan curves`
+    masking_checks: Optional[MaskingChecks] = None  # off by default: the extra attacks cost time
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":
@@ -156,6 +170,7 @@ class EvalConfig(JobConfig):
         bad = RESERVED & set(self.attacks)
         if bad:
             raise ValueError(f"attacks: {sorted(bad)} are reserved result names; rename the attack")
+        self._derive_masking_checks()
         for name, spec in self.attacks.items():
             if spec.target not in ("classifier", "each", *self.defenses):
                 raise ValueError(f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
@@ -174,6 +189,24 @@ class EvalConfig(JobConfig):
                                  "needs a generator (defensegan, invgan or clipped), not kind none; name such a "
                                  "defense as its target instead of 'each'")
         return self
+
+
+    def _derive_masking_checks(self) -> None:
+        """Replace the check/ attacks by the ones `masking_checks` derives (a dumped config validates again
+        to the same attacks); a check/ name the settings do not derive is refused."""
+        from jobs.masking import CHECK_PREFIX, expand_checks
+
+        own = {n: s for n, s in self.attacks.items() if not n.startswith(CHECK_PREFIX)}
+        derived = {}
+        if self.masking_checks is not None:
+            m = self.masking_checks
+            derived = expand_checks({n: s.model_dump(mode="json", exclude_none=True) for n, s in own.items()},
+                                    examples=m.examples, eps_factor=m.eps_factor, steps_factor=m.steps_factor)
+        stray = sorted(set(self.attacks) - set(own) - set(derived))
+        if stray:
+            raise ValueError(f"attacks: {stray} start with {CHECK_PREFIX!r}, which is reserved for the attacks "
+                             "masking_checks derives; rename them")
+        self.attacks = own | {n: AttackSpec.model_validate(s) for n, s in derived.items()}
 
 
 def _construct(cls, params: dict, kind: str, seed: int | None = None):

@@ -116,3 +116,18 @@ def test_config_errors_are_one_line_per_problem_naming_each_field():
     assert "\n" not in text and "errors.pydantic.dev" not in text
     assert "shard_size: Input should be greater than 0" in text
     assert "defenses.invgan: defense kind 'invgan': steps=-5" in text
+
+
+def test_masking_checks_derive_their_attacks_once_and_survive_a_round_trip():
+    cfg = load_config(SMOKE, ["masking_checks={examples: 3, eps_factor: 2, steps_factor: 3}"])
+    checks = sorted(n for n in cfg.attacks if n.startswith("check/"))
+    assert checks and all(cfg.attacks[n].limit <= 3 for n in checks)
+    assert any(n.endswith("/steps_x3") for n in checks) and any("/eps_" in n for n in checks)
+    again = EvalConfig.model_validate(cfg.model_dump(mode="json"))  # what a Ray worker does
+    assert list(again.attacks) == list(cfg.attacks) and again.config_hash() == cfg.config_hash()
+    assert not any(n.startswith("check/") for n in load_config(SMOKE).attacks)
+
+
+def test_attack_names_in_the_check_namespace_are_refused():
+    with pytest.raises(ValidationError, match="reserved for the attacks masking_checks derives"):
+        load_config(SMOKE, ["attacks.check/mine={kind: fgsm}"])

@@ -189,20 +189,46 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
 
 def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: dict, shards_info: dict) -> dict:
     """Summary, figures and the MLflow records, all derived from the rows."""
-    from jobs import report
+    from jobs import masking, report
 
-    summary = report.summarize(rows)
+    headline = rows[~rows["attack"].map(masking.is_check)]  # check/ attacks only feed the masking flags
+    summary = report.summarize(headline)
+    flags = masking_flags(cfg, rows)
+    summary["masking"] = masking.flags_summary(flags)
     if tracker is not None:
-        figures = {"roc": report.roc_figure(rows), "images": example_grid(cfg, models)}
+        figures = {"roc": report.roc_figure(headline), "images": example_grid(cfg, models)}
         report.log_results(tracker.client, tracker.run_id, summary=summary, rows_dir=run_dir / "rows",
                            run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", figures=figures,
                            tags={"shards_retried": shards_info["retried"], "nodes": rows["node"].nunique()
-                                 if "node" in rows else 0})
+                                 if "node" in rows else 0, "masking_flags": len(summary["masking"]["flagged"])})
+        tracker.client.log_text(tracker.run_id, masking.flags_markdown(flags), "masking.md")
     # a rerun without MLflow keeps the link to the run logged before
     run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
     report.write_summary(run_dir / "summary.json", summary,
                          {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info})
     return summary
+
+
+def masking_text(masking: dict | None) -> str:
+    """The masking flags of a summary as printed after the tables."""
+    if not masking or not masking["checks"]:
+        return "Gradient-masking checks: none applied (add comparable attacks or masking_checks: to the config)"
+    flagged = masking["flagged"]
+    lines = [f"Gradient-masking checks: {masking['checks']} run, {len(flagged)} flagged"
+             + (" (see jobs/masking.py for what each means)" if flagged else "")]
+    lines += [f"  FLAG {f['defense']}: {f['check']} — {f['attack']} {f['acc']:.2f} vs {f['compared_with']} "
+              f"{f['acc_other']:.2f} (n={f['n']})" for f in flagged]
+    return "\n".join(lines)
+
+
+def masking_flags(cfg: EvalConfig, rows: pd.DataFrame) -> pd.DataFrame:
+    """The gradient-masking checks (jobs/masking.py) of this config's attacks over its rows."""
+    from jobs import masking
+    from jobs.config import MaskingChecks
+
+    m = cfg.masking_checks or MaskingChecks()
+    specs = {name: spec.model_dump(mode="json", exclude_none=True) for name, spec in cfg.attacks.items()}
+    return masking.masking_flags(rows, specs, tol=m.tol, floor=m.floor)
 
 
 def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
@@ -255,6 +281,7 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + report.markdown_table(res.summary, "auc"))
+    print("\n" + masking_text(res.summary.get("masking")))
     retried = f", {res.retried_shards} run again (see summary.json: shards)" if res.retried_shards else ""
     print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")
     print(f"run folder: {res.run_dir}")

@@ -76,6 +76,8 @@ def _scaled(spec: dict, key: str, factor: float) -> dict | None:
     if value is None or isinstance(value, bool):
         return None
     params[key] = int(round(value * factor)) if isinstance(value, int) else round(float(value) * factor, 9)
+    if key == "eps" and params.get("abs_stepsize") is not None:  # a step relative to ε scales by itself
+        params["abs_stepsize"] = round(float(params["abs_stepsize"]) * factor, 9)
     return out
 
 

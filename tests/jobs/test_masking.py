@@ -111,3 +111,27 @@ def test_a_real_masked_gradient_is_caught_by_the_black_box_rule():
     flags = masking_flags(rows_from(correct), specs)
     assert ("quantized", "black_box_stronger", "pgd") in flagged(flags)
     assert not flags[flags["defense"] == "plain"]["flagged"].any()
+
+
+@pytest.mark.skipif(not (WEIGHTS / "digits" / "classifier.json").exists(), reason="no shipped digits weights")
+def test_an_unconverged_attack_in_a_real_evaluation_is_flagged_and_kept_out_of_the_tables():
+    """The smoke config with a deliberately short BPDA (2 steps of 0.01 at ε = 0.3): its steps × 20 check
+    attack finds what the configured attack missed, so the cell is flagged `not_converged`."""
+    from jobs import report
+    from jobs.config import load_config
+    from jobs.evaluate import EvalWorker, masking_flags, masking_text
+
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, ["limit=8", "defenses={none: {kind: none}}",
+                              "attacks.bpda.base.params={eps: 0.3, steps: 2, abs_stepsize: 0.01}",
+                              "masking_checks={examples: 8, steps_factor: 20, eps_factor: 3}"])
+    rows = EvalWorker(cfg.model_dump(mode="json")).run_shard(0, 0, 8)
+    assert {"check/bpda/steps_x20", "check/bpda/eps_0.9"} <= set(rows["attack"])
+    flags = masking_flags(cfg, rows)
+    assert ("none", "not_converged", "bpda") in flagged(flags)
+    assert ("none", "single_step_stronger", "bpda") in flagged(flags)  # 2 steps of 0.01 are weaker than FGSM
+    wide = rows[rows["attack"] == "check/bpda/eps_0.9"]
+    assert wide["linf"].max() > 0.3 + 1e-6  # the wide end really spends more than ε (its step scaled with ε)
+    summary = report.summarize(rows[~rows["attack"].str.startswith("check/")])
+    assert set(summary["accuracy"]["none"]) == {"clean", "fgsm", "bpda", "worst_case"}
+    assert "FLAG none: not_converged — bpda" in masking_text({"checks": len(flags), **flags_summary(flags)})

@@ -178,6 +178,22 @@ def verify(
 
 
 @app.command()
+def report(
+    out: Path = typer.Option(Path("docs"), help="folder for results.md and figures/"),
+    runs: Optional[Path] = typer.Option(None, help="run folders to read [$INVGAN_RUNS or ./runs]"),
+) -> None:
+    """Regenerate docs/results.md and docs/figures/ from the reproduction runs (configs/repro/).
+
+    Each table of configs/repro/paper_numbers.yaml: our cells (n per cell) beside the paper's, the run id, its compute and the gradient-masking flags, all derived from the run's rows.
+
+    A table whose run does not exist yet says which `invgan eval` command makes it.
+    """
+    from jobs.results import build_report
+
+    typer.echo(f"wrote {build_report(out, runs=runs)}")
+
+
+@app.command()
 def tune(
     config: Path = typer.Option(Path("configs/tune/invgan_defense.yaml"),
                                 help="search config (configs/tune/): kind, base config, space, objective"),

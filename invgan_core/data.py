@@ -75,6 +75,25 @@ class Dataset:
         return Dataset(self.name, split, self.ids[index.numpy()], self.images[index], self.labels[index], self.info)
 
 
+def check_images(data: Dataset, image_shape: tuple[int, ...] | None = None, *, where: str | None = None) -> None:
+    """Refuse images a job cannot score, before any work: no examples, a shape (channels, height, width)
+    other than the models' `image_shape`, NaN or ±∞, values outside [0, 1]. Raises DataError naming
+    `where` (default: dataset/split), the first offending example ids and what was expected."""
+    where = where or f"{data.name}/{data.split}"
+    if len(data) == 0:
+        raise DataError(f"{where}: no examples to evaluate (an empty dataset, split or limit)")
+    if image_shape is not None and tuple(data.image_shape) != tuple(image_shape):
+        raise DataError(f"{where}: images are {'x'.join(map(str, data.image_shape))} (channels x height x width); "
+                        f"the models take {'x'.join(map(str, image_shape))}: use weights trained on this dataset")
+    flat = data.images.flatten(1)
+    for bad, what in (((~torch.isfinite(flat)).any(1), "NaN or infinite values"),
+                      (((flat < 0) | (flat > 1)).any(1), "values outside [0, 1]")):
+        if bad.any():
+            first = ", ".join(str(int(i)) for i in data.ids[bad.numpy()][:5])
+            raise DataError(f"{where}: {int(bad.sum())} image(s) hold {what} (example ids {first}"
+                            f"{', ...' if int(bad.sum()) > 5 else ''}); expected float32 NCHW pixels in [0, 1]")
+
+
 def _stratified_split(labels: np.ndarray, test_fraction: float, split: str, seed: int) -> np.ndarray:
     """Indices of `split` in a fixed stratified split (sorted, so ids keep the source order)."""
     from sklearn.model_selection import train_test_split

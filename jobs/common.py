@@ -62,3 +62,38 @@ def start_mlflow(tracking_uri: str | None, experiment: str):
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(db.parent / "mlartifacts" / experiment).as_uri())
         return mlflow.set_experiment(experiment)
+
+
+def check_folder_name(name: str) -> str:
+    """`name` as one plain folder name, as run folders (runs/<name>-<hash>) need: a name that holds a path
+    separator, is absolute, '.' or '..', or starts with '.', could put results outside their parent folder."""
+    text = str(name)
+    if (not text.strip() or "/" in text or "\\" in text or "\0" in text or text.startswith(".")
+            or text != text.strip()):
+        raise ValueError(f"{text!r}: give a plain folder name (letters, digits, '-', '_'; no '/', no "
+                         "leading '.', no surrounding spaces): it names the run folder, which --out places elsewhere")
+    return text
+
+
+def check_job_inputs(cfg, data) -> None:
+    """Before any Ray work: the models of the weights folder agree with each other (one image shape; the
+    generator's and the inverter's latent size) and `data`'s images are ones they can score (shape, finite,
+    in [0, 1], not empty: invgan_core.data.check_images). Raises CheckpointError or DataError, one line."""
+    from invgan_core.checkpoint import CheckpointError, read_manifest
+    from invgan_core.data import check_images
+
+    root = cfg.weights_dir()
+    arch = {k: read_manifest(root / k).get("arch", {}) for k in ("generator", "classifier", "inverter")
+            if (root / f"{k}.json").exists()}
+    shapes = {k: tuple(a["image_shape"]) for k, a in arch.items() if "image_shape" in a}
+    if len(set(shapes.values())) > 1:
+        raise CheckpointError(f"{root}: its models were trained on different image shapes ("
+                              + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
+                              + "); a weights folder needs the generator, classifier and inverter of one dataset")
+    latents = {k: arch[k]["latent_dim"] for k in ("generator", "inverter") if "latent_dim" in arch.get(k, {})}
+    if len(set(latents.values())) > 1:
+        raise CheckpointError(f"{root}: the generator's latent size {latents['generator']} differs from the "
+                              f"inverter's {latents['inverter']}; train the inverter for this generator")
+    split = getattr(cfg, "split", data.split)
+    check_images(data, shapes.get("classifier") or next(iter(shapes.values()), None),
+                 where=f"dataset {cfg.dataset!r} ({split} split)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -20,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from invgan_core import adaptive, attacks, defenses
-from jobs.common import PROJECT_ROOT
+from jobs.common import PROJECT_ROOT, check_folder_name
 
 ATTACKS = {
     "fgsm": attacks.FGSM, "pgd_linf": attacks.LinfPGD, "pgd_l2": attacks.L2PGD, "pgd_l1": attacks.L1PGD,
@@ -133,6 +134,12 @@ class JobConfig(_Strict):
 
     family_prefix: ClassVar[str] = "eval"  # experiment: <prefix>-<dataset> unless mlflow.experiment is given
 
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """The run folder is <runs>/<name>-<hash>: a name must not lead it out of <runs> ('..', '/', absolute)."""
+        return check_folder_name(name)
+
     def weights_dir(self) -> Path:
         return self.weights if self.weights.is_absolute() else PROJECT_ROOT / self.weights
 
@@ -209,7 +216,34 @@ class EvalConfig(JobConfig):
         self.attacks = own | {n: AttackSpec.model_validate(s) for n, s in derived.items()}
 
 
+# Attack budgets, checked by parameter name for every kind of ATTACKS and WRAPPERS before the attack is built
+# (tests/reliability checks that every parameter of every registered kind is in one of these two tables).
+_COUNT, _POSITIVE, _NON_NEGATIVE = "a whole number >= 1", "a finite number > 0", "a finite number >= 0"
+BUDGETS = {"eps": _NON_NEGATIVE, "confidence": _NON_NEGATIVE,
+           "steps": _COUNT, "binary_search_steps": _COUNT, "samples": _COUNT, "unroll_steps": _COUNT,
+           "warm_steps": _COUNT, "restarts": _COUNT,
+           "rel_stepsize": _POSITIVE, "abs_stepsize": _POSITIVE, "lr": _POSITIVE, "eta": _POSITIVE,
+           "unroll_lr": _POSITIVE, "sigma": _POSITIVE, "initial_const": _POSITIVE, "lam": _NON_NEGATIVE,
+           "quantile": "a number in [0, 1]"}
+NOT_BUDGETS = {"seed", "attack", "loss", "random_start", "abort_early", "warm_start"}
+
+
+def check_budget(kind: str, params: dict) -> None:
+    """Refuse an attack budget no attack can run (ε < 0, steps <= 0, σ <= 0, ...): ValueError naming it."""
+    for key, value in params.items():
+        rule = BUDGETS.get(key)
+        if rule is None or (key == "abs_stepsize" and value is None):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number and math.isfinite(value) and {
+            _COUNT: isinstance(value, int) and value >= 1, _POSITIVE: value > 0, _NON_NEGATIVE: value >= 0,
+        }.get(rule, 0 <= value <= 1)
+        if not ok:
+            raise ValueError(f"attack kind {kind!r}: {key}={value!r}: give {rule}")
+
+
 def _construct(cls, params: dict, kind: str, seed: int | None = None):
+    check_budget(kind, params)
     if seed is not None and "seed" in inspect.signature(cls).parameters:
         params = {"seed": seed} | params
     try:
@@ -241,11 +275,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = item.split("=", 1)
         node = raw
         *parents, leaf = path.strip().split(".")
-        for key in parents:
+        if not all([*parents, leaf]):
+            raise ValueError(f"--set {item!r}: empty name in the path; expected dotted.path=value, "
+                             "e.g. attacks.fgsm.params.eps=0.2")
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if isinstance(node, list):  # no indexing: a list is set whole
+                raise ValueError(f"--set {item!r}: {key!r} is a list; set the whole list, e.g. "
+                                 f"--set {'.'.join(parents[:depth + 1])}=[...]")
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {key!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)  # safe: a Python tag is refused here too
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(err).split())[:200]})") from None
     return raw
 
 
@@ -258,9 +301,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, model: 
     if not path.exists():
         raise FileNotFoundError(f"config {path} does not exist (shipped configs: {', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}  # safe: a Python tag (!!python/object) is refused here
+        raw = yaml.safe_load(path.read_text())  # safe: a Python tag (!!python/object) is refused here
     except yaml.YAMLError as err:
         raise ValueError(f"config {path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
+    if raw is None:
+        raise ValueError(f"config {path}: the file is empty; expected a mapping of settings (name: ..., "
+                         "defenses: ..., attacks: ...), e.g. configs/smoke.yaml")
     if not isinstance(raw, dict):
         raise ValueError(f"config {path}: expected a mapping of settings (name: ..., defenses: ..., attacks: ...), "
                          f"got a YAML {type(raw).__name__}")

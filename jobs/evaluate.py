@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs.common import default_tracking_uri
+from jobs.common import check_job_inputs, default_tracking_uri
 from jobs.config import EvalConfig, examples_in_shard
 from jobs.runner import (ShardStats, missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows,
                          run_folder, run_shards, weights_hashes)
 from jobs.tracking import recorded_run_id, where_to_open
 
 ROW_COLUMNS = ["example_id", "label", "attack", "defense", "prediction", "correct", "detection_score", "l2", "linf",
-               "effective_iterations", "seconds", "attack_seconds", "attacked", "queries", "shard"]
+               "effective_iterations", "seconds", "attack_seconds", "attacked", "queries", "shard", "diverged"]
+# A projection whose latent coordinate passes this (prior scale 1) has run away from every image G was trained to
+# make, though float32 still holds it: a step size that blows up the projection. Its row is flagged `diverged`.
+DIVERGED_LATENT = 100.0
 
 
 # ---------------------------------------------------------------- the worker (one Ray actor)
@@ -85,7 +88,8 @@ class EvalWorker:
         x_in = x if result is None else result.x_adv
         purified, secs = _timed(lambda: defense.purify(x_in, ids))
         with torch.no_grad():
-            pred = self.models["classifier"](purified.x).argmax(1).cpu()
+            logits = self.models["classifier"](purified.x)
+        pred, diverged = logits.argmax(1).cpu(), diverged_rows(x_in, purified, logits).cpu()
         if purified.z is None:
             scores = torch.full((len(x),), float("nan"))
         else:
@@ -97,7 +101,21 @@ class EvalWorker:
         y = y.cpu()
         return [(int(ids[i]), int(y[i]), attack_name, defense_name, int(pred[i]), bool(pred[i] == y[i]),
                  float(scores[i]), float(l2[i]), float(linf[i]), int(purified.effective_iterations), secs / n,
-                 attack_secs / n, result is not None, int(queries[i]), shard) for i in range(n)]
+                 attack_secs / n, result is not None, int(queries[i]), shard, bool(diverged[i])) for i in range(n)]
+
+
+def diverged_rows(x_in, purified, logits):
+    """(N,) bool: the attack or the projection blew up (NaN or ±∞ in the attacked input, the projection, its
+    latent or the logits, or a latent beyond DIVERGED_LATENT). Such rows are counted, never scored."""
+    import torch
+
+    def nonfinite(t):
+        return ~torch.isfinite(t.flatten(1)).all(1)
+
+    bad = nonfinite(x_in) | nonfinite(purified.x) | nonfinite(logits)
+    if purified.z is not None:
+        bad |= nonfinite(purified.z) | (purified.z.flatten(1).abs().amax(1) > DIVERGED_LATENT)
+    return bad
 
 
 def _timed(fn):
@@ -161,7 +179,9 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
 
     quiet_ray_logging(verbose)
     models = load_models(cfg)  # fail on a missing or altered weights file before any Ray work
-    n = len(load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit))
+    data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit)
+    check_job_inputs(cfg, data)  # models that agree and images they can score, before any Ray work
+    n = len(data)
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
     shards = plan_shards(n, cfg.shard_size)

@@ -188,7 +188,7 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
             log_mlflow: bool = True, verbose: bool = False) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
-    from jobs.common import default_tracking_uri, git_commit
+    from jobs.common import check_job_inputs, default_tracking_uri, git_commit
     from jobs.evaluate import load_models
     from jobs.runner import (missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows, run_folder,
                              run_shards)
@@ -196,9 +196,11 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
 
     quiet_ray_logging(verbose)
     load_models(cfg)  # fail early on missing or altered weights
+    data = load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit)
+    check_job_inputs(cfg, data)  # models that agree and images they can score, before any run folder
+    n = len(data)
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
-    n = len(load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit))
     todo = missing_shards(run_dir, plan_shards(n, cfg.shard_size))
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
     tags = {"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(), "config_hash": cfg.config_hash()}

@@ -9,6 +9,7 @@ convention). Only `log_to_mlflow` touches MLflow, and only the driver calls it.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +43,9 @@ def validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
     wrong = int((rows["attacked"].astype(bool) == (rows["attack"] == CLEAN)).sum())
     if wrong:
         raise ValueError(f"{wrong} row(s) have `attacked` inconsistent with attack == {CLEAN!r}")
-    return rows.astype({"attack": str, "defense": str, "detection_score": "float64", "correct": bool, "attacked": bool})
+    diverged = rows["diverged"].fillna(False) if "diverged" in rows else False  # rows from before the column
+    return rows.assign(diverged=diverged).astype({"attack": str, "defense": str, "detection_score": "float64",
+                                                  "correct": bool, "attacked": bool, "diverged": bool})
 
 
 def _attack_order(names) -> list[str]:
@@ -52,9 +55,12 @@ def _attack_order(names) -> list[str]:
     return [CLEAN] * (CLEAN in names) + middle + [WORST] * (WORST in names)
 
 
-def _worst_case(d_rows: pd.DataFrame) -> tuple[float, int] | None:
-    """(accuracy, n) over examples with rows for clean and every attack of this defense."""
+def _worst_case(d_rows: pd.DataFrame, attacks=None) -> tuple[float, int] | None:
+    """(accuracy, n) over examples with rows for clean and every attack of this defense (`attacks`: all the
+    defense has rows for, diverged ones included, so a cell left out does not drop out of the worst case)."""
     wide = d_rows.pivot(index="example_id", columns="attack", values="correct")
+    if attacks is not None:
+        wide = wide.reindex(columns=list(attacks))
     complete = wide.dropna()
     if complete.empty:
         return None
@@ -74,7 +80,8 @@ def _detection_pairs(d_rows: pd.DataFrame):
 
 
 def summarize(rows: pd.DataFrame) -> dict:
-    """Aggregate rows into {accuracy, n, auc, seconds_per_example: {defense: {attack: v}}, mean_l2, mean_linf}.
+    """Aggregate rows into {accuracy, n, auc, seconds_per_example, diverged: {defense: {attack: v}}, mean_l2,
+    mean_linf}.
 
     - accuracy/n: mean of `correct` and row count per (defense, attack), "clean" included;
       each cell has its own n because attacks may run on a subset (`limit`) or against some defenses.
@@ -85,17 +92,30 @@ def summarize(rows: pd.DataFrame) -> dict:
       the same example ids; rows with NaN scores are ignored, so cells without scores (defense
       "none") are absent.
     - mean_l2/mean_linf: mean distortion per attack over its attacked rows (all defenses).
+    - diverged: rows whose attack or projection blew up (NaN/∞, a runaway latent), per cell where there are
+      any. They are left out of every other number (accuracy, n, worst case, AUC) with a warning: a
+      diverged projection's prediction is not a measurement of the defense.
     """
     rows = validate_rows(rows)
-    out: dict[str, dict] = {k: {} for k in ("accuracy", "n", "auc", "seconds_per_example")}
+    out: dict[str, dict] = {k: {} for k in ("accuracy", "n", "auc", "seconds_per_example", "diverged")}
+    for (defense, attack), count in rows[rows["diverged"]].groupby(["defense", "attack"], sort=False).size().items():
+        out["diverged"].setdefault(defense, {})[attack] = int(count)
+    warning = diverged_warning(out)
+    if warning:  # on stderr like the runner's other warnings: the job goes on, the tables say it too
+        print(warning, file=sys.stderr, flush=True)
+    all_rows, rows = rows, rows[~rows["diverged"]]
+    for defense in all_rows["defense"].unique():  # a cell whose every row diverged still shows n = 0
+        for attack in out["diverged"].get(defense, {}):
+            if not ((rows["defense"] == defense) & (rows["attack"] == attack)).any():
+                out["n"].setdefault(defense, {})[attack] = 0
     for defense, d_rows in rows.groupby("defense", sort=False):
         cells = d_rows.groupby("attack", sort=False).agg(
             accuracy=("correct", "mean"), n=("correct", "size"), seconds=("seconds", "mean"))
         order = _attack_order(cells.index)
         out["accuracy"][defense] = {a: float(cells.at[a, "accuracy"]) for a in order}
-        out["n"][defense] = {a: int(cells.at[a, "n"]) for a in order}
+        out["n"][defense] = {a: int(cells.at[a, "n"]) for a in order} | out["n"].get(defense, {})
         out["seconds_per_example"][defense] = {a: float(cells.at[a, "seconds"]) for a in order}
-        worst = _worst_case(d_rows)
+        worst = _worst_case(d_rows, all_rows.loc[all_rows["defense"] == defense, "attack"].unique())
         if worst is not None:
             out["accuracy"][defense][WORST], out["n"][defense][WORST] = worst
         aucs = {a: detection_auc(neg, pos) for a, neg, pos in _detection_pairs(d_rows)}
@@ -107,6 +127,17 @@ def summarize(rows: pd.DataFrame) -> dict:
     return out
 
 
+def diverged_warning(summary: dict) -> str | None:
+    """One line naming the cells with diverged rows (None without any)."""
+    cells = summary.get("diverged") or {}
+    total = sum(v for c in cells.values() for v in c.values())
+    if not total:
+        return None
+    where = ", ".join(f"{d}/{a}: {v}" for d, c in cells.items() for a, v in c.items())
+    return (f"warning: {total} row(s) diverged (NaN/inf or a runaway latent: lower the step size) and are left "
+            f"out of accuracy, worst case and AUC ({where})")
+
+
 def table_frame(summary: dict, metric: str = "accuracy") -> pd.DataFrame:
     """One metric as a DataFrame: a `defense` column, then one column per attack (NaN where not run)."""
     table = summary[metric]
@@ -116,15 +147,23 @@ def table_frame(summary: dict, metric: str = "accuracy") -> pd.DataFrame:
 
 def markdown_table(summary: dict, metric: str = "accuracy", digits: int | None = None) -> str:
     """Defenses × attacks as a padded markdown table (readable as plain text), cells `0.83 (n=100)`."""
-    table, counts = summary[metric], summary["n"]
-    if not table:
+    table, counts, diverged = summary[metric], summary["n"], summary.get("diverged") or {}
+    if not table and not diverged:
         return f"(no {metric} cells)"
     digits = digits if digits is not None else (4 if metric == "auc" else 2)
-    attacks = _attack_order(a for cells in table.values() for a in cells)
+    defenses = list(dict.fromkeys([*table, *diverged]))
+    attacks = _attack_order(a for d in defenses for a in [*table.get(d, {}), *diverged.get(d, {})])
+
+    def cell(defense: str, attack: str) -> str:
+        value, k = table.get(defense, {}).get(attack), diverged.get(defense, {}).get(attack, 0)
+        lost = f", {k} diverged" if k else ""
+        if value is None:
+            return f"- ({k} diverged)" if k else "-"
+        return f"{value:.{digits}f} (n={counts[defense][attack]}{lost})"
+
     lines = [["defense", *attacks]]
-    for defense, cells in table.items():
-        lines.append([defense, *(f"{cells[a]:.{digits}f} (n={counts[defense][a]})" if a in cells else "-"
-                                 for a in attacks)])
+    for defense in defenses:
+        lines.append([defense, *(cell(defense, a) for a in attacks)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(attacks) + 1)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
@@ -243,8 +282,8 @@ def log_results(client, run_id: str, *, summary: dict, rows_dir: Path, run_name:
 
     now = int(time.time() * 1000)
     metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
-               for m in ("accuracy", "auc", "n", "seconds_per_example")
-               for d, cells in summary[m].items() for a, v in cells.items()}
+               for m in ("accuracy", "auc", "n", "seconds_per_example", "diverged")
+               for d, cells in summary.get(m, {}).items() for a, v in cells.items()}
     metrics |= {f"{m}/{_metric_part(a)}": v for m in ("mean_l2", "mean_linf") for a, v in summary[m].items()}
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for i in range(0, len(items), PARAMS_PER_BATCH * 10):

@@ -1,0 +1,71 @@
+"""Suite-wide hooks: the reliability battery's one-line count (issue #12).
+
+A test joins the battery with `@pytest.mark.reliability(kind=...)`, kind one of KINDS; each collected
+item (every parametrized case) counts once. After the run, `make test` prints one line such as
+
+    reliability: 9 fault scenarios, 31 bad-input cases, 12 properties, 5 security checks, 6 invariance checks — all passed
+
+or names what failed or was skipped, so a regression in the battery is visible at a glance.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+KINDS = {"fault": "fault scenarios", "bad_input": "bad-input cases", "property": "properties",
+         "security": "security checks", "invariance": "invariance checks"}
+_KIND: dict[str, str] = {}  # nodeid -> kind, of the collected battery
+_OUTCOME: dict[str, str] = {}  # nodeid -> passed / failed / skipped
+
+
+def _kind_of(item) -> str | None:
+    marker = item.get_closest_marker("reliability")
+    if marker is None:
+        return None
+    kind = marker.kwargs.get("kind", marker.args[0] if marker.args else None)
+    if kind not in KINDS:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.reliability(kind=...) takes one of {', '.join(KINDS)}, "
+                                f"got {kind!r}")
+    return kind
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = _kind_of(item)
+        if kind is not None:
+            _KIND[item.nodeid] = kind
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid not in _KIND:
+        return
+    if report.failed:
+        _OUTCOME[report.nodeid] = "failed"  # a failure in setup, call or teardown
+    elif report.skipped and _OUTCOME.get(report.nodeid) != "failed":
+        _OUTCOME[report.nodeid] = "skipped"
+    elif report.when == "call" and report.passed and report.nodeid not in _OUTCOME:
+        _OUTCOME[report.nodeid] = "passed"
+
+
+def battery_line(kinds: dict[str, str], outcomes: dict[str, str]) -> str | None:
+    """The summary line for the tests that ran (None when no battery test ran)."""
+    ran = {node: kind for node, kind in kinds.items() if node in outcomes}
+    if not ran:
+        return None
+    counts = [f"{sum(k == kind for k in ran.values())} {label}" for kind, label in KINDS.items()
+              if kind in ran.values()]
+    failed = sorted(n for n in ran if outcomes[n] == "failed")
+    skipped = sum(outcomes[n] == "skipped" for n in ran)
+    if failed:
+        verdict = f"{len(failed)} FAILED ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+    elif skipped:
+        verdict = f"{len(ran) - skipped} passed, {skipped} skipped"
+    else:
+        verdict = "all passed"
+    return f"reliability: {', '.join(counts)} — {verdict}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    line = battery_line(_KIND, _OUTCOME)
+    if line is not None:
+        terminalreporter.write_line(line, bold=True, red="FAILED" in line, green="all passed" in line)

@@ -20,7 +20,8 @@ class Purified:
     x: torch.Tensor  # (N, C, H, W) the purified input fed to the classifier
     z: torch.Tensor | None  # (N, d) latent of the projection (None without a generator)
     loss: torch.Tensor  # (N,) reconstruction error ||G(z) - x||² / n
-    effective_iterations: int  # restarts x steps
+    effective_iterations: int | float  # restart-steps per example, averaged (restarts x steps without pruning)
+    iterations: torch.Tensor | None = None  # (N,) restart-steps spent on each example (None: all equal)
 
     @property
     def x_proj(self) -> torch.Tensor:
@@ -56,6 +57,13 @@ class Defense:
                 raise ValueError(f"optimizer={value!r}: choose one of {', '.join(OPTIMIZERS)}")
             if key == "constraint" and value not in CONSTRAINTS:
                 raise ValueError(f"constraint={value!r}: choose one of {CONSTRAINTS}")
+            if key == "prune_every" and not (value is None or whole and value >= 1):
+                raise ValueError(f"prune_every={value!r}: give a whole number of steps >= 1 between halvings, or null")
+            if key == "patience" and not (whole and value >= 1):
+                raise ValueError(f"patience={value!r}: give a whole number of steps >= 1")
+            if key == "early_stop_tol" and not (value is None or isinstance(value, (int, float))
+                                                and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"early_stop_tol={value!r}: give a finite loss decrease >= 0, or null")
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
         raise NotImplementedError
@@ -73,20 +81,30 @@ class NoDefense(Defense):
 
 
 class DefenseGAN(Defense):
-    """Defense-GAN: R random restarts x L gradient steps on ||G(z) - x||², keep the best restart."""
+    """Defense-GAN: R random restarts x L gradient steps on ||G(z) - x||², keep the best restart.
+
+    The paper's plain R x L is the default. Cheaper budgets (benchmarks/README.md, accuracy vs cost):
+    `prune_every` halves each example's restarts (keeping its better half) every that many steps;
+    `early_stop_tol` stops an example once its best loss has not dropped by more than that for
+    `patience` steps. Both decide per example, so results stay independent of the batch.
+    """
 
     name = "defensegan"
 
     def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 10, steps: int = 200, lr: float = 0.05,
-                 optimizer: str = "adam", seed: int = 0):
+                 optimizer: str = "adam", prune_every: int | None = None, early_stop_tol: float | None = None,
+                 patience: int = 20, seed: int = 0):
         super().__init__(classifier)
-        self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer))
+        self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer, prune_every=prune_every,
+                               early_stop_tol=early_stop_tol, patience=patience))
         self.G, self.restarts, self.steps, self.lr, self.optimizer, self.seed = G, restarts, steps, lr, optimizer, seed
+        self.prune_every, self.early_stop_tol, self.patience = prune_every, early_stop_tol, patience
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
         p = project(self.G, x, ids=_ids_for(x, ids), init="prior", steps=self.steps, lr=self.lr,
-                    restarts=self.restarts, optimizer=self.optimizer, seed=self.seed)
-        return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=p.effective_iterations)
+                    restarts=self.restarts, optimizer=self.optimizer, seed=self.seed, prune_every=self.prune_every,
+                    early_stop_tol=self.early_stop_tol, patience=self.patience)
+        return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=p.effective_iterations, iterations=p.iterations)
 
 
 class InvGAN(Defense):

@@ -11,6 +11,7 @@ batch; random starts and clipping draws come from (seed, example id), see `rng.p
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,10 @@ class Projection:
     z: torch.Tensor  # (N, d) best restart per example
     x: torch.Tensor  # (N, C, H, W) G(z)
     loss: torch.Tensor  # (N,) final ||G(z) - x||² / n (per-pixel mean) of the kept restart
-    effective_iterations: int  # restarts x steps (InvGAN Sec. 4.3)
-    restart_losses: torch.Tensor  # (N, R) final loss of every restart
-    trace: torch.Tensor | None = None  # (N, steps) loss of the kept restart before each step
+    effective_iterations: int | float  # restart-steps per example, averaged (R x L without pruning; InvGAN Sec. 4.3)
+    restart_losses: torch.Tensor  # (N, R) last loss of every restart (a pruned restart: at its checkpoint)
+    trace: torch.Tensor | None = None  # (N, steps) loss of the kept restart before each step (NaN after a stop)
+    iterations: torch.Tensor | None = None  # (N,) restart-steps spent on each example
 
 
 def per_example_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,11 @@ def initial_latents(G: nn.Module, x: torch.Tensor, ids: torch.Tensor, restarts: 
     return z.clone()
 
 
-def _apply_constraint(z: torch.Tensor, constraint: str | None, seed: int, ids: torch.Tensor, restarts: int, step: int) -> None:
-    """In place. 'clip': clamp to [-1, 1]. 'stochastic_clip': re-draw out-of-box coordinates uniformly."""
+def _apply_constraint(z: torch.Tensor, constraint: str | None, seed: int, ids: torch.Tensor, restarts: int, step: int,
+                      rows: torch.Tensor | None = None) -> None:
+    """In place. 'clip': clamp to [-1, 1]. 'stochastic_clip': re-draw out-of-box coordinates uniformly.
+
+    `rows`: which (example x restart) rows z holds (example * restarts + restart), when not all of them."""
     if constraint is None:
         return
     if constraint == "clip":
@@ -78,53 +83,158 @@ def _apply_constraint(z: torch.Tensor, constraint: str | None, seed: int, ids: t
         if out.any():
             n, d = ids.numel(), z.shape[-1]
             fresh = rng.uniform(rng.latent_keys(seed, ids, restarts, d, step)).to(z.device).reshape(n * restarts, d) * 2 - 1
-            z[out] = fresh[out]
+            z[out] = (fresh if rows is None else fresh[rows])[out]
     else:
         raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
 
 
-def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 200, lr: float = 0.05,
-            restarts: int = 1, optimizer: str = "adam", constraint: str | None = None, seed: int = 0,
-            keep_trace: bool = False) -> Projection:
-    """Project images x (N, C, H, W) onto the range of G; keeps the restart with the lowest final loss."""
-    if steps < 0 or restarts < 1:
-        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
-    if constraint not in CONSTRAINTS:
-        raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
-    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-    n, d = x.shape[0], G.latent_dim
-    if ids.numel() != n:
-        raise ValueError(f"got {ids.numel()} ids for {n} images")
-    was_training = G.training
+class _Active:
+    """The rows still being optimised: k restarts for each of the active examples, grouped by example.
+
+    `ex`, `r`: example and restart index of each row. Every active example has the same k (halving
+    keeps ceil(k/2) of each, early stopping removes whole examples), so `(n_active, k)` views work and
+    every decision about an example looks at its own k rows only: batch composition cannot change it.
+    """
+
+    def __init__(self, z: torch.Tensor, n: int, restarts: int, make_opt):
+        self.ex = torch.arange(n, device=z.device).repeat_interleave(restarts)
+        self.r = torch.arange(restarts, device=z.device).repeat(n)
+        self.k, self.make_opt = restarts, make_opt
+        self.z = z.detach().requires_grad_(True)
+        self.opt = make_opt([self.z])
+
+    def keep(self, rows: torch.Tensor, k: int) -> None:
+        """Keep only `rows` (sorted, grouped by example, k each), carrying gradients and optimiser state."""
+        z = self.z.detach()[rows].clone().requires_grad_(True)
+        z.grad = None if self.z.grad is None else self.z.grad[rows]
+        opt = self.make_opt([z])
+        old = self.opt.state.get(self.z)
+        if old:  # Adam's moments, SGD's momentum: per coordinate, so slicing keeps each row's trajectory
+            opt.state[z] = {key: v[rows] if torch.is_tensor(v) and v.dim() > 0 else v for key, v in old.items()}
+        self.ex, self.r, self.k, self.z, self.opt = self.ex[rows], self.r[rows], k, z, opt
+
+    def groups(self) -> torch.Tensor:
+        return self.ex[:: self.k]  # the example index of each active group
+
+
+@contextmanager
+def _frozen_eval(G: nn.Module):
+    """G in eval mode without parameter gradients, restored afterwards."""
+    was_training, flags = G.training, [p.requires_grad for p in G.parameters()]
     G.eval()  # batch norm must use its running statistics, or examples would interact
-    flags = [p.requires_grad for p in G.parameters()]
     G.requires_grad_(False)
     try:
-        x = x.detach()
-        target = x.repeat_interleave(restarts, dim=0)  # row i*R + r is example i, restart r
-        z = initial_latents(G, x, ids, restarts, init, seed).reshape(n * restarts, d).detach().requires_grad_(True)
-        _apply_constraint(z.data, constraint, seed, ids, restarts, step=-2)
-        opt = _make_optimizer(optimizer, [z], lr)
-        trace = torch.empty(steps, n * restarts) if keep_trace else None
-        for t in range(steps):
-            with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
-                losses = per_example_mse(G(z), target)
-                opt.zero_grad(set_to_none=True)
-                losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
-            if trace is not None:
-                trace[t] = losses.detach().cpu()
-            opt.step()
-            with torch.no_grad():
-                _apply_constraint(z.data, constraint, seed, ids, restarts, step=t)
-        with torch.no_grad():
-            x_all = G(z)
-            final = per_example_mse(x_all, target).reshape(n, restarts)
-            best = final.argmin(dim=1)
-            rows = torch.arange(n, device=x.device) * restarts + best
-            out_trace = trace.reshape(steps, n, restarts)[:, torch.arange(n), best.cpu()].T.contiguous() if trace is not None else None
-            return Projection(z=z.detach()[rows].clone(), x=x_all[rows].clone(), loss=final[torch.arange(n), best],
-                              effective_iterations=restarts * steps, restart_losses=final, trace=out_trace)
+        yield
     finally:
         for p, f in zip(G.parameters(), flags):
             p.requires_grad_(f)
         G.train(was_training)
+
+
+class _Result:
+    """Per-example outputs, filled in as examples finish (early) or at the end."""
+
+    def __init__(self, x: torch.Tensor, d: int, restarts: int, steps: int, keep_trace: bool):
+        n = x.shape[0]
+        self.z = torch.empty(n, d, device=x.device)
+        self.x = torch.empty_like(x)
+        self.loss = torch.empty(n, device=x.device)
+        self.restart_losses = torch.full((n, restarts), float("nan"), device=x.device)
+        self.iterations = torch.zeros(n, dtype=torch.int64, device=x.device)
+        self.best = torch.zeros(n, dtype=torch.int64)
+        self.trace = torch.full((steps, n, restarts), float("nan")) if keep_trace else None
+
+    def finish(self, act: _Active, groups: torch.Tensor, out: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """Record the best restart of the active groups `groups` (positions); returns their rows."""
+        k = act.k
+        rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
+        best = rows.view(-1, k)[torch.arange(len(groups), device=groups.device), losses[rows].view(-1, k).argmin(1)]
+        ex = act.ex[best]
+        self.z[ex], self.x[ex], self.loss[ex], self.best[ex] = act.z.detach()[best], out[best], losses[best], act.r[best]
+        return rows
+
+
+def _early_stop(losses: torch.Tensor, k: int, best: torch.Tensor, since: torch.Tensor, tol: float, patience: int):
+    """Keras-style per-example early stopping on the best loss among the example's restarts."""
+    cur = losses.view(-1, k).min(1).values
+    improved = cur < best - tol
+    best = torch.where(improved, cur, best)
+    since = torch.where(improved, torch.zeros_like(since), since + 1)
+    return best, since, since >= patience
+
+
+def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 200, lr: float = 0.05,
+            restarts: int = 1, optimizer: str = "adam", constraint: str | None = None, seed: int = 0,
+            keep_trace: bool = False, prune_every: int | None = None, early_stop_tol: float | None = None,
+            patience: int = 20) -> Projection:
+    """Project images x (N, C, H, W) onto the range of G; keeps the restart with the lowest final loss.
+
+    Plain R x L by default (Defense-GAN). `prune_every`: successive halving, every `prune_every` steps
+    each example keeps the better half (ceil) of its remaining restarts, ranked by their current loss.
+    `early_stop_tol`: an example stops once its best restart's loss has not dropped by more than
+    `early_stop_tol` for `patience` steps. Both decide per example from its own restarts only.
+    """
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
+    if prune_every is not None and prune_every < 1 or patience < 1:
+        raise ValueError(f"need prune_every >= 1 (or None) and patience >= 1, got {prune_every}, {patience}")
+    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    n, d = x.shape[0], G.latent_dim
+    if ids.numel() != n:
+        raise ValueError(f"got {ids.numel()} ids for {n} images")
+    with _frozen_eval(G):
+        x = x.detach()
+        z0 = initial_latents(G, x, ids, restarts, init, seed).reshape(n * restarts, d)
+        _apply_constraint(z0, constraint, seed, ids, restarts, step=-2)
+        act = _Active(z0, n, restarts, lambda params: _make_optimizer(optimizer, params, lr))
+        res = _Result(x, d, restarts, steps, keep_trace)
+        best, since = torch.full((n,), float("inf"), device=x.device), torch.zeros(n, dtype=torch.int64, device=x.device)
+        for t in range(steps):
+            if len(act.ex) == 0:
+                break
+            with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
+                out = G(act.z)
+                losses = per_example_mse(out, x[act.ex])
+                act.opt.zero_grad(set_to_none=True)
+                losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
+            losses, out = losses.detach(), out.detach()
+            res.restart_losses[act.ex, act.r] = losses
+            if res.trace is not None:
+                res.trace[t, act.ex.cpu(), act.r.cpu()] = losses.cpu()
+            keep = torch.ones(len(act.ex), dtype=torch.bool, device=x.device)
+            if early_stop_tol is not None:
+                g = act.groups()
+                best[g], since[g], stop = _early_stop(losses, act.k, best[g], since[g], early_stop_tol, patience)
+                if stop.any():
+                    keep[res.finish(act, stop.nonzero()[:, 0], out, losses)] = False
+            k = act.k
+            if prune_every is not None and t > 0 and t % prune_every == 0 and k > 1:
+                k = (k + 1) // 2
+                order = losses.view(-1, act.k).topk(k, dim=1, largest=False).indices.sort(dim=1).values
+                halved = torch.zeros_like(keep).view(-1, act.k).scatter_(1, order, True).view(-1)
+                keep &= halved
+            if not keep.all() or k != act.k:
+                act.keep(keep.nonzero()[:, 0], k)
+            res.iterations[act.groups()] += act.k
+            act.opt.step()
+            with torch.no_grad():
+                _apply_constraint(act.z.data, constraint, seed, ids, restarts, step=t, rows=act.ex * restarts + act.r)
+        with torch.no_grad():
+            if len(act.ex):
+                out = G(act.z)
+                losses = per_example_mse(out, x[act.ex])
+                res.restart_losses[act.ex, act.r] = losses
+                res.finish(act, torch.arange(len(act.ex) // act.k, device=x.device), out, losses)
+        return _projection(res, n, steps)
+
+
+def _projection(res: _Result, n: int, steps: int) -> Projection:
+    trace = None
+    if res.trace is not None:
+        trace = res.trace[:, torch.arange(n), res.best.cpu()].T.contiguous()
+    iterations = res.iterations.cpu()
+    mean = iterations.double().mean().item() if n else 0.0
+    return Projection(z=res.z, x=res.x, loss=res.loss, effective_iterations=int(mean) if mean == int(mean) else mean,
+                      restart_losses=res.restart_losses, trace=trace, iterations=iterations)

@@ -72,3 +72,22 @@ def test_an_example_gets_the_same_result_alone_as_in_a_batch_of_256(models):
             alone = d.purify(t.images[i:i + 1], t.ids[i:i + 1])
             torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
             assert m["classifier"](alone.x).argmax(1).item() == batch_pred[i].item()
+
+
+@pytest.mark.parametrize("key, bad", [("prune_every", 0), ("prune_every", 2.5), ("patience", 0), ("patience", True),
+                                      ("early_stop_tol", -1e-4), ("early_stop_tol", float("nan"))])
+def test_pruning_and_early_stopping_parameters_are_refused_naming_them(key, bad):
+    with pytest.raises(ValueError, match=key):
+        DefenseGAN.check_params({key: bad})
+    DefenseGAN.check_params({"prune_every": None, "early_stop_tol": None, "patience": 20})  # the defaults pass
+
+
+def test_defensegan_with_pruning_reports_the_restart_steps_it_spent(models):
+    m, t = models
+    G, f = m["generator"], m["classifier"]
+    plain = DefenseGAN(G, f, restarts=4, steps=40).purify(t.images, t.ids)
+    cheap = DefenseGAN(G, f, restarts=4, steps=40, prune_every=10, early_stop_tol=1e-4, patience=5).purify(t.images, t.ids)
+    assert plain.effective_iterations == 160 and plain.iterations.tolist() == [160] * len(t.images)
+    assert (cheap.iterations <= 4 * 10 + 2 * 10 + 20).all()  # halving 4 -> 2 -> 1, maybe stopped earlier
+    assert cheap.effective_iterations == pytest.approx(cheap.iterations.double().mean().item())
+    assert cheap.loss.mean() < 1.5 * plain.loss.mean()  # a cheaper projection, not a broken one

@@ -89,6 +89,59 @@ def test_projects_under_no_grad(small_G):
     assert inside.loss.mean() < project(small_G, x, ids=torch.arange(4), steps=0).loss.mean()
 
 
+# ---------------------------------------------------------------- restart pruning and early stopping
+
+def test_halving_keeps_the_restart_that_is_best_at_every_checkpoint(small_G):
+    """Where plain R x L's final winner already leads at both checkpoints, pruning returns the same latent."""
+    x = torch.rand(24, 1, 8, 8)
+    ids = torch.arange(24)
+    plain = project(small_G, x, ids=ids, steps=60, restarts=4, seed=3)
+    pruned = project(small_G, x, ids=ids, steps=60, restarts=4, seed=3, prune_every=15)
+    # the loss each restart has when the pruned run ranks them (after 15 and 30 steps)
+    at = {c: project(small_G, x, ids=ids, steps=c, restarts=4, seed=3).restart_losses for c in (15, 30)}
+    winner = plain.restart_losses.argmin(1)
+    leads = (at[15].argmin(1) == winner) & (at[30].argmin(1) == winner)
+    assert leads.sum() >= 6, leads  # the property is checked on enough examples to mean something
+    torch.testing.assert_close(pruned.z[leads], plain.z[leads], atol=1e-4, rtol=0)
+    # 4 restarts for 15 steps, 2 for 15, 1 for the last 30
+    assert pruned.iterations.tolist() == [4 * 15 + 2 * 15 + 30] * 24 and pruned.effective_iterations == 120
+    assert plain.effective_iterations == 240 and plain.iterations.tolist() == [240] * 24
+
+
+def test_halving_schedule_counts_restart_steps_with_an_odd_number_of_restarts(small_G):
+    p = project(small_G, torch.rand(3, 1, 8, 8), ids=[5, 6, 7], steps=30, restarts=10, prune_every=5)
+    assert p.effective_iterations == 10 * 5 + 5 * 5 + 3 * 5 + 2 * 5 + 1 * 10  # 10 -> 5 -> 3 -> 2 -> 1
+    assert torch.isfinite(p.restart_losses).all() and p.z.shape == (3, small_G.latent_dim)
+
+
+def test_early_stopping_on_a_generated_image_stops_early_and_fits_it(small_G):
+    x = small_G(torch.randn(16, small_G.latent_dim)).detach()
+    p = project(small_G, x, ids=torch.arange(16), steps=400, restarts=2, early_stop_tol=1e-6, patience=10,
+                keep_trace=True)
+    assert p.loss.max() <= 1e-3
+    assert (p.iterations < 2 * 400).all() and p.effective_iterations == p.iterations.double().mean().item()
+    stopped = p.iterations // 2  # steps taken by each example (2 restarts each)
+    for i in (0, 7):  # the trace ends where the example stopped
+        assert torch.isfinite(p.trace[i, :stopped[i]]).all() and torch.isnan(p.trace[i, stopped[i] + 1:]).all()
+
+
+def test_pruning_and_early_stopping_are_independent_of_the_batch(small_G):
+    x = torch.cat([torch.rand(16, 1, 8, 8), small_G(torch.randn(16, small_G.latent_dim)).detach()])
+    ids = torch.arange(200, 232)
+    kw = dict(steps=60, restarts=5, seed=11, prune_every=10, early_stop_tol=1e-5, patience=8)
+    batch = project(small_G, x, ids=ids, **kw)
+    assert len(set(batch.iterations.tolist())) > 1  # examples stopped at different steps
+    for i in (0, 9, 20, 31):
+        alone = project(small_G, x[i:i + 1], ids=ids[i:i + 1], **kw)
+        assert alone.iterations[0] == batch.iterations[i]
+        torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
+
+
+def test_pruning_parameters_are_validated(small_G):
+    with pytest.raises(ValueError, match="prune_every"):
+        project(small_G, torch.rand(1, 1, 8, 8), ids=[0], steps=2, prune_every=0)
+
+
 # ---------------------------------------------------------------- on the shipped generators
 
 WEIGHTS = __import__("pathlib").Path(__file__).resolve().parents[2] / "weights"

@@ -6,6 +6,8 @@ A(x) = ||Φ(x) - Φ(x_proj)||₂ with Φ the classifier without its last layer; 
 
 from __future__ import annotations
 
+from typing import Callable, cast
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -15,10 +17,14 @@ SPACES = ("feature", "image")
 
 
 @torch.no_grad()
-def detection_scores(classifier: nn.Module, x: torch.Tensor, x_proj: torch.Tensor, space: str = "feature") -> torch.Tensor:
+def detection_scores(
+    classifier: nn.Module, x: torch.Tensor, x_proj: torch.Tensor, space: str = "feature"
+) -> torch.Tensor:
     """Per-example score A(x) (N,): larger means more likely attacked."""
     if space == "feature":
-        return (classifier.features(x) - classifier.features(x_proj)).norm(dim=1)
+        # `features` is a method of Classifier; typed as nn.Module, mypy would read it as a submodule or buffer
+        features = cast(Callable[[torch.Tensor], torch.Tensor], classifier.features)
+        return (features(x) - features(x_proj)).norm(dim=1)
     if space == "image":
         return (x - x_proj).flatten(1).norm(dim=1)
     raise ValueError(f"unknown detection space {space!r}; choose one of {SPACES}")

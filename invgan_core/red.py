@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from invgan_core import rng
-from invgan_core.attacks import Attack, L1PGD, L2PGD, LinfPGD
+from invgan_core.attacks import L1PGD, L2PGD, Attack, LinfPGD
 from invgan_core.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file
 from invgan_core.inversion import project
 
@@ -119,15 +119,15 @@ def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels:
     rows = select_per_class(labels, per_class, seed, num_classes)
     ids = rows if ids is None else torch.as_tensor(ids, dtype=torch.int64)[rows]
     x, y = images[rows], torch.as_tensor(labels)[rows]
-    deltas, success, types = [], [], []
+    deltas, success, type_blocks = [], [], []
     for j, attack in enumerate(attacks.values()):
         for lo in range(0, len(x), batch_size):
             sl = slice(lo, lo + batch_size)
             res = attack(classifier, x[sl], y[sl], ids=ids[sl])
             deltas.append((res.x_adv - x[sl]).flatten(1))
             success.append(res.success)
-        types.append(torch.full((len(x),), j, dtype=torch.int64, device=y.device))
-    classes, types = y.repeat(len(attacks)), torch.cat(types)
+        type_blocks.append(torch.full((len(x),), j, dtype=torch.int64, device=y.device))
+    classes, types = y.repeat(len(attacks)), torch.cat(type_blocks)
     order = torch.argsort(classes * len(attacks) + types, stable=True)
     return AttackDictionary(D=torch.cat(deltas)[order].T.contiguous().float(), classes=classes[order],
                             attack_types=types[order], attack_names=list(attacks), num_classes=num_classes,
@@ -282,7 +282,7 @@ def _frozen(G: nn.Module):
     G.eval().requires_grad_(False)
 
     def restore():
-        for p, f in zip(G.parameters(), flags):
+        for p, f in zip(G.parameters(), flags, strict=True):
             p.requires_grad_(f)
         G.train(was)
     return restore

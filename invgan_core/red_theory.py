@@ -19,10 +19,13 @@ from invgan_core import rng
 from invgan_core.data import synthetic_gan
 from invgan_core.red import AttackDictionary, red_solve
 
+
 class OneLayerGenerator(nn.Module):
     """G(z) = σ(Wz) (RED eq. 4 with one layer, Sec. 5.1): σ = leaky ReLU (slope 0.2), or the smooth
     'softplus' variant σ(t) = 0.2t + 0.8·softplus_β(t), β = 10 — App. B.4's ReLU → softplus swap applied
     to the leaky ReLU, which satisfies Assumption 1. Output (N, 1, 1, m), like `synthetic_gan`."""
+
+    W: torch.Tensor  # (m, d) buffer
 
     def __init__(self, W: torch.Tensor, activation: str = "leaky_relu", slope: float = 0.2, beta: float = 10.0):
         super().__init__()
@@ -130,6 +133,8 @@ def convergence_trace(inst: RealizableInstance, *, steps: int = 1000, z0: torch.
         z0 = rng.sample_latents("normal", seed, torch.arange(n), 1, inst.G.latent_dim)[:, 0]
     res = red_solve(inst.G, inst.x, D=inst.dictionary, z0=z0.to(inst.x.dtype), lam=torch.zeros(n, dtype=inst.x.dtype),
                     steps=steps, z_lr=z_lr, nesterov=nesterov, jacobi=jacobi, keep_trace=True, keep_iterates=True)
+    assert res.z is not None and res.trace is not None, "red_solve returns z and the trace when keep_trace is set"
+    assert res.z_iterates is not None and res.c_iterates is not None, "keep_iterates=True returns the iterates"
     dist2 = (((res.z_iterates - inst.z_star) ** 2).sum(2) + ((res.c_iterates - inst.c_star) ** 2).sum(2)).T
     mu = trajectory_mu(inst.G, inst.x, res.z_iterates, res.c_iterates, inst.dictionary.D, inst.z_star, inst.c_star)
     above = dist2 > floor * dist2[:, :1]

@@ -28,7 +28,9 @@ def _norms(a: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- GAN (DCGAN and WGAN-GP)
 
-def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def gradient_penalty(
+    D: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """WGAN-GP: E[(||∇D(x̂)||₂ - 1)²] on random interpolates x̂ of real and fake (Gulrajani et al.)."""
     eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device)
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
@@ -36,7 +38,9 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, gener
     return ((_norms(grad) - 1) ** 2).mean()
 
 
-def discriminator_loss(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str, gp_weight: float = 10.0) -> torch.Tensor:
+def discriminator_loss(
+    D: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str, gp_weight: float = 10.0
+) -> torch.Tensor:
     """Critic loss; real and fake go through D as one batch (one forward per step, DDP-friendly)."""
     scores = D(torch.cat([real, fake]))
     s_real, s_fake = scores[: len(real)], scores[len(real):]
@@ -122,7 +126,9 @@ class InverterWeights:
     eta: float = 1.0
 
 
-def inverter_losses(G: nn.Module, I: nn.Module, D: nn.Module, z: torch.Tensor, w: InverterWeights) -> dict[str, torch.Tensor]:
+def inverter_losses(
+    G: nn.Module, I: nn.Module, D: nn.Module, z: torch.Tensor, w: InverterWeights
+) -> dict[str, torch.Tensor]:
     """The data-free InvGAN objective for I (InvGAN eqs. 3-5): only samples z ~ p(z) and x = G(z).
 
     L_latent = E||z - I(G(z))||, L_semantic = E max(||G(z) - G(I(G(z)))||, η),

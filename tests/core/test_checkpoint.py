@@ -47,7 +47,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, kind):
     x = model_input(kind, model)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name  # includes the batch-norm buffers
 
 

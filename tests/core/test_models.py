@@ -7,8 +7,16 @@ import json
 import pytest
 import torch
 
-from invgan_core.models import (Classifier, Discriminator, Generator, Inverter, _spatial_plan, build_model,
-                                default_arch, sample_prior)
+from invgan_core.models import (
+    Classifier,
+    Discriminator,
+    Generator,
+    Inverter,
+    _spatial_plan,
+    build_model,
+    default_arch,
+    sample_prior,
+)
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 KINDS = ["generator", "discriminator", "inverter", "classifier"]

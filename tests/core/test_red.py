@@ -52,7 +52,8 @@ def test_prox_is_block_soft_thresholding_and_minimises_its_objective():
 
 def test_lambda_max_is_where_zero_becomes_optimal():
     dic = _random_dictionary()
-    G = red_theory.OneLayerGenerator(torch.randn(20, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    W = torch.randn(20, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    G = red_theory.OneLayerGenerator(W)
     x = torch.randn(5, 1, 1, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     z0 = torch.randn(5, 4, dtype=torch.float64)
     s = x.flatten(1) - G(z0).flatten(1)
@@ -75,7 +76,8 @@ def test_lambda_max_is_where_zero_becomes_optimal():
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_objective_never_increases_with_z_fixed(nesterov):
     dic = _random_dictionary(n=30, per_block=5, correlated=3.0)
-    G = red_theory.OneLayerGenerator(torch.randn(30, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    W = torch.randn(30, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    G = red_theory.OneLayerGenerator(W)
     x = torch.randn(8, 1, 1, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     z0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     res = red.red_solve(G, x, D=dic, z0=z0, lam_multiplier=0.2, fixed_z=True, steps=400, nesterov=nesterov,
@@ -89,7 +91,8 @@ def test_objective_never_increases_with_z_fixed(nesterov):
 
 def test_nesterov_converges_at_least_as_fast_as_plain_proximal_gradient():
     dic = _random_dictionary(n=30, per_block=5, correlated=3.0)
-    G = red_theory.OneLayerGenerator(torch.randn(30, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    W = torch.randn(30, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    G = red_theory.OneLayerGenerator(W)
     x = torch.randn(8, 1, 1, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     z0 = torch.zeros(8, 4, dtype=torch.float64)
     lam = torch.full((8,), 0.5, dtype=torch.float64)

@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -292,8 +292,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+C = TypeVar("C", bound=JobConfig)
+
+
+@overload
+def load_config(path: str | Path, overrides: list[str] | None = None, *, model: type[C], **fields: Any) -> C: ...
+@overload
+def load_config(path: str | Path, overrides: list[str] | None = None, **fields: Any) -> EvalConfig: ...
 def load_config(path: str | Path, overrides: list[str] | None = None, *, model: type[JobConfig] = EvalConfig,
-                **fields) -> JobConfig:
+                **fields: Any) -> JobConfig:
     """Read a YAML config, apply `--set` overrides and keyword fields, validate as `model`."""
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():

@@ -1,0 +1,59 @@
+"""The benchmark suite's quick mode: every figure of the projection module is produced with a finite value.
+
+Targets are not asserted (timings on a shared machine are not test material): only that the suite
+runs, reports each figure in the table and the JSON, and turns a failing figure into an error row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from benchmarks import run
+
+
+def test_quick_run_produces_every_projection_figure(tmp_path, capsys):
+    from benchmarks import fig_projection
+
+    out = tmp_path / "results.json"
+    assert run.main(["--quick", "--only", "fig_projection", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [f["name"] for f in result["figures"]]
+    assert names == [fn.__name__ for fn in fig_projection.FIGURES]
+    for fig in result["figures"]:
+        assert math.isfinite(fig["value"]) and fig["target"][:1] in "≥≤" and fig["met"] in (True, False, None)
+        assert isinstance(fig["details"], dict) and len(fig["loadavg_before"]) == 3
+    machine = result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch"] and len(machine["loadavg_after"]) == 3
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in names)
+
+
+def test_a_failing_figure_is_an_error_row_not_a_crash(tmp_path, monkeypatch, capsys):
+    def broken(quick: bool) -> dict:
+        raise RuntimeError("boom")
+
+    def fine(quick: bool) -> dict:
+        return {"name": "fine", "value": 2.0, "target": "≥ 1", "met": True, "unit": "×", "details": {}}
+
+    def nan(quick: bool) -> dict:
+        return {"name": "nan", "value": float("nan"), "target": "≥ 1", "met": False, "unit": "×", "details": {}}
+
+    module = types.ModuleType("benchmarks.fig_fake")
+    module.FIGURES = [broken, fine, nan]
+    monkeypatch.setitem(sys.modules, "benchmarks.fig_fake", module)
+    monkeypatch.setattr(run, "discover", lambda only=None: ["fig_fake"])
+    out = tmp_path / "r.json"
+    assert run.main(["--quick", "--out", str(out)]) == 1
+    rows = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
+    assert "boom" in rows["broken"]["error"] and rows["fine"]["value"] == 2.0 and "non-finite" in rows["nan"]["error"]
+    assert "| broken | ERROR: RuntimeError: boom |" in capsys.readouterr().out
+
+
+def test_only_refuses_an_unknown_module():
+    with pytest.raises(SystemExit, match="no figure module fig_nope"):
+        run.discover(["fig_nope"])

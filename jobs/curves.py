@@ -18,10 +18,13 @@ from jobs.config import DefenseSpec, EvalConfig
 def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
     """name -> (family, effective iterations, spec) for every curve point."""
     spec = cfg.curves
+    if spec is None:
+        raise ValueError("the config has no `curves:` section (see configs/curves.yaml)")
     points = {}
     for budget in spec.budgets:
         if "invgan" in spec.defenses:
-            points[f"invgan_T{budget}"] = ("invgan", max(budget, 1), DefenseSpec(kind="invgan", params={"steps": budget, "lr": spec.lr}))
+            invgan = DefenseSpec(kind="invgan", params={"steps": budget, "lr": spec.lr})
+            points[f"invgan_T{budget}"] = ("invgan", max(budget, 1), invgan)
         if "defensegan" in spec.defenses:
             steps = budget // spec.restarts
             points[f"defensegan_{spec.restarts}x{steps}"] = (
@@ -40,7 +43,8 @@ def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
                     "clean_accuracy": clean.correct.mean(),
                     "attacked_accuracy": attacked.correct.mean() if len(attacked) else float("nan"),
                     "seconds_per_example": clean.seconds.mean(), "n": len(clean)})
-    return pd.DataFrame(out).drop_duplicates(["family", "effective_iterations"]).sort_values(["family", "effective_iterations"])
+    table = pd.DataFrame(out).drop_duplicates(["family", "effective_iterations"])
+    return table.sort_values(["family", "effective_iterations"])
 
 
 def curve_figure(table: pd.DataFrame, title: str):
@@ -76,8 +80,10 @@ def run_curves(cfg: EvalConfig, *, out: Path | None = None, address: str | None 
     if cfg.curves is None:
         raise SystemExit("the config has no `curves:` section (see configs/curves.yaml)")
     points = point_defenses(cfg)
-    point_cfg = cfg.model_copy(update={"name": f"{cfg.name}-curves", "defenses": {k: v[2] for k, v in points.items()}})
-    tags = {"dataset": cfg.dataset, "kind": "curves", "config_hash": point_cfg.config_hash(), "git_commit": git_commit()}
+    point_defs = {k: v[2] for k, v in points.items()}
+    point_cfg = cfg.model_copy(update={"name": f"{cfg.name}-curves", "defenses": point_defs})
+    tags = {"dataset": cfg.dataset, "kind": "curves", "config_hash": point_cfg.config_hash(),
+            "git_commit": git_commit()}
     with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
                      experiment=cfg.family, run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}",
                      run_dir=run_folder(point_cfg, out), config_dict=point_cfg.model_dump(mode="json"),

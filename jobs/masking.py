@@ -118,7 +118,9 @@ def _paired(acc: pd.DataFrame, a: str, b: str) -> tuple[float, float, int] | Non
     return float(both[a].astype(bool).mean()), float(both[b].astype(bool).mean()), len(both)
 
 
-def masking_flags(rows: pd.DataFrame, attacks: dict[str, dict], *, tol: float = 0.02, floor: float = 0.1) -> pd.DataFrame:
+def masking_flags(
+    rows: pd.DataFrame, attacks: dict[str, dict], *, tol: float = 0.02, floor: float = 0.1
+) -> pd.DataFrame:
     """One row per check that applies: defense, check, attack, compared_with, acc, acc_other, n, flagged.
 
     `attacks` are the config's attack specs (dicts) including the `check/` ones; `tol` is how much worse
@@ -140,6 +142,8 @@ def masking_flags(rows: pd.DataFrame, attacks: dict[str, dict], *, tol: float = 
             for other in main:
                 q = profiles[other]
                 if other == name or p.norm is None or p.norm != q.norm:
+                    continue
+                if p.eps is None or q.eps is None:  # unreachable: a profile has a norm only with an ε (narrows types)
                     continue
                 # (a) iterative white-box vs single-step white-box with no larger budget
                 if p.steps > 1 and q.steps == 1 and not p.black_box and not q.black_box and q.eps <= p.eps:
@@ -176,7 +180,8 @@ def flags_markdown(flags: pd.DataFrame) -> str:
     head = f"Gradient-masking checks: {len(flags)} run, {len(raised)} flagged.\n"
     if raised.empty:
         return head
-    lines = ["| defense | check | attack | accuracy | compared with | its accuracy | n |", "|---|---|---|---|---|---|---|"]
+    lines = ["| defense | check | attack | accuracy | compared with | its accuracy | n |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.defense} | {r.check} | {r.attack} | {r.acc:.3f} | {r.compared_with} | {r.acc_other:.3f} | {r.n} |"
               for r in raised.itertuples()]
     return head + "\n" + "\n".join(lines) + "\n"

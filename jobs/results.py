@@ -99,7 +99,7 @@ def cells_figure(cells: dict[str, dict[str, Cell]], title: str, ylabel: str) -> 
     defenses = list(cells)
     fig = Figure(figsize=(4 * max(len(defenses), 1), 3.4), layout="constrained")
     axes = fig.subplots(1, max(len(defenses), 1), squeeze=False)[0]
-    for ax, defense in zip(axes, defenses):
+    for ax, defense in zip(axes, defenses, strict=False):  # one axis even with no defense
         columns = list(cells[defense])
         x = np.arange(len(columns))
         ours = [cells[defense][c].ours if cells[defense][c].ours is not None else np.nan for c in columns]
@@ -148,7 +148,8 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     done, total = rows["shard"].nunique(), summary.get("shards", {}).get("total", "?")
     lines = [head + cells_markdown(cells, 4 if metric == "auc" else 2), ""]
     lines.append(f"Run `{run_dir.name}` (MLflow run `{summary.get('mlflow_run_id', 'not logged')}`), "
-                 f"{len(rows['example_id'].unique())} examples of `{cfg.dataset}/{cfg.split}`, {done} of {total} shards, "
+                 f"{len(rows['example_id'].unique())} examples of `{cfg.dataset}/{cfg.split}`, "
+                 f"{done} of {total} shards, "
                  f"compute {_compute_seconds(rows, cfg) / 3600:.2f} core-hours. Bold: ours; n: examples in the cell"
                  + (" (several attacks in one column: an example counts as correct only if it survives all)"
                     if any(len(a) > 1 for a in spec["columns"].values()) else "") + ".")

@@ -3,8 +3,8 @@
 The run is created (status RUNNING, params and tags at once) before any shard is computed, so the MLflow
 UI shows the job while it runs; progress metrics (`progress/shards_done`, `progress/examples_per_second`,
 step = shards done) arrive with every shard; the run ends FINISHED, FAILED (the error in the tag
-`error`) or KILLED (Ctrl-C, `ray job stop`, SIGTERM). The run id is recorded in the run folder at once, so a rerun after a
-crash or a kill continues the same run instead of starting a second one.
+`error`) or KILLED (Ctrl-C, `ray job stop`, SIGTERM). The run id is recorded in the run folder at once, so a
+rerun after a crash or a kill continues the same run instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from invgan_core.checkpoint import atomic_write_json
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 RUN_RECORD = "mlflow_run.json"  # in the run folder: {"run_id", "tracking_uri"}
 MAX_TAG_VALUE = 8000
@@ -53,7 +56,7 @@ def previous_run_id(run_dir: Path, tracking_uri: str) -> str | None:
 
 @dataclass
 class JobRun:
-    client: object
+    client: MlflowClient
     run_id: str
     tracking_uri: str
     experiment: str

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from jobs.tracking import MAX_TAG_VALUE, sigterm_interrupts
 Kind = Literal["gan", "classifier", "inverter"]
 
 # Defaults per kind, each with its reason.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, float | int | None]] = {
     # RED appendix: SGD lr 0.1, momentum 0.5, batch 128; steps: 100 epochs of the training split.
     "classifier": dict(lr=0.1, batch_size=128, steps=None),
     # GAN: see GAN_DEFAULTS for the per-loss learning rate and critic steps.
@@ -45,7 +45,7 @@ DEFAULTS = {
 }
 
 
-GAN_DEFAULTS = {
+GAN_DEFAULTS: dict[str, dict[str, float | int | None]] = {
     # DCGAN (Radford et al.): Adam 2e-4, β1 0.5, one D step per G step. The default here: 5x cheaper
     # per step than WGAN-GP on a CPU, and what the shipped generators were trained with.
     "dcgan": dict(lr=2e-4, n_critic=1),
@@ -64,7 +64,8 @@ class TrainConfig(BaseModel):
     batch_size: Optional[int] = Field(None, gt=0, description="global batch, split across processes")
     lr: Optional[float] = Field(None, gt=0)
     seed: int = 0
-    augment_shift: Optional[int] = Field(None, ge=0, description="classifier: random translations of up to N px [size // 14]")
+    augment_shift: Optional[int] = Field(None, ge=0,
+                                         description="classifier: random translations of up to N px [size // 14]")
     device: Optional[Literal["cpu", "cuda", "mps"]] = None  # None: Accelerate picks (CUDA when present)
     out: Optional[Path] = None  # final model files go to <out>/<model>; default weights/<dataset>
     work_dir: Optional[Path] = None  # resumable state; default runs/train/<dataset>-<kind>
@@ -134,6 +135,7 @@ def _reseed(cfg: TrainConfig, step: int, rank: int) -> None:
 
 def _build(cfg: TrainConfig, image_shape, num_classes: int):
     """Models and optimizers for one kind, as lists in a fixed order (the order of save/load_state)."""
+    assert cfg.lr is not None and cfg.generator is not None, "filled by TrainConfig's validator"
     if cfg.kind == "classifier":
         f = build_model("classifier", default_arch("classifier", image_shape, num_classes))
         return [f], [torch.optim.SGD(f.parameters(), lr=cfg.lr, momentum=0.5)]
@@ -141,11 +143,14 @@ def _build(cfg: TrainConfig, image_shape, num_classes: int):
         G = build_model("generator", {**default_arch("generator", image_shape), "prior": cfg.prior})
         D = build_model("discriminator", default_arch("discriminator", image_shape))
         betas = (0.5, 0.9) if cfg.gan_loss == "wgan-gp" else (0.5, 0.999)
-        return [G, D], [torch.optim.Adam(G.parameters(), cfg.lr, betas=betas), torch.optim.Adam(D.parameters(), cfg.lr, betas=betas)]
+        return [G, D], [torch.optim.Adam(G.parameters(), cfg.lr, betas=betas),
+                        torch.optim.Adam(D.parameters(), cfg.lr, betas=betas)]
     G, _ = load_model(cfg.generator, kind="generator")
-    I = build_model("inverter", {**default_arch("inverter", image_shape), "latent_dim": G.latent_dim, "prior": G.prior})
+    I = build_model("inverter",
+                    {**default_arch("inverter", image_shape), "latent_dim": G.latent_dim, "prior": G.prior})
     D = build_model("discriminator", default_arch("discriminator", image_shape))
-    opts = [torch.optim.Adam(I.parameters(), cfg.lr, betas=(0.5, 0.999)), torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))]
+    opts = [torch.optim.Adam(I.parameters(), cfg.lr, betas=(0.5, 0.999)),
+            torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))]
     return [I, D, G], opts
 
 
@@ -187,12 +192,14 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
     accelerator = accelerator or _make_accelerator(cfg.device)
     main = accelerator.is_main_process
     log = main and log_mlflow
-    train, test = load_dataset(cfg.dataset, "train", cfg.data_dir), load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    test = load_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    assert cfg.batch_size is not None, "filled by TrainConfig's validator"
     if cfg.steps is None:  # classifier: 100 epochs (the RED appendix: 50 epochs, but of 60,000 images)
         cfg.steps = 100 * max(len(train) // cfg.batch_size, 1)
     if cfg.eta is None:  # an ℓ2 margin of 0.03 per-pixel RMS: 0.84 on 28x28, 0.24 on 8x8
         cfg.eta = round(0.03 * float(np.sqrt(np.prod(train.image_shape))), 4)
-    if cfg.augment_shift is None:  # 2 px on 28x28 MNIST; none on 8x8 digits, where 2 px is a quarter of the image
+    if cfg.augment_shift is None:  # 2 px on 28x28 MNIST; none on 8x8 digits (2 px is a quarter of the image)
         cfg.augment_shift = train.image_shape[-1] // 14
     torch.manual_seed(cfg.seed)  # initial weights depend on the seed only
     models, opts = _build(cfg, train.image_shape, train.num_classes)
@@ -204,11 +211,11 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
     start, run_id = _resume(cfg, accelerator)
     if log:
         start_mlflow(cfg.tracking_uri, cfg.experiment)
-        mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.dataset}-{cfg.kind}")
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{cfg.dataset}-{cfg.kind}")
         if run_id is None:
             mlflow.log_params({k: str(v) for k, v in cfg.model_dump().items()})
             mlflow.set_tags({"git_commit": git_commit(), "dataset": cfg.dataset, "kind": cfg.kind})
-        run_id = mlflow.active_run().info.run_id
+        run_id = active.info.run_id
     t0, step, status = time.monotonic(), start, "FAILED"
     bar = _progress(cfg, start, main)
     signals = contextlib.ExitStack()
@@ -225,17 +232,19 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
                     mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
                 if main:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-                timed_out = _agree(accelerator, cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes)
+                out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
+                timed_out = _agree(accelerator, out_of_time)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
                 _save_state(accelerator, cfg, step, run_id)
                 if on_checkpoint is not None and main:
-                    on_checkpoint(step, [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):],
-                                  metrics)
+                    unwrapped = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
+                    on_checkpoint(step, unwrapped, metrics)
             if timed_out:
                 break
         bar.close()
         accelerator.wait_for_everyone()
-        result = {"step": step, "finished": step >= cfg.steps, "mlflow_run_id": run_id, "work_dir": str(cfg.work_dir)}
+        result: dict[str, Any] = {"step": step, "finished": step >= cfg.steps, "mlflow_run_id": run_id,
+                                  "work_dir": str(cfg.work_dir)}
         result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
         if main:
             metrics = _evaluate(cfg, result["models"], test, accelerator.device)
@@ -260,10 +269,12 @@ class _Loop:
     """One optimisation step of each kind, on the prepared (possibly DDP-wrapped) models."""
 
     def __init__(self, cfg: TrainConfig, accelerator, wrapped, opts, models, train):
+        assert cfg.batch_size is not None and cfg.eta is not None, "filled by TrainConfig's validator and run()"
         self.cfg, self.acc, self.wrapped, self.opts = cfg, accelerator, wrapped, opts
         self.device = accelerator.device
         self.images, self.labels = train.images, train.labels
-        self.sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        self.sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index,
+                                    accelerator.num_processes)
         self.share = cfg.batch_size // accelerator.num_processes
         self.weights = training.InverterWeights(cfg.lambda_adv, cfg.lambda_semantic, cfg.lambda_latent, cfg.eta)
         if cfg.kind == "inverter":
@@ -276,11 +287,13 @@ class _Loop:
         if cfg.kind == "classifier":
             idx = self.sampler(step)
             x, y = self.images[idx].to(self.device), self.labels[idx].to(self.device)
+            assert cfg.augment_shift is not None, "filled by run()"
             x = training.random_shift(x, cfg.augment_shift)
             return {"loss": training.classifier_step(self.wrapped[0], self.opts[0], x, y, backward=back)}
         if cfg.kind == "gan":
             G, D = self.wrapped
             sample = self.acc.unwrap_model(G).sample_latent
+            assert cfg.n_critic is not None, "filled by TrainConfig's validator"
             for k in range(cfg.n_critic):
                 real = self.images[self.sampler(step * cfg.n_critic + k)].to(self.device)
                 d_loss = training.critic_step(G, D, self.opts[1], real, sample(len(real)), cfg.gan_loss,
@@ -306,6 +319,7 @@ def _resume(cfg: TrainConfig, accelerator) -> tuple[int, str | None]:
 
     The step is recorded inside the state folder, so weights and step are always from the same save;
     `state.old` is the previous save, used when a kill fell between the two renames of a swap."""
+    assert cfg.work_dir is not None, "filled by TrainConfig's validator"
     for folder in (cfg.work_dir / "state", cfg.work_dir / "state.old"):
         if (folder / "progress.json").exists():
             break
@@ -330,6 +344,7 @@ def _config_key(cfg: TrainConfig) -> dict:
 def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) -> None:
     """save_state (and the step) into state.tmp, then swap it in with two renames: a kill at any point
     leaves `state` or `state.old` complete, each holding the step its weights belong to."""
+    assert cfg.work_dir is not None, "filled by TrainConfig's validator"
     tmp, final, old = cfg.work_dir / "state.tmp", cfg.work_dir / "state", cfg.work_dir / "state.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -337,7 +352,8 @@ def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) ->
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "progress.json", {"step": step, "mlflow_run_id": run_id, "config": _config_key(cfg)})
+        progress = {"step": step, "mlflow_run_id": run_id, "config": _config_key(cfg)}
+        atomic_write_json(tmp / "progress.json", progress)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -354,15 +370,17 @@ def _progress(cfg: TrainConfig, start: int, main: bool):
 
 
 def _save_models(cfg: TrainConfig, models, train, metrics: dict, step: int) -> list[str]:
+    assert cfg.out is not None, "filled by TrainConfig's validator"
     names = {"classifier": ["classifier"], "gan": ["generator", "discriminator"], "inverter": ["inverter"]}[cfg.kind]
     common = {
         "dataset": cfg.dataset, "split": "train", "split_seed": SPLIT_SEED, "train_examples": len(train),
         "training": {**json.loads(cfg.model_dump_json(exclude={"quiet"})), "steps_done": step},
-        "command": " ".join(shlex.quote(a) for a in ["invgan", "train", cfg.kind, *sys.argv[3:]]) if "invgan" in sys.argv[0] else shlex.join(sys.argv),
+        "command": (" ".join(shlex.quote(a) for a in ["invgan", "train", cfg.kind, *sys.argv[3:]])
+                    if "invgan" in sys.argv[0] else shlex.join(sys.argv)),
         "git_commit": git_commit(), "metrics": metrics,
     }
     written = []
-    for name, model in zip(names, models):
+    for name, model in zip(names, models, strict=False):  # inverter: only I of [I, D, G] is saved
         save_model(cfg.out / name, model, kind=name, arch=model.arch, **common)
         written.append(str(cfg.out / name))
     return written

@@ -15,18 +15,29 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from tqdm.auto import tqdm
 
 from invgan_core.checkpoint import atomic_write_json, load_model, read_manifest
 from invgan_core.data import load_dataset
-from invgan_core.defenses import DefenseGAN, InvGAN
+from invgan_core.defenses import Defense, DefenseGAN, InvGAN
 from invgan_core.training import accuracy
 from jobs.common import WEIGHTS_DIR
 
 CHECK_SUBSET = 100  # held-out images of the quick check (`invgan verify`, the shipped-weights test): 1 flip = 0.01
-PROJECTION = dict(restarts=10, steps=200, lr=0.05)
+
+
+class Projection(TypedDict):
+    """Defense-GAN's projection in the figures (the papers' default); InvGAN uses its steps and lr."""
+
+    restarts: int
+    steps: int
+    lr: float
+
+
+PROJECTION: Projection = {"restarts": 10, "steps": 200, "lr": 0.05}
 TOLERANCE = 0.02  # the issue's reproduction tolerance
 
 
@@ -38,9 +49,10 @@ def measure(dataset: str, *, weights: Path | None = None, limit: int | None = No
     G, _ = load_model(root / "generator", kind="generator")
     I = load_model(root / "inverter", kind="inverter")[0] if (root / "inverter.json").exists() else None
     test = load_dataset(dataset, "test", data_dir)
-    figures = {"classifier_accuracy": accuracy(f, test.images, test.labels), "classifier_examples": len(test)}
+    figures: dict[str, Any] = {"classifier_accuracy": accuracy(f, test.images, test.labels),
+                               "classifier_examples": len(test)}
     sub = test.subset(limit)
-    defenses = {"defensegan": DefenseGAN(G, f, **PROJECTION)}
+    defenses: dict[str, Defense] = {"defensegan": DefenseGAN(G, f, **PROJECTION)}
     if I is not None:
         defenses["invgan"] = InvGAN(G, I, f, steps=PROJECTION["steps"], lr=PROJECTION["lr"])
         defenses["invgan_t0"] = InvGAN(G, I, f, steps=0)

@@ -103,7 +103,8 @@ def test_a_real_masked_gradient_is_caught_by_the_black_box_rule():
     attacks = {"fgsm": FGSMAttack(eps=0.3), "pgd": LinfPGD(eps=0.3, steps=20),
                "nes": NESAttack(samples=20, sigma=0.1, attack=LinfPGD(eps=0.3, steps=20))}
     specs = {"fgsm": FGSM, "pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}},
-             "nes": {"kind": "nes", "target": "each", "base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}}}}
+             "nes": {"kind": "nes", "target": "each",
+                     "base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}}}}
     correct = {}
     for defense, model in (("plain", f), ("quantized", Quantized())):
         for name, attack in attacks.items():

@@ -28,7 +28,8 @@ def fixture_run(tmp_path_factory):
     write_shard(shard_path(run_dir, 0), rows)
     paper = {
         "tiny_accuracy": {"config": str(tmp / "tiny.yaml"), "title": "Tiny table", "source": "a paper, Table 9",
-                          "metric": "accuracy", "columns": {"clean": ["clean"], "fgsm": ["fgsm"], "both": ["fgsm", "bpda"]},
+                          "metric": "accuracy",
+                          "columns": {"clean": ["clean"], "fgsm": ["fgsm"], "both": ["fgsm", "bpda"]},
                           "paper": {"invgan": {"clean": 0.99, "fgsm": 0.78}}, "notes": "Why ours differ: tiny."},
         "tiny_auc": {"config": str(tmp / "tiny.yaml"), "title": "Tiny AUC", "source": "a paper, Table 10",
                      "metric": "auc", "columns": {"fgsm": ["fgsm"]}, "paper": {"invgan": {"fgsm": 0.9985}}},

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     base = dict(kind="classifier", dataset="digits", out=tmp_path / "w", work_dir=tmp_path / "work",
                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True, device="cpu")
-    return TrainConfig(**(base | kw))
+    return TrainConfig.model_validate(base | kw)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:

@@ -136,6 +136,7 @@ def test_more_workers_than_the_cluster_holds_fail_with_what_to_change(cluster):
     assert "Lower resources.num_workers" in proc.stdout + proc.stderr
 
 
+@pytest.mark.reliability(kind="fault")
 def test_a_lost_worker_node_costs_a_retry_not_a_row(cluster):
     """Kill the worker node (raylet and its actors, SIGKILL) while the job runs: the runner reruns the
     shards that were lost on the head node, and every row is there exactly once."""

@@ -77,6 +77,7 @@ def test_manifest_records_hash_tensors_kind_arch_and_extras(tmp_path):
     assert loaded_manifest["metrics"] == {"fid": 1.5}
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("where", [0, 0.5, -1])
 def test_flipped_byte_is_caught_by_the_hash(saved, where):
     stem, _, manifest = saved
@@ -91,6 +92,7 @@ def test_flipped_byte_is_caught_by_the_hash(saved, where):
     assert manifest["sha256"] in str(err.value)
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("keep", [0, 8, -1])
 def test_truncated_weights_are_caught(saved, keep):
     stem, _, manifest = saved
@@ -102,6 +104,7 @@ def test_truncated_weights_are_caught(saved, keep):
     assert manifest["sha256"] in str(err.value)
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("edit", [{"latent_dim": 8}, {"width": 16}, {"image_shape": [1, 28, 28]}])
 def test_edited_arch_with_matching_hash_is_caught(saved, edit):
     stem, _, manifest = saved

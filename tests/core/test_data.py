@@ -177,6 +177,7 @@ def _little_endian_magic(raw: bytes) -> bytes:
     return raw[:4][::-1] + raw[4:]
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("corrupt, expected", [
     pytest.param(_bad_magic, "magic", id="signed-byte-magic"),
@@ -196,6 +197,7 @@ def test_read_idx_rejects_malformed_files(tmp_path, gz, corrupt, expected):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.reliability(kind="bad_input")
 def test_read_idx_rejects_a_cut_off_gzip_stream(tmp_path):
     pixels, _ = fake_mnist(2, seed=2)
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
@@ -311,6 +313,7 @@ class _EvalsCode:
         return eval, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
 
 
+@pytest.mark.reliability(kind="security")
 @pytest.mark.parametrize("payload", [_RunsShell, _EvalsCode])
 @pytest.mark.parametrize("where", ["data", "top"])
 def test_cifar_refuses_malicious_pickle(tmp_path, payload, where):
@@ -325,6 +328,7 @@ def test_cifar_refuses_malicious_pickle(tmp_path, payload, where):
     assert not marker.exists()
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("contents, expected", [
     pytest.param(lambda good: good[: len(good) // 2], "test_batch", id="truncated"),
     pytest.param(lambda good: b"not a pickle at all", "test_batch", id="not-a-pickle"),

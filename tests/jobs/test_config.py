@@ -12,6 +12,7 @@ from jobs.config import EvalConfig, apply_overrides, load_config
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("override, message", [
     ("attacks.fgsm.params.epss=0.2", "epss"),
     ("defenses.invgan.params.stepz=3", "stepz"),
@@ -78,6 +79,7 @@ def test_shipped_configs_are_found_from_outside_the_checkout(tmp_path, monkeypat
         load_config("configs/nope.yaml")
 
 
+@pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("text, message", [
     ("- a\n- b\n", "expected a mapping of settings .* got a YAML list"),
     ("just words\n", "got a YAML str"),
@@ -92,6 +94,7 @@ def test_a_config_that_is_not_a_yaml_mapping_fails_in_one_line(tmp_path, text, m
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.reliability(kind="bad_input")
 def test_every_defense_kind_refuses_an_impossible_budget_itself():
     """The constructors make the same checks (table-driven over the registry: a new kind is covered)."""
     import inspect
@@ -107,6 +110,7 @@ def test_every_defense_kind_refuses_an_impossible_budget_itself():
                 cls.check_params({key: params[key].default})  # the defaults pass
 
 
+@pytest.mark.reliability(kind="bad_input")
 def test_config_errors_are_one_line_per_problem_naming_each_field():
     from jobs.config import describe_error
 

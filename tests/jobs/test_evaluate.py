@@ -80,6 +80,7 @@ def test_one_worker_and_other_shards_give_the_same_predictions(smoke_run, tmp_pa
     pd.testing.assert_series_equal(a.l2, b.l2, atol=1e-5)
 
 
+@pytest.mark.reliability(kind="fault")
 def test_rerun_computes_only_missing_shards(smoke_run, tmp_path):
     cfg, res, _ = smoke_run
     run_dir = tmp_path / "resume"
@@ -133,6 +134,7 @@ def test_reruns_keep_and_continue_the_mlflow_run(smoke_run):
     assert again.mlflow_run_id == res.mlflow_run_id
 
 
+@pytest.mark.reliability(kind="fault")
 def test_killed_job_resumes_without_recomputing(tmp_path):
     """A real kill: SIGKILL the CLI after its first shard file, rerun, check nothing is lost or repeated."""
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}

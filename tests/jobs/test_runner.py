@@ -16,6 +16,7 @@ from jobs.runner import prepare_run_dir
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
+@pytest.mark.reliability(kind="fault")
 def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
     cfg = load_config(SMOKE)
     run_dir = tmp_path / "run"
@@ -41,6 +42,7 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
     prepare_run_dir(cfg, run_dir)  # and this process may prepare its own folder again
 
 
+@pytest.mark.reliability(kind="fault")
 def test_two_evaluations_log_to_one_fresh_sqlite_store_at_once(tmp_path):
     """Two real `invgan eval` processes, one new SQLite store: both finish, each with its own FINISHED run
     (no 'database is locked', no migration race)."""
@@ -73,6 +75,7 @@ def _eval(tmp_path, out: str, fault: str) -> subprocess.CompletedProcess:
                           cwd=SMOKE.parents[1], env=env, capture_output=True, text=True, timeout=400)
 
 
+@pytest.mark.reliability(kind="fault")
 def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path):
     import json
 
@@ -90,6 +93,7 @@ def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path
     assert all("injected fault" in m for m in shards["failed_attempts"].values())
 
 
+@pytest.mark.reliability(kind="fault")
 def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path):
     proc = _eval(tmp_path, "run", f"{tmp_path / 'no-such-folder'}:0")  # the marker cannot be written: always fails
     assert proc.returncode != 0

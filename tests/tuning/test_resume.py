@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ def _command(config: Path, out: Path, uri: str) -> list[str]:
     return [sys.executable, "-m", "invgan", "tune", "--config", str(config), "--out", str(out), "--tracking-uri", uri]
 
 
+@pytest.mark.reliability(kind="fault")
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     raw = yaml.safe_load((ROOT / "configs" / "tune" / "smoke.yaml").read_text())
     raw |= {"base": str(ROOT / "configs" / "smoke.yaml"), "scheduler": {"kind": "none"},

@@ -45,7 +45,8 @@ def resolve_address(address: str | None) -> str:
         address = f"http://{address}"
     if state is not None and address.rstrip("/") == state.dashboard_url:
         os.environ.update(state.env())  # before Ray reads its token settings
-    elif "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    elif "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
+                                                or os.environ.get("RAY_AUTH_TOKEN_PATH")
                                                 or (Path.home() / ".ray" / "auth_token").exists()):
         os.environ["RAY_AUTH_MODE"] = "token"
     return address
@@ -64,7 +65,8 @@ def client(address: str | None):
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as err:
         raise SystemExit(f"cannot reach the Ray job server at {url}: {str(err).splitlines()[0]}\n"
-                         "(is the cluster up? `invgan cluster up --local`, or the head's dashboard port, default 8265)")
+                         "(is the cluster up? `invgan cluster up --local`, or the head's dashboard port, default 8265)"
+                         ) from None
 
 
 def upload_size(root: Path = PROJECT_ROOT, excludes: list[str] = UPLOAD_EXCLUDES) -> tuple[int, int]:
@@ -90,7 +92,7 @@ def submit(command: list[str], *, address: str | None = None, wait: bool = True,
         raise SystemExit("nothing to submit: give an invgan command after --, e.g. invgan submit -- eval --config ...")
     c = client(address)
     files, size = upload_size()
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES}
+    runtime_env: dict[str, object] = {"working_dir": str(PROJECT_ROOT), "excludes": UPLOAD_EXCLUDES}
     if env:
         runtime_env["env_vars"] = env
     entrypoint = "python -m invgan " + shlex.join(command)

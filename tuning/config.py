@@ -63,7 +63,8 @@ class Objective(_Strict):
     attack: str = "clean"
     per_second: bool = False
     method: str = "bsd_gan"
-    tolerance: float = Field(0.005, ge=0, description="'cheapest within' this much of the best (0.005 = half a point)")
+    tolerance: float = Field(default=0.005, ge=0,
+                             description="'cheapest within' this much of the best (0.005 = half a point)")
 
     @property
     def mode(self) -> Literal["min", "max"]:
@@ -79,34 +80,35 @@ class Objective(_Strict):
 
 class SearchAlgorithm(_Strict):
     algorithm: Literal["random", "optuna"] = "random"  # optuna: TPE through Tune's OptunaSearch
-    num_samples: int = Field(4, gt=0, description="trials (random: draws per grid point)")
-    max_concurrent_trials: int = Field(2, gt=0)
+    num_samples: int = Field(default=4, gt=0, description="trials (random: draws per grid point)")
+    max_concurrent_trials: int = Field(default=2, gt=0)
     seed: int = 0
-    include_base: bool = Field(True, description="first trial: the base config's own values (the point to beat)")
+    include_base: bool = Field(default=True,
+                               description="first trial: the base config's own values (the point to beat)")
 
 
 class Scheduler(_Strict):
     kind: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, gt=0, description="reports before ASHA may stop a trial")
-    reduction_factor: float = Field(2, gt=1)
+    grace_period: int = Field(default=1, gt=0, description="reports before ASHA may stop a trial")
+    reduction_factor: float = Field(default=2, gt=1)
 
 
 class TrialResources(_Strict):
-    cpus: float = Field(1, gt=0, description="CPUs per trial; torch uses that many threads")
-    gpus: float = Field(0, ge=0)
+    cpus: float = Field(default=1, gt=0, description="CPUs per trial; torch uses that many threads")
+    gpus: float = Field(default=0, ge=0)
 
 
 class Validation(_Strict):
-    limit: Optional[int] = Field(None, gt=0, description="first N examples of the validation split [all]")
-    shard_size: Optional[int] = Field(None, gt=0, description="examples per report [the base's shard_size]")
+    limit: Optional[int] = Field(default=None, gt=0, description="first N examples of the validation split [all]")
+    shard_size: Optional[int] = Field(default=None, gt=0, description="examples per report [the base's shard_size]")
 
 
 class InverterTraining(_Strict):
     """Fixed TrainConfig fields of every inverter trial (the space adds the searched ones)."""
 
-    steps: int = Field(2000, gt=0)
-    report_every: int = Field(200, gt=0, description="steps between reports (and Tune checkpoints)")
-    batch_size: Optional[int] = Field(None, gt=0)
+    steps: int = Field(default=2000, gt=0)
+    report_every: int = Field(default=200, gt=0, description="steps between reports (and Tune checkpoints)")
+    batch_size: Optional[int] = Field(default=None, gt=0)
     seed: int = 0
     fixed: dict[str, Any] = {}  # any other TrainConfig field, e.g. {lambda_latent: 1.0}
 
@@ -198,13 +200,16 @@ class TuneSearch(_Strict):
         for path in self.space:
             if self.kind == "inverter":
                 from jobs.train import DEFAULTS, TrainConfig
-                value = self.inverter.fixed.get(path, DEFAULTS["inverter"].get(path, TrainConfig.model_fields[path].default))
+                default = DEFAULTS["inverter"].get(path, TrainConfig.model_fields[path].default)
+                value = self.inverter.fixed.get(path, default)
                 if path == "eta" and value is None:  # jobs.train's default: 0.03 per-pixel RMS
                     from invgan_core.data import load_dataset
                     base = self.base_config()
-                    value = round(0.03 * math.sqrt(math.prod(load_dataset(base.dataset, "validation", base.data_dir).image_shape)), 4)
+                    shape = load_dataset(base.dataset, "validation", base.data_dir).image_shape
+                    value = round(0.03 * math.sqrt(math.prod(shape)), 4)
             else:
-                node, found = self.base_raw(), True
+                node: Any = self.base_raw()
+                found = True
                 for key in path.split("."):
                     found = isinstance(node, dict) and key in node
                     node = node[key] if found else None
@@ -237,7 +242,8 @@ def _check_objective(search: TuneSearch, base) -> None:
             raise ValueError(f"objective.attack: {obj.attack!r} is not 'clean', 'worst_case' or an attack of the "
                              f"base config ({', '.join(base.attacks)})")
     if search.kind == "red" and obj.method not in base.methods:
-        raise ValueError(f"objective.method: {obj.method!r} is not a method of the base config ({', '.join(base.methods)})")
+        raise ValueError(f"objective.method: {obj.method!r} is not a method of the base config "
+                         f"({', '.join(base.methods)})")
 
 
 def _check_path(search: TuneSearch, base, path: str, dim) -> None:
@@ -246,7 +252,8 @@ def _check_path(search: TuneSearch, base, path: str, dim) -> None:
     where = f"space.{path}"
     if search.kind == "inverter":
         if path not in INVERTER_FIELDS:
-            raise ValueError(f"{where}: unknown parameter path; an inverter search tunes {', '.join(INVERTER_FIELDS)}")
+            raise ValueError(f"{where}: unknown parameter path; an inverter search tunes "
+                             f"{', '.join(INVERTER_FIELDS)}")
         from jobs.train import TrainConfig
         for value in dim.corners():
             try:
@@ -326,7 +333,8 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> TuneSea
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
     if not path.exists():
-        shipped = ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in sorted((PROJECT_ROOT / "configs" / "tune").glob("*.yaml")))
+        configs = sorted((PROJECT_ROOT / "configs" / "tune").glob("*.yaml"))
+        shipped = ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in configs)
         raise FileNotFoundError(f"search config {path} does not exist (shipped: {shipped})")
     raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
     if isinstance(raw.get("base"), str) and not Path(raw["base"]).is_absolute():

@@ -107,7 +107,8 @@ def _tuner(search: TuneSearch, out: Path, callback):
 def _search_alg(search: TuneSearch):
     if search.search.algorithm == "random":
         from ray.tune.search import BasicVariantGenerator
-        return BasicVariantGenerator(random_state=search.search.seed, max_concurrent=search.search.max_concurrent_trials,
+        return BasicVariantGenerator(random_state=search.search.seed,
+                                     max_concurrent=search.search.max_concurrent_trials,
                                      points_to_evaluate=_points(search))
     try:
         import optuna  # a project dependency; an install without it gets this message
@@ -177,7 +178,7 @@ def objective_figure(table: pd.DataFrame, search: TuneSearch):
     axes = fig.subplots(1, len(params), squeeze=False)[0]
     done = table[table.objective.notna()]
     best, _ = pick_best(table, search)
-    for ax, p in zip(axes, params):
+    for ax, p in zip(axes, params, strict=True):
         values = done[p]
         numeric = pd.api.types.is_numeric_dtype(values)
         xs = values if numeric else values.astype(str)
@@ -222,9 +223,9 @@ def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run
                 "seconds_per_example": _plain(cheapest.seconds_per_example)}
         base = _baseline(table, search)
         if base is not None:
+            gain = float(best.objective - base.objective) if base.status == "complete" else None
             summary["baseline"] = {"trial": base.trial_id, "config": {p: _plain(base[p]) for p in search.space},
-                                   "metric": _plain(base.objective), "status": base.status,
-                                   "gain": float(best.objective - base.objective) if base.status == "complete" else None}
+                                   "metric": _plain(base.objective), "status": base.status, "gain": gain}
         text, reproduce = best_yaml(search, out, params, best)
         atomic_write_bytes(out / "best.yaml", text.encode())
         summary["reproduce"] = reproduce
@@ -239,7 +240,7 @@ def _baseline(table: pd.DataFrame, search: TuneSearch):
         return None
     match = table
     for p, v in point.items():
-        match = match[match[p].map(lambda x: x == v or (isinstance(x, float) and math.isclose(x, v)))]
+        match = match[match[p].map(lambda x, v=v: x == v or (isinstance(x, float) and math.isclose(x, v)))]
     return match.iloc[0] if len(match) else None
 
 
@@ -247,7 +248,7 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, str]:
+def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, str | None]:
     """A ready-to-run config with the best values (the base's split: the final, held-out evaluation) and the
     command that reproduces the trial's measurement on the validation split."""
     trial_params = {} if search.kind == "inverter" else params
@@ -261,12 +262,15 @@ def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, s
             for ext in (".json", ".safetensors"):
                 shutil.copyfile(src / f"{kind}{ext}", weights / f"{kind}{ext}")
         for ext in (".json", ".safetensors"):
-            shutil.copyfile(out / "trials" / best.trial_id / "weights" / f"inverter{ext}", weights / f"inverter{ext}")
+            trained = out / "trials" / best.trial_id / "weights" / f"inverter{ext}"
+            shutil.copyfile(trained, weights / f"inverter{ext}")
         cfg["weights"] = trial["weights"] = str(weights)
     command = "invgan red" if search.kind == "red" else "invgan eval"
-    sets = ["split=validation"] + [f"limit={trial['limit']}"] * bool(trial.get("limit")) + [f"shard_size={trial['shard_size']}"]
+    sets = (["split=validation"] + [f"limit={trial['limit']}"] * bool(trial.get("limit"))
+            + [f"shard_size={trial['shard_size']}"])
     # RED's job reads the test split only (RedConfig has no split field yet): no command repeats a RED trial
-    reproduce = None if search.kind == "red" else f"{command} --config {out / 'best.yaml'} " + " ".join(f"--set {s}" for s in sets)
+    reproduce = (None if search.kind == "red"
+                 else f"{command} --config {out / 'best.yaml'} " + " ".join(f"--set {s}" for s in sets))
     header = (f"# Best of search {search.name!r} ({search.kind}): {search.objective.label()} = {best.objective:.6g} "
               f"on the validation split, trial {best.trial_id}.\n# Searched: "
               + ", ".join(f"{k}={v}" for k, v in params.items())
@@ -314,7 +318,8 @@ def run_search(search: TuneSearch, *, out: Path | None = None, address: str | No
     load_models(search.base_config())  # missing or altered weights fail before any trial
     if search.kind == "red":
         red_dictionary(search, out)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # experiment state saved at every step: a kill loses no finished trial
+    # experiment state saved at every step: a kill loses no finished trial
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banner, no status tables; our lines instead
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ... which is cheap here
     quiet_ray_logging(verbose)
@@ -369,9 +374,10 @@ def main(config: Path, overrides: list[str], out: Path | None, address: str | No
     try:
         res = run_search(search, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted; the search state is kept in {out}: rerun the same command to resume")
+        raise SystemExit(f"interrupted; the search state is kept in {out}: rerun the same command to resume") from None
     s = res.summary
-    print(f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, {s['errors']} failed")
+    print(f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, "
+          f"{s['errors']} failed")
     if res.best_trial is None:
         print("no trial completed: nothing to recommend (see the trial errors above)")
     else:
@@ -385,7 +391,8 @@ def main(config: Path, overrides: list[str], out: Path | None, address: str | No
             c = s["cheapest_within_tolerance"]
             print(f"cheapest within {c['tolerance']}: {c['metric']:.4g} (trial {c['trial']}) with "
                   + ", ".join(f"{k}={v}" for k, v in c["config"].items()))
-        print(f"best config: {s['best_yaml']}" + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else ""))
+        print(f"best config: {s['best_yaml']}"
+              + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else ""))
     print(f"trials table: {out / 'trials.parquet'}; summary: {out / 'summary.json'}")
     if res.mlflow_parent_run_id:
         print(f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "

@@ -12,8 +12,12 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray import tune
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 CHILD_RUNS = "child_runs.json"
 SKIP_METRICS = {"trial_id", "step", "done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
@@ -34,9 +38,10 @@ class SearchCallback(tune.Callback):
 
     def __init__(self, *, out: str, tracking_uri: str | None, experiment_id: str | None, parent_run_id: str | None,
                  metric: str, mode: str, label: str, total: int, show: bool = True):
-        self.out, self.tracking_uri, self.experiment_id, self.parent_run_id = out, tracking_uri, experiment_id, parent_run_id
+        self.out, self.tracking_uri, self.experiment_id = out, tracking_uri, experiment_id
+        self.parent_run_id = parent_run_id
         self.metric, self.mode, self.label, self.total, self.show = metric, mode, label, total, show
-        self._client = None
+        self._client: MlflowClient | None = None
         self._started: dict[str, float] = {}
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment: no live client in there
@@ -45,7 +50,7 @@ class SearchCallback(tune.Callback):
     # -- MLflow
 
     @property
-    def client(self):
+    def client(self) -> MlflowClient | None:
         if self._client is None and self.parent_run_id:
             from mlflow.tracking import MlflowClient
             self._client = MlflowClient(self.tracking_uri)
@@ -64,6 +69,7 @@ class SearchCallback(tune.Callback):
             from invgan_core.checkpoint import atomic_write_json
             from jobs.report import flatten_config
 
+            assert self.experiment_id is not None, "a parent run comes with its experiment id"
             run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}",
                                          tags={"mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id})
             for key, value in flatten_config(trial.config).items():
@@ -85,9 +91,11 @@ class SearchCallback(tune.Callback):
 
         from jobs.report import safe_name
 
-        run_id, now, step = self._runs().get(trial.trial_id) or self.child_run(trial), int(time.time() * 1000), int(result.get("step", 0))
+        run_id = self._runs().get(trial.trial_id) or self.child_run(trial)
+        now, step = int(time.time() * 1000), int(result.get("step", 0))
         metrics = [Metric(safe_name(k), float(v), now, step) for k, v in result.items()
-                   if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+                   if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)]
         self.client.log_batch(run_id, metrics=metrics)
 
     def _end(self, trial, status: str, state: str) -> None:

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -156,12 +157,15 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
     base, inv = search_.base_config(), search_.inverter
+    batch: dict[str, Any] = {"batch_size": inv.batch_size} if inv.batch_size else {}
     cfg = TrainConfig(kind="inverter", dataset=base.dataset, data_dir=base.data_dir, steps=inv.steps,
                       checkpoint_every=inv.report_every, seed=inv.seed, generator=base.weights_dir() / "generator",
                       out=folder / "weights", work_dir=folder / "train", eval_split="validation", quiet=True,
                       device="cpu" if search_.resources.gpus == 0 else None,
-                      **({"batch_size": inv.batch_size} if inv.batch_size else {}), **inv.fixed, **config)
-    _restore_train_state(cfg.work_dir)
+                      **batch, **inv.fixed, **config)
+    assert cfg.work_dir is not None and cfg.steps is not None, "steps and work_dir are given above"
+    work_dir, steps = cfg.work_dir, cfg.steps
+    _restore_train_state(work_dir)
     f, _ = load_model(base.weights_dir() / "classifier", kind="classifier")
     f.requires_grad_(False)
     val = load_dataset(base.dataset, "validation", base.data_dir).subset(search_.validation.limit)
@@ -177,9 +181,9 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
         I.train()
         metrics = {"t0_accuracy": t0, "latent_error": latent_error}
         tune.report({"objective": metrics[search_.objective.metric], **metrics, "step": step,
-                     "complete": int(step >= cfg.steps),
+                     "complete": int(step >= steps),
                      **{f"train/{k}": float(v) for k, v in losses.items()}},
-                    checkpoint=tune.Checkpoint.from_directory(str(cfg.work_dir / "state")))
+                    checkpoint=tune.Checkpoint.from_directory(str(work_dir / "state")))
 
     result = run(cfg, on_checkpoint=on_checkpoint, log_mlflow=False)
     (folder / "result.json").write_text(json.dumps({"files": result.get("files"), "metrics": result.get("metrics"),
@@ -207,8 +211,8 @@ def red_on_validation():
     from invgan_core import data
 
     real = data.load_dataset
-    data.load_dataset = lambda name, split, data_dir=None: real(name, {"test": "validation", "train": "fit"}.get(split, split),
-                                                                data_dir)
+    renamed = {"test": "validation", "train": "fit"}
+    data.load_dataset = lambda name, split, data_dir=None: real(name, renamed.get(split, split), data_dir)
     try:
         yield
     finally:

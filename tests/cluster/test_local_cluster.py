@@ -91,9 +91,9 @@ def test_submitted_eval_spreads_over_both_nodes_and_matches_the_in_process_rows(
     assert not rows.duplicated(["example_id", "attack", "defense"]).any()
 
     # the same shards computed in this process give the same rows (the cluster changes where, not what)
-    from jobs.evaluate import EvalWorker
-
     import torch
+
+    from jobs.evaluate import EvalWorker
 
     threads = torch.get_num_threads()
     cfg = load_config("configs/smoke.yaml", overrides)
@@ -120,7 +120,8 @@ def test_submitted_eval_spreads_over_both_nodes_and_matches_the_in_process_rows(
 def test_jobs_list_and_logs_show_the_submitted_job(cluster):
     _, env = cluster
     listed = _invgan(env, "jobs", "list", timeout=60)
-    assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout and "eval --config configs/smoke.yaml" in listed.stdout
+    assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout
+    assert "eval --config configs/smoke.yaml" in listed.stdout
     job_id = next(w for w in listed.stdout.split() if w.startswith("raysubmit"))
     logs = _invgan(env, "jobs", "logs", job_id, timeout=60)
     assert logs.returncode == 0 and "shards: 8 computed" in logs.stdout

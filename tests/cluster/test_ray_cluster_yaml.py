@@ -18,12 +18,14 @@ def config() -> dict:
 
 
 def test_ray_validates_the_cluster_config(config):
+    import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(copy.deepcopy(config)))  # raises on a schema error
-    broken = copy.deepcopy(config) | {"max_workers": "two"}
-    with pytest.raises(Exception):
-        validate_config(prepare_config(broken))
+    # broken after prepare_config (which would itself fail on it, with a TypeError): the schema must catch it
+    broken = prepare_config(copy.deepcopy(config)) | {"max_workers": "two"}
+    with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
+        validate_config(broken)
 
 
 def test_every_node_is_set_up_the_readme_way_and_starts_ray_with_the_shared_token(config):

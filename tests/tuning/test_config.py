@@ -48,9 +48,11 @@ def test_invalid_spaces_fail_naming_the_field(space, named):
     ({"search": {"num_samples": 0}}, "search.num_samples"),
     ({"search": {"algorithm": "optuna"}, "space": {"defenses.invgan.params.steps": {"grid": [1, 2]}}},
      "space.defenses.invgan.params.steps"),
-    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"}, "space": {"lambda_adverse": {"uniform": {"low": 0, "high": 1}}}},
+    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"},
+      "space": {"lambda_adverse": {"uniform": {"low": 0, "high": 1}}}},
      "space.lambda_adverse"),
-    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"}, "space": {"eta": {"uniform": {"low": -1, "high": 1}}}},
+    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"},
+      "space": {"eta": {"uniform": {"low": -1, "high": 1}}}},
      "space.eta"),
 ])
 def test_invalid_searches_fail_naming_the_field(changes, named):
@@ -107,7 +109,7 @@ def test_validation_split_is_carved_from_train_stratified_fixed_and_disjoint_fro
     assert counts.max() - counts.min() <= 1  # stratified
     again = load_dataset(name, "validation")
     assert np.array_equal(val.ids, again.ids) and (val.images == again.images).all()
-    by_id = dict(zip(train.ids.tolist(), range(len(train))))
+    by_id = dict(zip(train.ids.tolist(), range(len(train)), strict=True))
     rows = [by_id[i] for i in val.ids[:20].tolist()]
     assert (train.images[rows] == val.images[:20]).all() and (train.labels[rows] == val.labels[:20]).all()
 

@@ -60,8 +60,9 @@ def test_defense_search_logs_one_child_run_per_trial_with_its_params(defense_sea
     table = result.trials.set_index("trial_id")
     for child in children:
         trial = child.data.tags["trial_id"]
-        assert child.data.params["defenses.invgan.params.steps"] == str(table.loc[trial, "defenses.invgan.params.steps"])
-        assert float(child.data.params["defenses.invgan.params.lr"]) == pytest.approx(table.loc[trial, "defenses.invgan.params.lr"])
+        steps, lr = table.loc[trial, "defenses.invgan.params.steps"], table.loc[trial, "defenses.invgan.params.lr"]
+        assert child.data.params["defenses.invgan.params.steps"] == str(steps)
+        assert float(child.data.params["defenses.invgan.params.lr"]) == pytest.approx(lr)
         history = client.get_metric_history(child.info.run_id, "objective")
         assert [m.step for m in history] == [8, 16, 24, 32][:table.loc[trial, "reports"]]  # one per shard
         assert child.data.tags["best_trial"] == str(trial == result.best_trial).lower()
@@ -144,7 +145,8 @@ def test_red_search_measures_attacked_validation_images_with_a_dictionary_from_t
 
     raw = {"name": "red_smoke_search", "kind": "red", "base": str(ROOT / "configs" / "red_smoke.yaml"),
            "base_set": {"methods": ["cnn", "bsd_gan"], "init_restarts": 2, "init_steps": 10},
-           "space": {"lam_multiplier": {"uniform": {"low": 0.1, "high": 0.7}}, "steps": {"randint": {"low": 10, "high": 30}}},
+           "space": {"lam_multiplier": {"uniform": {"low": 0.1, "high": 0.7}},
+                     "steps": {"randint": {"low": 10, "high": 30}}},
            "objective": {"metric": "attack_accuracy", "method": "bsd_gan"},
            "search": {"num_samples": 2, "max_concurrent_trials": 2}, "scheduler": {"kind": "none"},
            "validation": {"limit": 16, "shard_size": 8}, "mlflow": {"tracking_uri": _uri(tmp_path)}}

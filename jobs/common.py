@@ -97,3 +97,19 @@ def check_job_inputs(cfg, data) -> None:
     split = getattr(cfg, "split", data.split)
     check_images(data, shapes.get("classifier") or next(iter(shapes.values()), None),
                  where=f"dataset {cfg.dataset!r} ({split} split)")
+
+
+WRITE_ERRNOS = {"ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG"}
+
+
+def write_error(err: OSError, folder: Path) -> str | None:
+    """A disk-full, read-only or permission error while writing `folder` as one line naming the path (None
+    for other OSErrors, e.g. a connection error: those are not about the folder). Shards and summary.json
+    are written atomically, so whatever was finished is complete and a rerun resumes from it."""
+    import errno
+
+    if not any(err.errno == getattr(errno, name, None) for name in WRITE_ERRNOS):
+        return None
+    path = err.filename or folder
+    return (f"cannot write {path}: {err.strerror or err} (run folder {folder}); finished shards are kept, "
+            "nothing is half-written: free space or fix the permissions, then rerun to resume")

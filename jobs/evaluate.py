@@ -296,6 +296,13 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         if verbose:
             raise
         raise SystemExit(f"cannot run {config}: {err}") from None
+    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
+        from jobs.common import write_error
+
+        message = write_error(err, run_folder(cfg, out))
+        if message is None or verbose:
+            raise
+        raise SystemExit(message) from None
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; finished shards are kept in {run_folder(cfg, out)}: rerun the same command to resume")
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))

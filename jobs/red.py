@@ -270,6 +270,14 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         if verbose:
             raise
         raise SystemExit(f"cannot run {config}: {err}") from None
+    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
+        from jobs.common import write_error
+        from jobs.runner import run_folder
+
+        message = write_error(err, run_folder(cfg, out))
+        if message is None or verbose:
+            raise
+        raise SystemExit(message) from None
     except KeyboardInterrupt:
         raise SystemExit("interrupted; finished shards are kept in the run folder: rerun the same command to resume")
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))

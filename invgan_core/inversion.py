@@ -14,10 +14,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import copy
+
 import torch
 from torch import nn
 
 from invgan_core import rng
+from invgan_core.models import Generator
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 CONSTRAINTS = (None, "clip", "stochastic_clip")
@@ -46,6 +49,57 @@ def _make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.o
     if name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.7)  # Defense-GAN's setting
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+class _FoldedGenerator(nn.Module):
+    """The same function as an eval-mode DCGAN `Generator`, cheaper per step: each batch norm (fixed
+    running statistics) folded into the layer before it, convolutions in channels-last layout.
+
+    Equal to G up to float rounding (~1e-6); measured 1.3-1.6x faster per projection step on 64-640
+    rows (benchmarks/README.md). Built per `project` call from G's current weights (a few hundred
+    thousand numbers), so a G that is still training is never served stale weights.
+    """
+
+    def __init__(self, G: Generator):
+        super().__init__()
+        self.latent_dim, self.prior, self.chans, self.start = G.latent_dim, G.prior, G.chans, G.start
+        self.fc = _fold(G.fc[0], G.fc[1])
+        layers, mods = [], list(G.net)
+        for i, m in enumerate(mods):
+            if isinstance(m, nn.BatchNorm2d):
+                continue
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            layers.append(_fold(m, nxt) if isinstance(nxt, nn.BatchNorm2d) else m)
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(z)).view(-1, self.chans[0], self.start, self.start)
+        return torch.sigmoid(self.net(h.contiguous(memory_format=torch.channels_last))).contiguous()
+
+
+def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of a Linear / ConvTranspose2d / Conv2d with the eval-mode batch norm after it folded in."""
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    out = copy.deepcopy(layer).requires_grad_(False)
+    shape = [1] * out.weight.dim()
+    shape[1 if isinstance(out, nn.ConvTranspose2d) else 0] = -1  # the output-channel axis of the weight
+    bias = out.bias if out.bias is not None else torch.zeros_like(scale)
+    out.weight.mul_(scale.view(shape))
+    out.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+    return out
+
+
+def step_generator(G: nn.Module) -> nn.Module:
+    """What `project` runs its steps through: `_FoldedGenerator(G)` for a plain DCGAN `Generator`
+    whose layers are the ones it knows, G itself for anything else (tests' linear generators, subclasses)."""
+    known = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ConvTranspose2d, nn.Conv2d, nn.BatchNorm2d)
+    mods = [*G.fc, *G.net] if type(G) is Generator else []
+    foldable = all(not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or (m.affine and m.track_running_stats
+                   and isinstance(prev, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d))) for prev, m in zip([None] + mods, mods))
+    if not mods or not foldable or not all(isinstance(m, known) for m in mods) or not isinstance(G.fc[1], nn.BatchNorm1d):
+        return G
+    with torch.no_grad():
+        return _FoldedGenerator(G).eval()
 
 
 def initial_latents(G: nn.Module, x: torch.Tensor, ids: torch.Tensor, restarts: int, init, seed: int) -> torch.Tensor:
@@ -166,13 +220,14 @@ def _early_stop(losses: torch.Tensor, k: int, best: torch.Tensor, since: torch.T
 def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 200, lr: float = 0.05,
             restarts: int = 1, optimizer: str = "adam", constraint: str | None = None, seed: int = 0,
             keep_trace: bool = False, prune_every: int | None = None, early_stop_tol: float | None = None,
-            patience: int = 20) -> Projection:
+            patience: int = 20, fast: bool = True) -> Projection:
     """Project images x (N, C, H, W) onto the range of G; keeps the restart with the lowest final loss.
 
     Plain R x L by default (Defense-GAN). `prune_every`: successive halving, every `prune_every` steps
     each example keeps the better half (ceil) of its remaining restarts, ranked by their current loss.
     `early_stop_tol`: an example stops once its best restart's loss has not dropped by more than
     `early_stop_tol` for `patience` steps. Both decide per example from its own restarts only.
+    `fast`: step through `step_generator(G)` (the same function, batch norm folded; False: G itself).
     """
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
@@ -189,13 +244,14 @@ def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 20
         z0 = initial_latents(G, x, ids, restarts, init, seed).reshape(n * restarts, d)
         _apply_constraint(z0, constraint, seed, ids, restarts, step=-2)
         act = _Active(z0, n, restarts, lambda params: _make_optimizer(optimizer, params, lr))
+        G_step = step_generator(G) if fast else G
         res = _Result(x, d, restarts, steps, keep_trace)
         best, since = torch.full((n,), float("inf"), device=x.device), torch.zeros(n, dtype=torch.int64, device=x.device)
         for t in range(steps):
             if len(act.ex) == 0:
                 break
             with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
-                out = G(act.z)
+                out = G_step(act.z)
                 losses = per_example_mse(out, x[act.ex])
                 act.opt.zero_grad(set_to_none=True)
                 losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
@@ -223,7 +279,7 @@ def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 20
                 _apply_constraint(act.z.data, constraint, seed, ids, restarts, step=t, rows=act.ex * restarts + act.r)
         with torch.no_grad():
             if len(act.ex):
-                out = G(act.z)
+                out = G_step(act.z)
                 losses = per_example_mse(out, x[act.ex])
                 res.restart_losses[act.ex, act.r] = losses
                 res.finish(act, torch.arange(len(act.ex) // act.k, device=x.device), out, losses)

@@ -89,10 +89,26 @@ def test_projects_under_no_grad(small_G):
     assert inside.loss.mean() < project(small_G, x, ids=torch.arange(4), steps=0).loss.mean()
 
 
+def test_the_step_generator_is_the_same_function_with_batch_norm_folded(small_G):
+    from invgan_core.inversion import step_generator
+
+    fast = step_generator(small_G)
+    assert fast is not small_G and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    z = torch.randn(64, small_G.latent_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(z), small_G(z), atol=1e-5, rtol=0)
+    linear = LinearGenerator(d=4, n=20)
+    assert step_generator(linear) is linear  # anything but a plain DCGAN generator runs as it is
+    x = small_G(torch.randn(8, small_G.latent_dim)).detach()
+    a, b = (project(small_G, x, ids=torch.arange(8), steps=30, restarts=2, fast=f) for f in (True, False))
+    torch.testing.assert_close(a.z, b.z, atol=1e-3, rtol=0)
+
+
 # ---------------------------------------------------------------- restart pruning and early stopping
 
 def test_halving_keeps_the_restart_that_is_best_at_every_checkpoint(small_G):
     """Where plain R x L's final winner already leads at both checkpoints, pruning returns the same latent."""
+    torch.manual_seed(4)
     x = torch.rand(24, 1, 8, 8)
     ids = torch.arange(24)
     plain = project(small_G, x, ids=ids, steps=60, restarts=4, seed=3)
@@ -115,6 +131,7 @@ def test_halving_schedule_counts_restart_steps_with_an_odd_number_of_restarts(sm
 
 
 def test_early_stopping_on_a_generated_image_stops_early_and_fits_it(small_G):
+    torch.manual_seed(6)
     x = small_G(torch.randn(16, small_G.latent_dim)).detach()
     p = project(small_G, x, ids=torch.arange(16), steps=400, restarts=2, early_stop_tol=1e-6, patience=10,
                 keep_trace=True)
@@ -126,12 +143,13 @@ def test_early_stopping_on_a_generated_image_stops_early_and_fits_it(small_G):
 
 
 def test_pruning_and_early_stopping_are_independent_of_the_batch(small_G):
+    torch.manual_seed(5)
     x = torch.cat([torch.rand(16, 1, 8, 8), small_G(torch.randn(16, small_G.latent_dim)).detach()])
     ids = torch.arange(200, 232)
-    kw = dict(steps=60, restarts=5, seed=11, prune_every=10, early_stop_tol=1e-5, patience=8)
+    kw = dict(steps=60, restarts=5, seed=11, prune_every=10, early_stop_tol=1e-4, patience=5)
     batch = project(small_G, x, ids=ids, **kw)
     assert len(set(batch.iterations.tolist())) > 1  # examples stopped at different steps
-    for i in (0, 9, 20, 31):
+    for i in (0, 2, 9, 29, 31):
         alone = project(small_G, x[i:i + 1], ids=ids[i:i + 1], **kw)
         assert alone.iterations[0] == batch.iterations[i]
         torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)

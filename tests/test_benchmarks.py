@@ -20,7 +20,7 @@ def test_quick_run_produces_every_projection_figure(tmp_path, capsys):
     from benchmarks import fig_projection
 
     out = tmp_path / "results.json"
-    assert run.main(["--quick", "--only", "fig_projection", "--out", str(out)]) == 0
+    assert run.main(["--quick", "--only", "fig_projection", "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = [f["name"] for f in result["figures"]]
     assert names == [fn.__name__ for fn in fig_projection.FIGURES]

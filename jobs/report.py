@@ -93,8 +93,9 @@ def summarize(rows: pd.DataFrame) -> dict:
       "none") are absent.
     - mean_l2/mean_linf: mean distortion per attack over its attacked rows (all defenses).
     - diverged: rows whose attack or projection blew up (NaN/∞, a runaway latent), per cell where there are
-      any. They are left out of every other number (accuracy, n, worst case, AUC) with a warning: a
-      diverged projection's prediction is not a measurement of the defense.
+      any. They are left out of accuracy, n, worst case, AUC and distortions, with a warning (a diverged
+      projection's prediction is not a measurement of the defense); seconds_per_example keeps them (the
+      compute was spent).
     """
     rows = validate_rows(rows)
     out: dict[str, dict] = {k: {} for k in ("accuracy", "n", "auc", "seconds_per_example", "diverged")}
@@ -103,6 +104,9 @@ def summarize(rows: pd.DataFrame) -> dict:
     warning = diverged_warning(out)
     if warning:  # on stderr like the runner's other warnings: the job goes on, the tables say it too
         print(warning, file=sys.stderr, flush=True)
+    for defense, d_rows in rows.groupby("defense", sort=False):  # the compute spent: diverged rows included
+        seconds = d_rows.groupby("attack", sort=False)["seconds"].mean()
+        out["seconds_per_example"][defense] = {a: float(seconds[a]) for a in _attack_order(seconds.index)}
     all_rows, rows = rows, rows[~rows["diverged"]]
     for defense in all_rows["defense"].unique():  # a cell whose every row diverged still shows n = 0
         for attack in out["diverged"].get(defense, {}):
@@ -114,7 +118,6 @@ def summarize(rows: pd.DataFrame) -> dict:
         order = _attack_order(cells.index)
         out["accuracy"][defense] = {a: float(cells.at[a, "accuracy"]) for a in order}
         out["n"][defense] = {a: int(cells.at[a, "n"]) for a in order} | out["n"].get(defense, {})
-        out["seconds_per_example"][defense] = {a: float(cells.at[a, "seconds"]) for a in order}
         worst = _worst_case(d_rows, all_rows.loc[all_rows["defense"] == defense, "attack"].unique())
         if worst is not None:
             out["accuracy"][defense][WORST], out["n"][defense][WORST] = worst

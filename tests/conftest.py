@@ -3,7 +3,7 @@
 A test joins the battery with `@pytest.mark.reliability(kind=...)`, kind one of KINDS; each collected
 item (every parametrized case) counts once. After the run, `make test` prints one line such as
 
-    reliability: 9 fault scenarios, 31 bad-input cases, 12 properties, 5 security checks, 6 invariance checks — all passed
+    reliability: 9 fault scenarios, 31 bad-input cases, 12 properties, 5 security checks — all passed
 
 or names what failed or was skipped, so a regression in the battery is visible at a glance.
 """

@@ -54,7 +54,8 @@ def _rows(diverged: dict[tuple[str, str, int], bool]) -> pd.DataFrame:
                 d = diverged.get((defense, attack, ex), False)
                 rows.append(dict(example_id=ex, label=1, attack=attack, defense=defense, prediction=1 if ex < 3 else 0,
                                  correct=ex < 3, detection_score=0.1 * ex + (attack != "clean"), l2=0.0, linf=0.0,
-                                 effective_iterations=1, seconds=0.0, attack_seconds=0.0, attacked=attack != "clean",
+                                 effective_iterations=1, seconds=0.5 * (defense == "invgan"), attack_seconds=0.0,
+                                 attacked=attack != "clean",
                                  queries=0, shard=0, diverged=d))
     return pd.DataFrame(rows)[ROW_COLUMNS]
 
@@ -68,6 +69,7 @@ def test_summary_counts_diverged_rows_and_scores_only_the_others(capsys):
     assert summary["n"]["invgan"]["clean"] == 0 and "clean" not in summary["accuracy"]["invgan"]
     assert "worst_case" not in summary["accuracy"]["invgan"]  # no example has every cell scored
     assert summary["n"]["none"] == {"clean": 4, "fgsm": 4, "worst_case": 4}
+    assert summary["seconds_per_example"]["invgan"] == {"clean": 0.5, "fgsm": 0.5}  # the compute was spent
     assert "6 row(s) diverged" in capsys.readouterr().err
     table = report.markdown_table(summary, "accuracy")
     assert "1.00 (n=2, 2 diverged)" in table and "- (4 diverged)" in table and "0.75 (n=4)" in table

@@ -196,7 +196,8 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
 
     monkeypatch.setattr(runner, "atomic_write_bytes", full_disk_on_second_write)
     run = tmp_path / "run"
-    kwargs = dict(config=SMOKE, overrides=["shard_size=4", "resources.num_workers=1", "attacks.bpda.base.params.steps=2"],
+    kwargs = dict(config=SMOKE,
+                  overrides=["shard_size=4", "resources.num_workers=1", "attacks.bpda.base.params.steps=2"],
                   limit=12, out=run, address=None, tracking_uri=None, log_mlflow=False, progress=False)
     with pytest.raises(SystemExit) as stop:
         eval_main(**kwargs)

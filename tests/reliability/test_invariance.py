@@ -44,10 +44,11 @@ def eval_config(weights: Path, tmp: Path, shard_size: int, workers: int) -> Eval
     pgd = {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}}
     return EvalConfig.model_validate({
         "name": "invariance", "dataset": "digits", "weights": str(weights), "limit": 16, "shard_size": shard_size,
-        "defenses": {"none": {"kind": "none"}, "defensegan": {"kind": "defensegan", "params": {"restarts": 2, "steps": 5}},
+        "defenses": {"none": {"kind": "none"},
+                     "defensegan": {"kind": "defensegan", "params": {"restarts": 2, "steps": 5}},
                      "invgan": {"kind": "invgan", "params": {"steps": 5}},
                      "clipped": {"kind": "clipped", "params": {"steps": 5}}},
-        "attacks": {"pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}},  # random start
+        "attacks": {"pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}},  # random
                     "bpda": {"kind": "bpda", "target": "each", "limit": 9, "base": pgd},
                     "rp": {"kind": "rp", "target": "invgan", "limit": 5, "base": pgd}},
         "resources": {"num_workers": workers, "num_cpus_per_worker": 1},

@@ -165,7 +165,8 @@ def test_block_soft_threshold_matches_the_closed_form(case):
 @FAST
 @given(case=blocks_case())
 def test_block_soft_threshold_satisfies_the_prox_optimality_condition(case):
-    """u = prox_{τh}(c) iff c − u ∈ τ ∂h(u): c_b − u_b = τ u_b / ||u_b|| where u_b ≠ 0, ||c_b − u_b|| ≤ τ where u_b = 0."""
+    """u = prox_{τh}(c) iff c − u ∈ τ ∂h(u): c_b − u_b = τ u_b / ||u_b|| where u_b ≠ 0,
+    ||c_b − u_b|| ≤ τ where u_b = 0."""
     c, blocks, tau = case
     u = block_soft_threshold(c, blocks, tau)
     for b in blocks:

@@ -168,7 +168,8 @@ def test_invgan_ui_starts_mlflow_on_loopback_only(tmp_path, monkeypatch):
     out = CliRunner().invoke(app, ["ui", "--port", "5123", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert out.exit_code == 0, out.output
     (cmd,) = calls
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "0.0.0.0" not in cmd and "http://127.0.0.1:5123" in out.output
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "0.0.0.0" not in cmd
+    assert "http://127.0.0.1:5123" in out.output
 
 
 def test_the_local_clusters_mlflow_server_listens_on_loopback_only(tmp_path):

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from invgan_core import rng
+
+if TYPE_CHECKING:
+    from invgan_core.defenses import Purified
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,6 +54,10 @@ class AttackResult:
     l2: torch.Tensor  # (N,) ||x_adv - x||_2
     linf: torch.Tensor  # (N,) ||x_adv - x||_∞
     queries: torch.Tensor  # (N,) int64: gradient evaluations spent per example
+    # a defense target's purification of x_adv, made for the success check (None for a classifier target):
+    # the evaluation reuses it for that defense's row instead of projecting x_adv a second time
+    purified: Optional["Purified"] = None
+    purify_seconds: float = 0.0  # wall seconds of that purification (part of the attack's own time)
 
 
 def logits_fn(target, ids: Optional[torch.Tensor] = None) -> Logits:
@@ -88,6 +96,16 @@ def predict(target, x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torc
     if hasattr(target, "purify") and hasattr(target, "predict"):
         return target.predict(x, ids)
     return logits_fn(target, ids)(x).argmax(1)
+
+
+def _purification(target, x: torch.Tensor, ids: torch.Tensor) -> Optional["Purified"]:
+    """A defense's purification of x when its prediction is exactly classifier(purify(x).x) (the base
+    `Defense.predict`), else None (a classifier, or a defense that predicts its own way)."""
+    from invgan_core.defenses import Defense
+
+    if isinstance(target, Defense) and type(target).predict is Defense.predict:
+        return target.purify(x, ids)
+    return None
 
 
 def loss_gradient(f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE) -> torch.Tensor:
@@ -130,11 +148,15 @@ class Attack:
         ids = ids.to(x.device)
         f = self.differentiable(target, ids)
         x_adv, queries = self.run(f, x.detach(), y, ids)
-        with torch.no_grad():
-            success = predict(target, x_adv, ids) != y  # against the real target, not a gradient surrogate
+        x_adv = x_adv.detach()
+        with torch.no_grad():  # against the real target, not a gradient surrogate
+            started = time.perf_counter()
+            purified = _purification(target, x_adv, ids)
+            seconds = time.perf_counter() - started if purified is not None else 0.0
+            labels = predict(target, x_adv, ids) if purified is None else target.classifier(purified.x).argmax(1)
         delta = x_adv - x
-        return AttackResult(x_adv=x_adv.detach(), success=success, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
-                            queries=queries)
+        return AttackResult(x_adv=x_adv, success=labels != y, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
+                            queries=queries, purified=purified, purify_seconds=seconds)
 
     def differentiable(self, target, ids: torch.Tensor) -> Logits:
         """The function whose gradient the attack follows; end-to-end attacks override this."""

@@ -10,6 +10,7 @@ Attacks name their target (InvGAN Sec. 4.2 and Chen et al.):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -40,7 +41,8 @@ class _Strict(BaseModel):
 class AttackSpec(_Strict):
     kind: str
     target: str = "classifier"
-    limit: Optional[int] = Field(None, gt=0, description="only the first N examples (costly attacks)")
+    limit: Optional[int] = Field(None, gt=0, description="only N examples (costly attacks), spread evenly over the "
+                                 "split: see attacked_positions")
     params: dict[str, Any] = {}
     base: Optional["AttackSpec"] = None  # the loop of a wrapper (bpda, rp, unrolled, nes)
 
@@ -62,9 +64,30 @@ class AttackSpec(_Strict):
         return _construct(ATTACKS[self.kind], self.params, self.kind, seed)
 
 
-def examples_in_shard(spec: AttackSpec, start: int, stop: int) -> int:
-    """How many of the shard's examples (positions start..stop-1) the attack runs on, given its `limit`."""
-    return stop - start if spec.limit is None else max(0, min(stop - start, spec.limit - start))
+_GOLDEN = 2654435769  # round(2^32 / φ): Fibonacci hashing's multiplier
+
+
+@functools.lru_cache(maxsize=256)
+def attacked_positions(limit: int | None, n: int) -> tuple[int, ...]:
+    """The positions (0..n-1, sorted) of the n examples that an attack with `limit` runs on: all without one;
+    else the first `limit` distinct values of ⌊n·frac(j/φ)⌋, j = 0, 1, 2, ... (the golden-ratio sequence, in
+    integers). They are spread evenly over the split for every limit (each stretch of the split gets its share
+    ±1-2), so the costly examples fall into every shard and workers finish together; and nested, so a smaller
+    limit's examples are among a larger one's (the masking checks pair attacks on common examples). They depend
+    on n alone: never on shard size, workers or order."""
+    if limit is None or limit >= n:
+        return tuple(range(n))
+    seen: dict[int, None] = {}
+    j = 0
+    while len(seen) < limit:  # the sequence fills every bin within ~3n terms (three-gap theorem)
+        seen.setdefault((j * _GOLDEN % (1 << 32)) * n >> 32, None)
+        j += 1
+    return tuple(sorted(seen))
+
+
+def examples_in_shard(spec: AttackSpec, start: int, stop: int, n: int) -> list[int]:
+    """Offsets (0..stop-start-1) of the shard's examples the attack runs on, of a split of n examples."""
+    return [p - start for p in attacked_positions(spec.limit, n) if start <= p < stop]
 
 
 class DefenseSpec(_Strict):

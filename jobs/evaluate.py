@@ -65,28 +65,36 @@ class EvalWorker:
             rows += self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0)
         for name, attack in self.attacks.items():
             spec = self.cfg.attacks[name]
-            n = examples_in_shard(spec, start, stop)
-            if n == 0:
+            at = examples_in_shard(spec, start, stop, len(self.data))  # spread over the split (attack `limit`)
+            if not at:
                 continue
-            xs, ys, ids_s = x[:n], y[:n], ids[:n]
+            xs, ys, ids_s = x[at], y[at], ids[at]
             if spec.target == "each":  # end to end against each defense: rows for that defense only
                 for dname, defense in self.defenses.items():
-                    result, secs = _timed(lambda: attack(defense, xs, ys, ids=ids_s))
-                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs)
+                    result, secs = _attack(attack, defense, xs, ys, ids_s)
+                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=True)
             else:  # computed once (against the classifier or one defense), fed to every defense
                 target = self.models["classifier"] if spec.target == "classifier" else self.defenses[spec.target]
-                result, secs = _timed(lambda: attack(target, xs, ys, ids=ids_s))
+                result, secs = _attack(attack, target, xs, ys, ids_s)
                 for dname, defense in self.defenses.items():
-                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs)
+                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs,
+                                       reuse=dname == spec.target)
         return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
-    def _rows(self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs) -> list[tuple]:
+    def _rows(self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs, *,
+              reuse: bool = False) -> list[tuple]:
+        """`reuse`: the defense is the attack's target, whose success check already purified x_adv (same
+        defense, input and ids; a deterministic projection): take that result instead of projecting again.
+        Its seconds are the row's `seconds` (and not in `attack_seconds`: see `_attack`)."""
         import torch
 
         from invgan_core.detection import detection_scores
 
         x_in = x if result is None else result.x_adv
-        purified, secs = _timed(lambda: defense.purify(x_in, ids))
+        if reuse and result is not None and result.purified is not None:
+            purified, secs = result.purified, result.purify_seconds
+        else:
+            purified, secs = _timed(lambda: defense.purify(x_in, ids))
         with torch.no_grad():
             logits = self.models["classifier"](purified.x)
         pred, diverged = logits.argmax(1).cpu(), diverged_rows(x_in, purified, logits).cpu()
@@ -116,6 +124,13 @@ def diverged_rows(x_in, purified, logits):
     if purified.z is not None:
         bad |= nonfinite(purified.z) | (purified.z.flatten(1).abs().amax(1) > DIVERGED_LATENT)
     return bad
+
+
+def _attack(attack, target, x, y, ids):
+    """The attack's result and seconds, less the seconds of the target's purification in its success check:
+    the target's row reports that purification as its `seconds`, so attack_seconds + seconds count it once."""
+    result, secs = _timed(lambda: attack(target, x, y, ids=ids))
+    return result, secs - result.purify_seconds
 
 
 def _timed(fn):
@@ -164,9 +179,11 @@ class Results:
     retried_shards: int = 0
 
 
-def expected_rows(cfg: EvalConfig, start: int, stop: int) -> int:
-    """Rows a complete shard holds: clean x defenses, plus each attack's examples x defenses it covers."""
-    return len(cfg.defenses) * ((stop - start) + sum(examples_in_shard(s, start, stop) for s in cfg.attacks.values()))
+def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
+    """Rows a complete shard holds (of a split of n examples): clean x defenses, plus each attack's examples in
+    the shard x defenses it covers."""
+    return len(cfg.defenses) * ((stop - start) + sum(len(examples_in_shard(s, start, stop, n))
+                                                     for s in cfg.attacks.values()))
 
 
 def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
@@ -195,7 +212,7 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
         stats = ShardStats()
         if todo:
             stats = run_shards(todo, run_dir, worker=EvalWorker, worker_kwargs={"config": cfg.model_dump(mode="json")},
-                               resources=cfg.resources, expected=lambda a, b: expected_rows(cfg, a, b),
+                               resources=cfg.resources, expected=lambda a, b: expected_rows(cfg, a, b, n),
                                columns=ROW_COLUMNS, desc=f"eval {cfg.name}", address=address, progress=progress,
                                verbose=verbose, on_shard=tracker.progress if tracker else on_shard)
         rows = read_rows(run_dir, ROW_COLUMNS)

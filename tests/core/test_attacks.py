@@ -306,3 +306,23 @@ def test_carlini_wagner_agrees_with_foolbox_at_fixed_l2_thresholds(mnist):
 @pytest.mark.parametrize("cls", [FGSM, LinfPGD, L2PGD, L1PGD])
 def test_every_gradient_attack_honours_the_loss_keyword(cls):
     assert cls(loss="margin").loss.value == "margin" and cls().loss.value == "ce"
+
+
+def test_a_defense_target_carries_the_purification_of_its_success_check(cnn_data):
+    """AttackResult.purified: the target defense's projection of x_adv, the one the success flag was read
+    from (the evaluation reuses it for that defense's row); None against a bare classifier."""
+    model, x, y = cnn_data
+
+    class Shrink(NoDefense):  # a defense whose purification differs from its input
+        def purify(self, x, ids=None):
+            p = super().purify(x, ids)
+            p.x = x * 0.5
+            return p
+
+    defense = Shrink(model)
+    on_model = FGSM(eps=0.1)(model, x, y)
+    assert on_model.purified is None and on_model.purify_seconds == 0.0
+    on_defense = LinfPGD(eps=0.1, steps=3)(defense, x, y)
+    torch.testing.assert_close(on_defense.purified.x, on_defense.x_adv * 0.5)
+    assert torch.equal(on_defense.success, model(on_defense.purified.x).argmax(1) != y)
+    assert on_defense.purify_seconds > 0

@@ -46,7 +46,7 @@ def test_rows_have_the_schema_and_one_row_per_example_attack_defense(smoke_run):
     assert rows.node.str.len().min() > 0 and rows.worker.str.contains(":").all()
     assert not rows.duplicated(KEY).any()
     n = 16
-    assert len(rows) == expected_rows(cfg, 0, n) == n * len(cfg.defenses) * (1 + len(cfg.attacks))
+    assert len(rows) == expected_rows(cfg, 0, n, n) == n * len(cfg.defenses) * (1 + len(cfg.attacks))
     assert set(rows.attack) == {"clean", *cfg.attacks} and set(rows.defense) == set(cfg.defenses)
     assert rows.loc[rows.attack == "fgsm", "linf"].max() <= 0.3 + 1e-6
     assert (rows.attacked == (rows.attack != "clean")).all()
@@ -176,3 +176,75 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
     assert inv.loc[100, "clean_accuracy"] >= inv.loc[1, "clean_accuracy"]
     history = MlflowClient(uri).get_metric_history(run_id, "curve/invgan/clean_accuracy")
     assert sorted(m.step for m in history) == [1, 20, 100]
+
+
+# ---------------------------------------------------------------- in-process: the worker's rows (no Ray)
+
+def _all_rows(worker, n: int, shard_size: int) -> pd.DataFrame:
+    from jobs.runner import plan_shards
+
+    return pd.concat([worker.run_shard(*s) for s in plan_shards(n, shard_size)], ignore_index=True)
+
+
+def test_an_attack_limit_takes_the_same_spread_examples_whatever_the_shard_size():
+    """`limit` picks examples spread over the split (not the first ones), by position in the split only."""
+    from jobs.config import attacked_positions, examples_in_shard
+    from jobs.evaluate import EvalWorker
+
+    cfg = load_config(SMOKE, ["limit=16", "attacks.bpda.limit=5", "defenses={none: {kind: none}}"])
+    worker = EvalWorker(cfg.model_dump(mode="json"))
+    attacked = {}
+    for size in (1, 7, 16):
+        rows = _all_rows(worker, 16, size)
+        assert len(rows) == sum(expected_rows(cfg, a, min(a + size, 16), 16) for a in range(0, 16, size))
+        attacked[size] = sorted(rows.loc[rows.attack == "bpda", "example_id"])
+    assert attacked[1] == attacked[7] == attacked[16] and len(attacked[1]) == 5
+    by_shard = [len(examples_in_shard(cfg.attacks["bpda"], a, a + 4, 16)) for a in range(0, 16, 4)]
+    assert by_shard == [2, 1, 1, 1]  # every shard of 4 gets its share, not 4 + 1 in the first two
+    # the default config: BPDA's 10 of 60 examples over 6 shards, CW's 30 likewise
+    default = load_config(ROOT / "configs" / "default.yaml")
+    for name, share in (("bpda", 10 / 6), ("cw", 30 / 6)):
+        counts = [len(examples_in_shard(default.attacks[name], a, a + 10, 60)) for a in range(0, 60, 10)]
+        assert sum(counts) == default.attacks[name].limit and max(counts) - min(counts) <= 2
+        assert all(abs(c - share) <= 1 for c in counts), (name, counts)
+    assert set(attacked_positions(3, 60)) <= set(attacked_positions(10, 60)) <= set(attacked_positions(30, 60))
+
+
+def test_the_target_defense_row_reuses_the_attack_projection_and_equals_a_fresh_one(monkeypatch):
+    """The success check of an attack through a defense already purified x_adv: that defense's row takes it
+    (one projection less per attack and target) and holds the same values as projecting again."""
+    import jobs.evaluate as evaluate_module
+    from jobs.evaluate import EvalWorker
+
+    cfg = load_config(SMOKE, ["limit=4"])
+    worker = EvalWorker(cfg.model_dump(mode="json"))
+    calls = {"n": 0}
+    for defense in worker.defenses.values():
+        real = defense.purify
+
+        def counting(x, ids=None, real=real):
+            calls["n"] += 1
+            return real(x, ids)
+        defense.purify = counting
+    reused = worker.run_shard(0, 0, 4)
+    with_reuse = calls["n"]
+    real_attack = evaluate_module._attack
+
+    def without_purified(*args):
+        result, secs = real_attack(*args)
+        result.purified = None
+        return result, secs
+    monkeypatch.setattr(evaluate_module, "_attack", without_purified)
+    calls["n"] = 0
+    fresh = worker.run_shard(0, 0, 4)
+    assert calls["n"] - with_reuse == len(cfg.defenses)  # bpda (target: each) x 2 defenses: projections saved
+    timing = ["seconds", "attack_seconds"]
+    pd.testing.assert_frame_equal(reused.drop(columns=timing), fresh.drop(columns=timing))
+    assert (reused.seconds > 0).all()  # a reused row reports the projection's seconds from the attack
+
+
+def test_expected_rows_of_all_shards_add_up_to_every_attack_limit():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    n, d = 60, len(cfg.defenses)
+    total = sum(expected_rows(cfg, a, min(a + 7, n), n) for a in range(0, n, 7))
+    assert total == d * (n + sum(min(s.limit or n, n) for s in cfg.attacks.values()))

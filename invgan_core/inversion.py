@@ -69,7 +69,7 @@ class _FoldedGenerator(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 continue
             nxt = mods[i + 1] if i + 1 < len(mods) else None
-            layers.append(_fold(m, nxt) if isinstance(nxt, nn.BatchNorm2d) else m)
+            layers.append(_fold(m, nxt) if isinstance(nxt, nn.BatchNorm2d) else copy.deepcopy(m))  # G stays as it is
         self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ measured in the same run on fewer steps, giving the batching ratio beside the ab
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 

@@ -5,12 +5,11 @@ Common interface: `defense.purify(x, ids) -> Purified` and `defense.predict(x, i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-import math
 
 from invgan_core.inversion import CONSTRAINTS, OPTIMIZERS, project
 

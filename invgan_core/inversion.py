@@ -11,10 +11,9 @@ batch; random starts and clipping draws come from (seed, example id), see `rng.p
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import copy
 
 import torch
 from torch import nn

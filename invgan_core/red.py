@@ -110,10 +110,13 @@ def select_per_class(labels: torch.Tensor, per_class: int, seed: int, num_classe
 
 def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                             attacks: dict[str, Attack], per_class: int, seed: int = 0, *, ids=None,
-                            batch_size: int = 1024) -> AttackDictionary:
+                            batch_size: int = 1024, normalize_atoms: bool = False) -> AttackDictionary:
     """Run every attack on `per_class` training examples per class; columns are δ = x_adv − x (Sec. 5.2).
 
     Attack randomness comes from the example ids (dataset ids when given, else row numbers).
+    `normalize_atoms` scales every column to unit ℓ2 norm. Raw ℓ∞ atoms (ε = 0.3) are ~2.7× longer than
+    ℓ2 atoms (ε = 2), so the group penalty λ Σ ||c_ij|| explains an ℓ2 perturbation more cheaply with ℓ∞
+    atoms and BSD-GAN-AD calls it ℓ∞; with unit atoms every block pays the same per unit of energy.
     """
     num_classes = getattr(classifier, "num_classes", None) or int(labels.max()) + 1
     rows = select_per_class(labels, per_class, seed, num_classes)
@@ -129,7 +132,10 @@ def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels:
         type_blocks.append(torch.full((len(x),), j, dtype=torch.int64, device=y.device))
     classes, types = y.repeat(len(attacks)), torch.cat(type_blocks)
     order = torch.argsort(classes * len(attacks) + types, stable=True)
-    return AttackDictionary(D=torch.cat(deltas)[order].T.contiguous().float(), classes=classes[order],
+    D = torch.cat(deltas)[order].T.contiguous().float()
+    if normalize_atoms:
+        D = D / D.norm(dim=0, keepdim=True).clamp_min(1e-12)  # an all-zero atom (attack did not move) stays 0
+    return AttackDictionary(D=D, classes=classes[order],
                             attack_types=types[order], attack_names=list(attacks), num_classes=num_classes,
                             image_shape=tuple(images.shape[1:]), source_index=rows.repeat(len(attacks))[order],
                             success=torch.cat(success)[order].cpu())

@@ -29,6 +29,8 @@ METHODS = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
 class DictionarySpec(_Strict):
     per_class: int = Field(200, gt=0, description="training examples per class and attack type (paper: 200)")
     attacks: dict[str, AttackSpec]  # the attack types: their order is the type index j
+    normalize_atoms: bool = Field(True, description="scale every column of D_a to unit ℓ2 norm (see the README: "
+                                  "raw ℓ∞ atoms are longer, and ℓ2 attacks were classified ℓ∞)")
 
 
 class RedConfig(JobConfig):
@@ -67,8 +69,9 @@ def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
     attacks = {name: spec.build(cfg.seed) for name, spec in cfg.dictionary.attacks.items()}
     print(f"building the attack dictionary: {len(attacks)} attacks x {cfg.dictionary.per_class} examples per class ...", flush=True)
     dic = build_attack_dictionary(f, train.images, train.labels, attacks, cfg.dictionary.per_class, cfg.seed,
-                                  ids=train.ids)
+                                  ids=train.ids, normalize_atoms=cfg.dictionary.normalize_atoms)
     save_dictionary(stem, dic, dataset=cfg.dataset, per_class=cfg.dictionary.per_class,
+                    normalize_atoms=cfg.dictionary.normalize_atoms,
                     attacks={k: v.model_dump() for k, v in cfg.dictionary.attacks.items()})
     return dic
 

@@ -38,7 +38,8 @@ def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
     out = []
     for name, (family, iters, _) in points.items():
         mine = rows[rows.defense == name]
-        clean, attacked = mine[~mine.attacked], mine[mine.attacked]
+        scored = mine[~mine["diverged"].astype(bool)] if "diverged" in mine.columns else mine  # see report.summarize
+        clean, attacked = scored[~scored.attacked], scored[scored.attacked]
         out.append({"family": family, "point": name, "effective_iterations": iters,
                     "clean_accuracy": clean.correct.mean(),
                     "attacked_accuracy": attacked.correct.mean() if len(attacked) else float("nan"),

@@ -135,6 +135,8 @@ def masking_flags(
         out.append(dict(defense=defense, check=check, attack=attack, compared_with=other, acc=acc,
                         acc_other=acc_other, n=n, flagged=bool(flagged)))
 
+    if "diverged" in rows.columns:  # a diverged row is neither correct nor incorrect (see report.summarize)
+        rows = rows[~rows["diverged"].astype(bool)]
     for defense, d_rows in rows[rows["attacked"]].groupby("defense", sort=False):
         acc = d_rows.pivot(index="example_id", columns="attack", values="correct")
         for name in main:

@@ -140,6 +140,8 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     if rows.empty:
         return head + (f"*Not run yet.* `invgan eval --config {rel}` writes `{run_dir.name}`; "
                        "then `invgan report`.\n"), None
+    if "diverged" in rows.columns:  # neither correct nor incorrect: left out, as in the eval's own tables
+        rows = rows[~rows["diverged"].astype(bool)]
     metric = spec.get("metric", "accuracy")
     cells = (auc_cells if metric == "auc" else accuracy_cells)(rows, spec["columns"], spec.get("paper", {}))
     cells = {d: cells[d] for d in cfg.defenses if d in cells}  # the config's order

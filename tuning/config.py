@@ -132,6 +132,13 @@ class TuneSearch(_Strict):
     inverter: InverterTraining = InverterTraining()
     mlflow: MlflowSpec = MlflowSpec()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        from jobs.common import check_folder_name
+
+        return check_folder_name(name)  # it names runs/tune/<name>: no '/', '..' or absolute path
+
     @field_validator("base")
     @classmethod
     def _exists(cls, base: Path) -> Path:

@@ -136,3 +136,11 @@ def test_an_unconverged_attack_in_a_real_evaluation_is_flagged_and_kept_out_of_t
     summary = report.summarize(rows[~rows["attack"].str.startswith("check/")])
     assert set(summary["accuracy"]["none"]) == {"clean", "fgsm", "bpda", "worst_case"}
     assert "FLAG none: not_converged — bpda" in masking_text({"checks": len(flags), **flags_summary(flags)})
+
+
+def test_diverged_rows_are_left_out_of_the_checks():
+    rows = rows_from({("A", "fgsm"): [False] * 4, ("A", "pgd"): [True] * 4})
+    rows["diverged"] = rows["attack"] == "pgd"  # every PGD row diverged: nothing left to compare
+    assert masking_flags(rows, {"fgsm": FGSM, "pgd": PGD}).empty
+    rows["diverged"] = False
+    assert flagged(masking_flags(rows, {"fgsm": FGSM, "pgd": PGD})) == {("A", "single_step_stronger", "pgd")}

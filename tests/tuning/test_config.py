@@ -54,6 +54,7 @@ def test_invalid_spaces_fail_naming_the_field(space, named):
     ({"kind": "inverter", "objective": {"metric": "t0_accuracy"},
       "space": {"eta": {"uniform": {"low": -1, "high": 1}}}},
      "space.eta"),
+    ({"name": "../../elsewhere"}, "name"),  # it names runs/tune/<name>: must not lead out of it
 ])
 def test_invalid_searches_fail_naming_the_field(changes, named):
     with pytest.raises(ValueError) as err:

@@ -294,7 +294,8 @@ def cluster_status() -> None:
 
     state = load_state()
     if state is None:
-        raise typer.Exit(typer.echo(f"no local cluster in {state_dir()}") or 1)
+        typer.echo(f"no local cluster in {state_dir()}")
+        raise typer.Exit(1)
     typer.echo(f"job server {state.dashboard_url}, MLflow {state.mlflow_uri}, {len(state.nodes)} node(s), "
                f"{len(cluster_pids(state))} live process(es)")
 

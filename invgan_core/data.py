@@ -71,8 +71,8 @@ class Dataset:
 
     def select(self, index: np.ndarray, split: str) -> "Dataset":
         """The examples at positions `index` (ids kept), named as split `split`."""
-        index = torch.as_tensor(index, dtype=torch.int64)
-        return Dataset(self.name, split, self.ids[index.numpy()], self.images[index], self.labels[index], self.info)
+        rows = torch.as_tensor(index, dtype=torch.int64)
+        return Dataset(self.name, split, self.ids[rows.numpy()], self.images[rows], self.labels[rows], self.info)
 
 
 def check_images(data: Dataset, image_shape: tuple[int, ...] | None = None, *, where: str | None = None) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from invgan_core import rng
 from invgan_core.models import Generator
@@ -69,15 +71,18 @@ class _FoldedGenerator(nn.Module):
                 continue
             nxt = mods[i + 1] if i + 1 < len(mods) else None
             layers.append(_fold(m, nxt) if isinstance(nxt, nn.BatchNorm2d) else copy.deepcopy(m))  # G stays as it is
-        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        # Module.to accepts memory_format (torch docs); torch's stubs do not list it
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc(z)).view(-1, self.chans[0], self.start, self.start)
         return torch.sigmoid(self.net(h.contiguous(memory_format=torch.channels_last))).contiguous()
 
 
-def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def _fold(module: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of a Linear / ConvTranspose2d / Conv2d with the eval-mode batch norm after it folded in."""
+    layer, bn = cast(nn.Linear, module), cast(_BatchNorm, norm)  # step_generator checked both kinds
+    assert bn.running_var is not None and bn.running_mean is not None, "folding needs running statistics"
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
     out = copy.deepcopy(layer).requires_grad_(False)
     shape = [1] * out.weight.dim()
@@ -88,11 +93,22 @@ def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return out
 
 
+def latent_dim(G: nn.Module) -> int:
+    """d of a generator (every generator here has `latent_dim` and `prior` attributes)."""
+    return int(getattr(G, "latent_dim"))  # noqa: B009 - getattr: nn.Module's typing sees submodules only
+
+
+def prior(G: nn.Module) -> str:
+    return str(getattr(G, "prior"))  # noqa: B009
+
+
 def step_generator(G: nn.Module) -> nn.Module:
     """What `project` runs its steps through: `_FoldedGenerator(G)` for a plain DCGAN `Generator`
     whose layers are the ones it knows, G itself for anything else (tests' linear generators, subclasses)."""
     known = (nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.ConvTranspose2d, nn.Conv2d, nn.BatchNorm2d)
-    mods = [*G.fc, *G.net] if type(G) is Generator else []
+    if not isinstance(G, Generator) or type(G) is not Generator:
+        return G
+    mods = [*G.fc, *G.net]
     foldable = all(not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or (m.affine and m.track_running_stats
                    and isinstance(prev, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d))) for prev, m in zip([None] + mods, mods))
     if not mods or not foldable or not all(isinstance(m, known) for m in mods) or not isinstance(G.fc[1], nn.BatchNorm1d):
@@ -104,13 +120,13 @@ def step_generator(G: nn.Module) -> nn.Module:
 def initial_latents(G: nn.Module, x: torch.Tensor, ids: torch.Tensor, restarts: int, init, seed: int) -> torch.Tensor:
     """Starting latents (N, R, d): 'prior' draws per (seed, id, restart); an inverter gives I(x)
     for restart 0 and prior draws for the rest; a tensor (N, d) or (N, R, d) is used as given."""
-    n, d = x.shape[0], G.latent_dim
+    n, d = x.shape[0], latent_dim(G)
     if isinstance(init, str):
         if init != "prior":
             raise ValueError(f"init must be 'prior', an inverter module or a latent tensor, got {init!r}")
-        return rng.sample_latents(G.prior, seed, ids, restarts, d).to(x.device)
+        return rng.sample_latents(prior(G), seed, ids, restarts, d).to(x.device)
     if isinstance(init, nn.Module):
-        z0 = rng.sample_latents(G.prior, seed, ids, restarts, d).to(x.device)
+        z0 = rng.sample_latents(prior(G), seed, ids, restarts, d).to(x.device)
         with torch.no_grad():
             z0[:, 0] = init(x)
         return z0
@@ -235,7 +251,7 @@ def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 20
     if prune_every is not None and prune_every < 1 or patience < 1:
         raise ValueError(f"need prune_every >= 1 (or None) and patience >= 1, got {prune_every}, {patience}")
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
-    n, d = x.shape[0], G.latent_dim
+    n, d = x.shape[0], latent_dim(G)
     if ids.numel() != n:
         raise ValueError(f"got {ids.numel()} ids for {n} images")
     with _frozen_eval(G):

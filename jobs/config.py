@@ -29,7 +29,7 @@ ATTACKS = {
     "cw": attacks.CarliniWagnerL2, "sign_cw": adaptive.SignCW,
 }
 WRAPPERS = {"bpda": adaptive.BPDA, "rp": adaptive.Reparameterization, "unrolled": adaptive.Unrolled, "nes": adaptive.NES}
-DEFENSES = {"none": defenses.NoDefense, "defensegan": defenses.DefenseGAN, "invgan": defenses.InvGAN,
+DEFENSES: dict[str, type[defenses.Defense]] = {"none": defenses.NoDefense, "defensegan": defenses.DefenseGAN, "invgan": defenses.InvGAN,
             "clipped": defenses.ClippedProjection}
 RESERVED = {"clean", "worst_case"}  # attack names the results use themselves
 
@@ -156,6 +156,10 @@ class JobConfig(_Strict):
     """What every sharded job's config shares: weights folder, hash, MLflow experiment family."""
 
     family_prefix: ClassVar[str] = "eval"  # experiment: <prefix>-<dataset> unless mlflow.experiment is given
+    # every job config declares these fields (eval, RED, curves); named here for the methods below
+    weights: Path
+    dataset: str
+    mlflow: MlflowSpec
 
     @field_validator("name", check_fields=False)
     @classmethod

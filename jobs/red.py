@@ -23,7 +23,8 @@ from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict
 
 RED_COLUMNS = ["example_id", "label", "attack_type", "signal_pred", "attack_pred", "method", "seconds", "final_loss",
                "shard"]
-METHODS = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
+Method = Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]
+METHODS: tuple[Method, ...] = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
 
 
 class DictionarySpec(_Strict):
@@ -44,7 +45,7 @@ class RedConfig(JobConfig):
     seed: int = 0
     shard_size: int = Field(16, gt=0)
     dictionary: DictionarySpec
-    methods: list[Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]] = list(METHODS)
+    methods: list[Method] = list(METHODS)
     steps: int = Field(500, gt=0, description="Algorithm 1 iterations (App. B.2: 500)")
     lam_multiplier: float = Field(0.35, gt=0, description="λ = multiplier · λ_max (App. B.2: 0.35)")
     init_restarts: int = Field(10, gt=0, description="Defense-GAN start: restarts x init_steps (App. B.2: 10 x 100)")
@@ -128,10 +129,12 @@ class RedWorker:
         if method == "sbsc":
             r = sbsc_solve(x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier,
                            steps=cfg.steps)
+            assert r.signal_class is not None, "sbsc_solve always classifies the signal"
             return r.signal_class.cpu(), r.attack_type.cpu(), r.loss.cpu()
         init = self.models["inverter"] if method == "bsd_gan_inverter" else "defensegan"
         z0 = initial_latents(G, x, ids, init, cfg.seed, restarts=cfg.init_restarts, steps=cfg.init_steps)
         r = red_solve(G, x, D=self.dic, z0=z0, lam_multiplier=cfg.lam_multiplier, steps=cfg.steps, classifier=f)
+        assert r.signal_class is not None, "red_solve classifies the signal when given the classifier"
         return r.signal_class.cpu(), r.attack_type.cpu(), r.loss.cpu()
 
 

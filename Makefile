@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 BIN := $(VENV)/bin
 
-.PHONY: setup eval test test-slow clean
+.PHONY: setup eval test lint test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ setup: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/invgan eval
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# Static checks (pyproject.toml: [tool.ruff], [tool.mypy]); part of `make test`, so CI runs them
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	RUN_SLOW=1 $(BIN)/python -m pytest -q

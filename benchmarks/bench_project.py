@@ -53,17 +53,24 @@ def main() -> None:
     rows = []
 
     for batch in (1, 64, 256, 1024):
-        t = timed(lambda: project(G, x_all[:batch], ids=ids[:batch], steps=S))
+        t = timed(lambda b=batch: project(G, x_all[:b], ids=ids[:b], steps=S))
         rows.append({"case": "restarts=1", "batch": batch, "seconds": t, "example_iters_per_s": batch * S / t})
         print(rows[-1])
 
     n, R = args.loop_examples, 10
-    t_loop = timed(lambda: [project(G, x_all[i:i + 1], ids=ids[i:i + 1], steps=S, restarts=R) for i in range(n)], repeat=1)
+    t_loop = timed(
+        lambda: [project(G, x_all[i : i + 1], ids=ids[i : i + 1], steps=S, restarts=R) for i in range(n)], repeat=1
+    )
     t_batch = timed(lambda: project(G, x_all[:n], ids=ids[:n], steps=S, restarts=R), repeat=1)
-    t_one_by_one = timed(lambda: [project(G, x_all[i:i + 1], ids=ids[i:i + 1], steps=S) for i in range(n) for _ in range(R)], repeat=1)
-    for case, t in (("defensegan loop over examples (restarts batched)", t_loop),
-                    ("defensegan loop over examples and restarts", t_one_by_one),
-                    ("defensegan examples x restarts batched", t_batch)):
+    t_one_by_one = timed(
+        lambda: [project(G, x_all[i : i + 1], ids=ids[i : i + 1], steps=S) for i in range(n) for _ in range(R)],
+        repeat=1,
+    )
+    for case, t in (
+        ("defensegan loop over examples (restarts batched)", t_loop),
+        ("defensegan loop over examples and restarts", t_one_by_one),
+        ("defensegan examples x restarts batched", t_batch),
+    ):
         rows.append({"case": case, "batch": n * R, "seconds": t, "example_iters_per_s": n * R * S / t})
         print(rows[-1])
     summary = {
@@ -73,8 +80,19 @@ def main() -> None:
     }
     print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "summary": summary, "steps": S, "threads": args.threads,
-                                    "torch": torch.__version__, "machine": platform.machine()}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "summary": summary,
+                "steps": S,
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -36,8 +36,9 @@ def main() -> None:
     f.requires_grad_(False)
     train, test = load_dataset("mnist5k", "train"), load_dataset("mnist5k", "test")
     t = time.perf_counter()
-    dic = build_attack_dictionary(f, train.images, train.labels, {k: v() for k, v in PAPER_MNIST_ATTACKS.items()},
-                                  args.per_class, ids=train.ids)
+    dic = build_attack_dictionary(
+        f, train.images, train.labels, {k: v() for k, v in PAPER_MNIST_ATTACKS.items()}, args.per_class, ids=train.ids
+    )
     rows = [{"case": "dictionary", "columns": dic.D.shape[1], "seconds": time.perf_counter() - t}]
     x, ids = test.images[:64], torch.as_tensor(test.ids[:64])
     t = time.perf_counter()
@@ -47,8 +48,14 @@ def main() -> None:
         n = 4 if batch == 1 else batch
         t = time.perf_counter()
         for lo in range(0, n, batch):
-            red_solve(G, x[lo:lo + batch], D=dic, z0=z0[lo:lo + batch], steps=args.steps)
-        rows.append({"case": f"algorithm 1, {args.steps} steps", "batch": batch, "seconds_per_example": (time.perf_counter() - t) / n})
+            red_solve(G, x[lo : lo + batch], D=dic, z0=z0[lo : lo + batch], steps=args.steps)
+        rows.append(
+            {
+                "case": f"algorithm 1, {args.steps} steps",
+                "batch": batch,
+                "seconds_per_example": (time.perf_counter() - t) / n,
+            }
+        )
         print(rows[-1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "threads": args.threads, "per_class": args.per_class}, indent=2))

@@ -39,8 +39,10 @@ KEY = ["example_id", "attack", "defense"]
 def _models() -> dict:
     from invgan_core.checkpoint import load_model
 
-    return {k: load_model(ROOT / "weights" / "mnist5k" / k, kind=k)[0].requires_grad_(False)
-            for k in ("generator", "classifier")}
+    return {
+        k: load_model(ROOT / "weights" / "mnist5k" / k, kind=k)[0].requires_grad_(False)
+        for k in ("generator", "classifier")
+    }
 
 
 def _spread_test_set(n: int):
@@ -64,8 +66,10 @@ def bpda_warm_vs_cold(quick: bool) -> dict:
     defense = DefenseGAN(m["generator"], m["classifier"], restarts=restarts, steps=steps)
     x, y, ids = _spread_test_set(n)
     pgd = {"eps": 0.3, "steps": 10, "abs_stepsize": 0.05}  # configs/default.yaml's bpda
-    attacks = {"cold": BPDA(attack=LinfPGD(**pgd)), "warm": BPDA(warm_start=True, warm_steps=WARM_STEPS,
-                                                                    attack=LinfPGD(**pgd))}
+    attacks = {
+        "cold": BPDA(attack=LinfPGD(**pgd)),
+        "warm": BPDA(warm_start=True, warm_steps=WARM_STEPS, attack=LinfPGD(**pgd)),
+    }
     seconds = {"cold": 0.0, "warm": 0.0}
     success = {"cold": [], "warm": []}
     chunk_ratios = []
@@ -75,18 +79,31 @@ def bpda_warm_vs_cold(quick: bool) -> dict:
     acc = {case: 1 - torch.cat(s).float().mean().item() for case, s in success.items()}
     differ = int((torch.cat(success["cold"]) != torch.cat(success["warm"])).sum())
     ratio = seconds["warm"] / seconds["cold"]
-    return {"name": "bpda_warm_vs_cold", "value": ratio, "target": "≤ 0.2",
-            "met": bool(ratio <= 0.2 and abs(acc["warm"] - acc["cold"]) <= 0.01), "unit": "×",
-            "details": {"examples": n, "defense": f"defensegan {restarts} x {steps}", "bpda": pgd,
-                        "warm_steps": WARM_STEPS, "accuracy_cold": acc["cold"], "accuracy_warm": acc["warm"],
-                        "examples_differing": differ,
-                        "seconds_per_example_cold": seconds["cold"] / n, "seconds_per_example_warm": seconds["warm"] / n,
-                        "chunk_ratios": chunk_ratios, "median_chunk_ratio": statistics.median(chunk_ratios)}}
+    return {
+        "name": "bpda_warm_vs_cold",
+        "value": ratio,
+        "target": "≤ 0.2",
+        "met": bool(ratio <= 0.2 and abs(acc["warm"] - acc["cold"]) <= 0.01),
+        "unit": "×",
+        "details": {
+            "examples": n,
+            "defense": f"defensegan {restarts} x {steps}",
+            "bpda": pgd,
+            "warm_steps": WARM_STEPS,
+            "accuracy_cold": acc["cold"],
+            "accuracy_warm": acc["warm"],
+            "examples_differing": differ,
+            "seconds_per_example_cold": seconds["cold"] / n,
+            "seconds_per_example_warm": seconds["warm"] / n,
+            "chunk_ratios": chunk_ratios,
+            "median_chunk_ratio": statistics.median(chunk_ratios),
+        },
+    }
 
 
 def _bpda_chunk(k, sl, attacks, defense, x, y, ids, seconds, success, chunk_ratios) -> None:
     took = {}
-    for case in (("cold", "warm") if k % 2 == 0 else ("warm", "cold")):  # interleaved, order alternating
+    for case in ("cold", "warm") if k % 2 == 0 else ("warm", "cold"):  # interleaved, order alternating
         t = time.perf_counter()
         result = attacks[case](defense, x[sl], y[sl], ids=ids[sl])
         took[case] = time.perf_counter() - t
@@ -106,6 +123,7 @@ def _threads(n: int):
 
 
 # ---------------------------------------------------------------- the job through Ray
+
 
 @contextlib.contextmanager
 def _ray(num_cpus: int = 3):
@@ -128,8 +146,7 @@ def _ray(num_cpus: int = 3):
 def _config(name: str, overrides: list[str], workers: int = 1):
     from jobs.config import load_config
 
-    return load_config(ROOT / "configs" / name, overrides,
-                       resources={"num_workers": workers, "num_cpus_per_worker": 1})
+    return load_config(ROOT / "configs" / name, overrides, resources={"num_workers": workers, "num_cpus_per_worker": 1})
 
 
 def _in_process(cfg):
@@ -142,8 +159,9 @@ def _in_process(cfg):
     threads = torch.get_num_threads()
     try:
         worker = EvalWorker(cfg.model_dump(mode="json"))
-        return pd.concat([worker.run_shard(*s) for s in plan_shards(len(worker.data), cfg.shard_size)],
-                         ignore_index=True)
+        return pd.concat(
+            [worker.run_shard(*s) for s in plan_shards(len(worker.data), cfg.shard_size)], ignore_index=True
+        )
     finally:
         torch.set_num_threads(threads)  # the worker sets its own thread count
 
@@ -163,22 +181,36 @@ def eval_ray_vs_inprocess(quick: bool) -> dict:
     if quick:  # the smoke config: Ray's fixed start-up (actor, imports, models) dominates its ~1 s of work
         name, overrides, repeats = "smoke.yaml", ["limit=16", "shard_size=16"], 1
     else:  # the default config on 6 examples (attack limits scaled alike): minutes of work, one shard
-        name, overrides, repeats = "default.yaml", ["limit=6", "shard_size=6", "attacks.cw.limit=3",
-                                                    "attacks.bpda.limit=1"], 2
+        name, overrides, repeats = (
+            "default.yaml",
+            ["limit=6", "shard_size=6", "attacks.cw.limit=3", "attacks.bpda.limit=1"],
+            2,
+        )
     cfg = _config(name, overrides)
     ray_s, local_s, same = [], [], True
     with _ray(), tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             rows = {}
-            for case in (("local", "ray") if r % 2 == 0 else ("ray", "local")):  # interleaved, order alternating
+            for case in ("local", "ray") if r % 2 == 0 else ("ray", "local"):  # interleaved, order alternating
                 t = time.perf_counter()
                 rows[case] = _in_process(cfg) if case == "local" else _through_ray(cfg, Path(tmp) / f"run{r}")
                 (local_s if case == "local" else ray_s).append(time.perf_counter() - t)
             same &= _same_rows(rows["local"], rows["ray"])  # a fresh run folder each time: nothing reused
     ratio = statistics.median(ray_s) / statistics.median(local_s)
-    return {"name": "eval_ray_vs_inprocess", "value": ratio, "target": "≤ 1.15", "met": ratio <= 1.15, "unit": "×",
-            "details": {"config": f"configs/{name}", "overrides": overrides, "seconds_ray": ray_s,
-                        "seconds_in_process": local_s, "same_predictions": bool(same)}}
+    return {
+        "name": "eval_ray_vs_inprocess",
+        "value": ratio,
+        "target": "≤ 1.15",
+        "met": ratio <= 1.15,
+        "unit": "×",
+        "details": {
+            "config": f"configs/{name}",
+            "overrides": overrides,
+            "seconds_ray": ray_s,
+            "seconds_in_process": local_s,
+            "same_predictions": bool(same),
+        },
+    }
 
 
 def two_vs_one_worker(quick: bool) -> dict:
@@ -195,9 +227,19 @@ def two_vs_one_worker(quick: bool) -> dict:
             _through_ray(cfg, Path(tmp) / f"run{k}")
             wall[workers].append(time.perf_counter() - t)
     ratio = statistics.median(wall[2]) / statistics.median(wall[1])
-    return {"name": "two_vs_one_worker", "value": ratio, "target": "≤ 0.6", "met": ratio <= 0.6, "unit": "×",
-            "details": {"config": f"configs/{name}", "overrides": overrides, "seconds_1_worker": wall[1],
-                        "seconds_2_workers": wall[2]}}
+    return {
+        "name": "two_vs_one_worker",
+        "value": ratio,
+        "target": "≤ 0.6",
+        "met": ratio <= 0.6,
+        "unit": "×",
+        "details": {
+            "config": f"configs/{name}",
+            "overrides": overrides,
+            "seconds_1_worker": wall[1],
+            "seconds_2_workers": wall[2],
+        },
+    }
 
 
 _RSS_SCRIPT = textwrap.dedent("""
@@ -215,8 +257,9 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 def _peak_rss(config: Path, overrides: list[str]) -> dict:
     script = _RSS_SCRIPT.format(root=str(ROOT), config=str(config), overrides=overrides)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=ROOT, check=False
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -228,9 +271,19 @@ def worker_rss_10x(quick: bool) -> dict:
     one = _peak_rss(config, [f"limit={base}", "shard_size=4"])
     ten = _peak_rss(config, [f"limit={10 * base}", "shard_size=4"])
     ratio = ten["max_rss_kib"] / one["max_rss_kib"]
-    return {"name": "worker_rss_10x", "value": ratio, "target": "≤ 1.2", "met": ratio <= 1.2, "unit": "×",
-            "details": {"config": "configs/smoke.yaml", "examples": [base, 10 * base], "rows": [one["rows"], ten["rows"]],
-                        "peak_rss_mib": [one["max_rss_kib"] / 1024, ten["max_rss_kib"] / 1024]}}
+    return {
+        "name": "worker_rss_10x",
+        "value": ratio,
+        "target": "≤ 1.2",
+        "met": ratio <= 1.2,
+        "unit": "×",
+        "details": {
+            "config": "configs/smoke.yaml",
+            "examples": [base, 10 * base],
+            "rows": [one["rows"], ten["rows"]],
+            "peak_rss_mib": [one["max_rss_kib"] / 1024, ten["max_rss_kib"] / 1024],
+        },
+    }
 
 
 FIGURES = [bpda_warm_vs_cold, eval_ray_vs_inprocess, two_vs_one_worker, worker_rss_10x]

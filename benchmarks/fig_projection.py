@@ -35,8 +35,10 @@ TOLERANCE = 0.005  # "within 0.5 point" of accuracy
 def models() -> dict:
     from invgan_core.checkpoint import load_model
 
-    return {k: load_model(ROOT / "weights" / "mnist5k" / k, kind=k)[0].requires_grad_(False)
-            for k in ("generator", "classifier", "inverter")}
+    return {
+        k: load_model(ROOT / "weights" / "mnist5k" / k, kind=k)[0].requires_grad_(False)
+        for k in ("generator", "classifier", "inverter")
+    }
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def step_flops(G, rows: int) -> int:
 
 def matmul_seconds(n: int = 2048) -> tuple[float, int]:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return seconds(lambda: [a @ b for _ in range(3)]), 3 * 2 * n ** 3
+    return seconds(lambda: [a @ b for _ in range(3)]), 3 * 2 * n**3
 
 
 def projection_flops_vs_matmul(quick: bool) -> dict:
@@ -87,18 +89,30 @@ def projection_flops_vs_matmul(quick: bool) -> dict:
         for _ in range(repeats):  # interleaved: the matmul is measured under the same load
             s, f = matmul_seconds()
             peak.append(f / s)
-            times.append(seconds(lambda: project(G, x, ids=ids, steps=steps)))
-        per_batch[rows] = {"flops_per_row_step": flops / steps / rows, "seconds": statistics.median(times),
-                           "flop_per_s": flops / statistics.median(times)}
+            times.append(seconds(lambda x=x, ids=ids: project(G, x, ids=ids, steps=steps)))
+        per_batch[rows] = {
+            "flops_per_row_step": flops / steps / rows,
+            "seconds": statistics.median(times),
+            "flop_per_s": flops / statistics.median(times),
+        }
     peak_flops = statistics.median(peak)
     for d in per_batch.values():
         d["ratio"] = d["flop_per_s"] / peak_flops
     head = 256 if 256 in per_batch else batches[0]
     value = per_batch[head]["ratio"]
-    return {"name": "projection_flops_vs_matmul", "value": value, "target": "≥ 0.7", "met": value >= 0.7,
-            "unit": f"of matmul FLOP/s ({head} rows)",
-            "details": {"matmul_flop_per_s": peak_flops, "steps": steps, "threads": torch.get_num_threads(),
-                        "by_rows": per_batch}}
+    return {
+        "name": "projection_flops_vs_matmul",
+        "value": value,
+        "target": "≥ 0.7",
+        "met": value >= 0.7,
+        "unit": f"of matmul FLOP/s ({head} rows)",
+        "details": {
+            "matmul_flop_per_s": peak_flops,
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            "by_rows": per_batch,
+        },
+    }
 
 
 def _variants(G, compile_it: bool) -> tuple[dict, dict]:
@@ -111,9 +125,18 @@ def _variants(G, compile_it: bool) -> tuple[dict, dict]:
     folded = step_generator(G)
     folded_nchw = copy.deepcopy(folded)
     folded_nchw.net = folded_nchw.net.to(memory_format=torch.contiguous_format)
-    folded_nchw.forward = lambda z, m=folded_nchw: torch.sigmoid(m.net(torch.relu(m.fc(z)).view(-1, m.chans[0], m.start, m.start)))
-    variants, build = {"reference G": G, "channels-last weights": cl, "folded BN (NCHW)": folded_nchw,
-                       "folded BN + channels-last (kept)": folded}, {}
+    folded_nchw.forward = lambda z, m=folded_nchw: torch.sigmoid(
+        m.net(torch.relu(m.fc(z)).view(-1, m.chans[0], m.start, m.start))
+    )
+    variants, build = (
+        {
+            "reference G": G,
+            "channels-last weights": cl,
+            "folded BN (NCHW)": folded_nchw,
+            "folded BN + channels-last (kept)": folded,
+        },
+        {},
+    )
     if compile_it:
         try:
             compiled = torch.compile(step_generator(G), dynamic=False)
@@ -150,28 +173,38 @@ def projection_step_speedups(quick: bool) -> dict:
         times[f"kept, {1 if threads > 1 else 2} thread(s) instead of {threads}"] = []
         for _ in range(repeats):
             for k, m in variants.items():
-                times[k].append(seconds(lambda: _adam_steps(m, z0, x, steps)) / steps)
+                times[k].append(seconds(lambda m=m, z0=z0, x=x: _adam_steps(m, z0, x, steps)) / steps)
+            kept = variants["folded BN + channels-last (kept)"]
             torch.set_num_threads(1 if threads > 1 else 2)
             try:
-                times[list(times)[-1]].append(seconds(lambda: _adam_steps(variants["folded BN + channels-last (kept)"], z0, x, steps)) / steps)
+                times[list(times)[-1]].append(seconds(lambda k=kept, z0=z0, x=x: _adam_steps(k, z0, x, steps)) / steps)
             finally:
                 torch.set_num_threads(threads)
         base = statistics.median(times["reference G"])
-        out[rows] = {k: {"speedup": base / statistics.median(v), "seconds_per_step": statistics.median(v)} for k, v in times.items()}
+        out[rows] = {
+            k: {"speedup": base / statistics.median(v), "seconds_per_step": statistics.median(v)}
+            for k, v in times.items()
+        }
     head = out[rows_list[-1]]["folded BN + channels-last (kept)"]["speedup"]
-    return {"name": "projection_step_speedups", "value": head, "target": "≥ 1", "met": head >= 1,
-            "unit": f"× reference G per step ({rows_list[-1]} rows)", "details": {"by_rows": out, "build": build}}
+    return {
+        "name": "projection_step_speedups",
+        "value": head,
+        "target": "≥ 1",
+        "met": head >= 1,
+        "unit": f"× reference G per step ({rows_list[-1]} rows)",
+        "details": {"by_rows": out, "build": build},
+    }
 
 
 def reference_loop(G, x: torch.Tensor, z0: torch.Tensor, steps: int, lr: float = 0.05) -> None:
     """The per-example reference: one example and one restart at a time, Adam on a (1, d) latent."""
     for i in range(len(x)):
         for r in range(z0.shape[1]):
-            z = z0[i, r:r + 1].clone().requires_grad_(True)
+            z = z0[i, r : r + 1].clone().requires_grad_(True)
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                per_example_mse(G(z), x[i:i + 1]).sum().backward()
+                per_example_mse(G(z), x[i : i + 1]).sum().backward()
                 opt.step()
 
 
@@ -186,19 +219,34 @@ def batched_vs_reference_loop(quick: bool) -> dict:
         batched.append(n * restarts * steps / seconds(lambda: project(G, x, ids=ids, steps=steps, restarts=restarts)))
         reference.append(ref_n * restarts * steps / seconds(lambda: reference_loop(G, x[:ref_n], z0[:ref_n], steps)))
     value = statistics.median(batched) / statistics.median(reference)
-    return {"name": "batched_vs_reference_loop", "value": value, "target": "≥ 20", "met": value >= 20, "unit": "×",
-            "details": {"rows": n * restarts, "steps": steps, "batched_row_steps_per_s": batched,
-                        "reference_row_steps_per_s": reference}}
+    return {
+        "name": "batched_vs_reference_loop",
+        "value": value,
+        "target": "≥ 20",
+        "met": value >= 20,
+        "unit": "×",
+        "details": {
+            "rows": n * restarts,
+            "steps": steps,
+            "batched_row_steps_per_s": batched,
+            "reference_row_steps_per_s": reference,
+        },
+    }
 
 
 # ---------------------------------------------------------------- accuracy against cost
+
 
 def _candidates(quick: bool) -> list[dict]:
     """Pruning / early-stopping settings tried, cheapest expected first."""
     if quick:
         return [dict(prune_every=3), dict(prune_every=3, early_stop_tol=1e-4, patience=3)]
-    return [dict(prune_every=10, early_stop_tol=1e-5, patience=20), dict(prune_every=10),
-            dict(prune_every=20, early_stop_tol=1e-5, patience=20), dict(prune_every=20)]
+    return [
+        dict(prune_every=10, early_stop_tol=1e-5, patience=20),
+        dict(prune_every=10),
+        dict(prune_every=20, early_stop_tol=1e-5, patience=20),
+        dict(prune_every=20),
+    ]
 
 
 @functools.cache
@@ -225,12 +273,24 @@ def accuracy_runs(quick: bool) -> dict:
         return out
 
     plain = measure(DefenseGAN(G, f, restarts=restarts, steps=steps)) | {"params": {}}
-    pruned = [measure(DefenseGAN(G, f, restarts=restarts, steps=steps, **c)) | {"params": c} for c in _candidates(quick)]
+    pruned = [
+        measure(DefenseGAN(G, f, restarts=restarts, steps=steps, **c)) | {"params": c} for c in _candidates(quick)
+    ]
     invgan = [measure(InvGAN(G, I, f, steps=t)) | {"params": {"steps": t}} for t in ts]
     with torch.no_grad():
-        undefended = {"clean": (f(x).argmax(1) == y).float().mean().item(), "fgsm": (f(x_adv).argmax(1) == y).float().mean().item()}
-    return {"n": n, "restarts": restarts, "steps": steps, "plain": plain, "pruned": pruned, "invgan": invgan,
-            "undefended": undefended}
+        undefended = {
+            "clean": (f(x).argmax(1) == y).float().mean().item(),
+            "fgsm": (f(x_adv).argmax(1) == y).float().mean().item(),
+        }
+    return {
+        "n": n,
+        "restarts": restarts,
+        "steps": steps,
+        "plain": plain,
+        "pruned": pruned,
+        "invgan": invgan,
+        "undefended": undefended,
+    }
 
 
 def defensegan_pruned_cost(quick: bool) -> dict:
@@ -243,9 +303,14 @@ def defensegan_pruned_cost(quick: bool) -> dict:
     ok = [c for c in runs["pruned"] if c["within_tolerance"]]
     best = min(ok, key=lambda c: c["cost_ratio"]) if ok else None
     value = best["cost_ratio"] if best else 1.0  # nothing cheaper reached it: only plain R x L does
-    return {"name": "defensegan_pruned_cost", "value": value, "target": "≤ 0.3", "met": value <= 0.3,
-            "unit": "of plain R×L restart-steps",
-            "details": {"chosen": best and best["params"], "seconds_ratio": best and best["seconds_ratio"], **runs}}
+    return {
+        "name": "defensegan_pruned_cost",
+        "value": value,
+        "target": "≤ 0.3",
+        "met": value <= 0.3,
+        "unit": "of plain R×L restart-steps",
+        "details": {"chosen": best and best["params"], "seconds_ratio": best and best["seconds_ratio"], **runs},
+    }
 
 
 def invgan_iterations_to_defensegan(quick: bool) -> dict:
@@ -253,11 +318,28 @@ def invgan_iterations_to_defensegan(quick: bool) -> dict:
     plain = runs["plain"]
     reach = [r for r in runs["invgan"] if r["clean"] >= plain["clean"] - TOLERANCE - 1e-9]
     first = min(reach, key=lambda r: r["effective_iterations"]) if reach else None
-    value = (first["effective_iterations"] if first else float(runs["invgan"][-1]["effective_iterations"])) / plain["effective_iterations"]
-    return {"name": "invgan_iterations_to_defensegan", "value": value, "target": "≤ 0.1", "met": bool(first) and value <= 0.1,
-            "unit": "of Defense-GAN R×L iterations",
-            "details": {"defensegan_clean": plain["clean"], "first_reaching": first and first["params"],
-                        "invgan": runs["invgan"], "n": runs["n"]}}
+    value = (first["effective_iterations"] if first else float(runs["invgan"][-1]["effective_iterations"])) / plain[
+        "effective_iterations"
+    ]
+    return {
+        "name": "invgan_iterations_to_defensegan",
+        "value": value,
+        "target": "≤ 0.1",
+        "met": bool(first) and value <= 0.1,
+        "unit": "of Defense-GAN R×L iterations",
+        "details": {
+            "defensegan_clean": plain["clean"],
+            "first_reaching": first and first["params"],
+            "invgan": runs["invgan"],
+            "n": runs["n"],
+        },
+    }
 
 
-FIGURES = [projection_flops_vs_matmul, projection_step_speedups, batched_vs_reference_loop, defensegan_pruned_cost, invgan_iterations_to_defensegan]
+FIGURES = [
+    projection_flops_vs_matmul,
+    projection_step_speedups,
+    batched_vs_reference_loop,
+    defensegan_pruned_cost,
+    invgan_iterations_to_defensegan,
+]

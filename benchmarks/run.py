@@ -68,12 +68,22 @@ def run_module(name: str, quick: bool) -> list[dict]:
             row = check(fn(quick))
         except Exception:
             row = {"name": getattr(fn, "__name__", str(fn)), "error": traceback.format_exc(limit=5)}
-        row.update(module=name, seconds=round(time.perf_counter() - start, 1),
-                   loadavg_before=load, loadavg_after=os.getloadavg())
+        row.update(
+            module=name,
+            seconds=round(time.perf_counter() - start, 1),
+            loadavg_before=load,
+            loadavg_after=os.getloadavg(),
+        )
         rows.append(row)
-        print(f"  {row['name']}: " + (f"{row['value']:.3g} {row.get('unit', '')} (target {row['target']})"
-                                      if "error" not in row else "ERROR " + row["error"].strip().splitlines()[-1]),
-              flush=True)
+        print(
+            f"  {row['name']}: "
+            + (
+                f"{row['value']:.3g} {row.get('unit', '')} (target {row['target']})"
+                if "error" not in row
+                else "ERROR " + row["error"].strip().splitlines()[-1]
+            ),
+            flush=True,
+        )
     return rows
 
 
@@ -87,23 +97,36 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['name']} | ERROR: {last} | | | {r.get('seconds', '')} | {load} |")
             continue
         met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
-        lines.append(f"| {r['name']} | {r['value']:.3g} {r['unit']} | {r['target']} | {met} | {r['seconds']} | {load} |")
+        lines.append(
+            f"| {r['name']} | {r['value']:.3g} {r['unit']} | {r['target']} | {met} | {r['seconds']} | {load} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small n and budgets: checks every figure is produced")
     ap.add_argument("--only", default="", help="comma-separated figure modules, e.g. fig_projection,fig_red")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results JSON (default benchmarks/results.json, or results-quick.json with --quick)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results JSON (default benchmarks/results.json, or results-quick.json with --quick)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = the CPU count)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -111,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or HERE / ("results-quick.json" if args.quick else "results.json")
     names = discover([n.strip() for n in args.only.split(",") if n.strip()])
     info = machine() | {"quick": args.quick, "modules": names, "loadavg_before": os.getloadavg()}
-    print(f"benchmarks ({'quick' if args.quick else 'full'}): {', '.join(names)}; "
-          f"{info['cpu_count']} CPUs, torch {info['torch']}, {info['torch_threads']} threads", flush=True)
+    print(
+        f"benchmarks ({'quick' if args.quick else 'full'}): {', '.join(names)}; "
+        f"{info['cpu_count']} CPUs, torch {info['torch']}, {info['torch_threads']} threads",
+        flush=True,
+    )
     rows = []
     for name in names:
         print(f"{name}:", flush=True)

@@ -84,8 +84,14 @@ def _ray_bin() -> str:
 
 def _node_ports(host: str) -> list[str]:
     """Distinct ports for one node's services (several nodes share this machine's port space)."""
-    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    names = [
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    ]
     return [arg for name in names for arg in (name, str(free_port(host)))]
 
 
@@ -120,9 +126,23 @@ def start_mlflow_server(folder: Path, host: str, env: dict) -> tuple[str, int]:
     every node's driver reaches one store over HTTP. Returns (uri, pgid)."""
     port = free_port(host)
     log = folder / "mlflow-server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-           "--serve-artifacts", "--artifacts-destination", str(folder / "mlartifacts"), "--host", host,
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(folder / "mlartifacts"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://{host}:{port}"
@@ -134,25 +154,46 @@ def start_mlflow_server(folder: Path, host: str, env: dict) -> tuple[str, int]:
     return uri, proc.pid
 
 
-def up(workers: int = 2, *, head_cpus: int = 1, worker_cpus: int = 1, host: str = "127.0.0.1", mlflow: bool = True,
-       object_store_mb: int = 512, folder: Path | None = None) -> ClusterState:
+def up(
+    workers: int = 2,
+    *,
+    head_cpus: int = 1,
+    worker_cpus: int = 1,
+    host: str = "127.0.0.1",
+    mlflow: bool = True,
+    object_store_mb: int = 512,
+    folder: Path | None = None,
+) -> ClusterState:
     """Start the MLflow server, a head node and `workers` worker nodes; write and return the cluster state."""
     folder = (folder or state_dir()).resolve()
     existing = load_state(folder)
     if existing is not None and _processes({n["pgid"] for n in existing.nodes}, None):
-        raise SystemExit(f"a local cluster is already running ({existing.dashboard_url}, state in {folder}); "
-                         "stop it with `invgan cluster down` first")
+        raise SystemExit(
+            f"a local cluster is already running ({existing.dashboard_url}, state in {folder}); "
+            "stop it with `invgan cluster down` first"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
     temp_dir = tempfile.mkdtemp(prefix="invgan-ray-")  # short: Ray's socket paths must fit in 107 bytes
-    state = ClusterState(gcs_address=f"{host}:{free_port(host)}", dashboard_url="", token_path=str(token),
-                         temp_dir=temp_dir, runs_dir=str(folder / "runs"))
-    env = os.environ | state.env() | {
-        "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"), "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs' `python`
-        "INVGAN_RUNS": state.runs_dir}
+    state = ClusterState(
+        gcs_address=f"{host}:{free_port(host)}",
+        dashboard_url="",
+        token_path=str(token),
+        temp_dir=temp_dir,
+        runs_dir=str(folder / "runs"),
+    )
+    env = (
+        os.environ
+        | state.env()
+        | {
+            "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs' `python`
+            "INVGAN_RUNS": state.runs_dir,
+        }
+    )
     env.pop("RAY_ADDRESS", None)
     try:
         if mlflow:
@@ -160,11 +201,32 @@ def up(workers: int = 2, *, head_cpus: int = 1, worker_cpus: int = 1, host: str 
             env["MLFLOW_TRACKING_URI"] = state.mlflow_uri
         dashboard_port = free_port(host)
         state.dashboard_url = f"http://{host}:{dashboard_port}"
-        common = ["--node-ip-address", host, "--disable-usage-stats", "--object-store-memory",
-                  str(object_store_mb * 2**20)]
-        head = [_ray_bin(), "start", "--head", "--port", state.gcs_address.rsplit(":", 1)[1], "--num-cpus",
-                str(head_cpus), "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
-                "--ray-client-server-port", str(free_port(host)), "--temp-dir", temp_dir, *common, *_node_ports(host)]
+        common = [
+            "--node-ip-address",
+            host,
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(object_store_mb * 2**20),
+        ]
+        head = [
+            _ray_bin(),
+            "start",
+            "--head",
+            "--port",
+            state.gcs_address.rsplit(":", 1)[1],
+            "--num-cpus",
+            str(head_cpus),
+            "--dashboard-host",
+            host,
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-client-server-port",
+            str(free_port(host)),
+            "--temp-dir",
+            temp_dir,
+            *common,
+            *_node_ports(host),
+        ]
         log = folder / "head.log"
         state.nodes.append({"role": "head", "pgid": _start(head, env, log), "num_cpus": head_cpus, "log": str(log)})
         _save_state(state, folder)  # from here on `down` can clean up whatever follows
@@ -173,11 +235,22 @@ def up(workers: int = 2, *, head_cpus: int = 1, worker_cpus: int = 1, host: str 
             # node's runtime-env agent would delete the job's unpacked working_dir under another's driver.
             node_temp = Path(temp_dir) / f"w{k}"
             node_temp.mkdir()
-            cmd = [_ray_bin(), "start", "--address", state.gcs_address, "--num-cpus", str(worker_cpus),
-                   "--temp-dir", str(node_temp), *common, *_node_ports(host)]
+            cmd = [
+                _ray_bin(),
+                "start",
+                "--address",
+                state.gcs_address,
+                "--num-cpus",
+                str(worker_cpus),
+                "--temp-dir",
+                str(node_temp),
+                *common,
+                *_node_ports(host),
+            ]
             log = folder / f"worker-{k}.log"
-            state.nodes.append({"role": "worker", "pgid": _start(cmd, env, log), "num_cpus": worker_cpus,
-                                "log": str(log)})
+            state.nodes.append(
+                {"role": "worker", "pgid": _start(cmd, env, log), "num_cpus": worker_cpus, "log": str(log)}
+            )
             _save_state(state, folder)
         _wait_http(f"{state.dashboard_url}/api/version", 60, "the Ray dashboard", folder / "head.log")
     except BaseException:

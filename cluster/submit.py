@@ -24,9 +24,25 @@ from pathlib import Path
 from jobs.common import PROJECT_ROOT
 
 # Never uploaded: environments, results, stores, caches (gitignore-style, relative to the project).
-UPLOAD_EXCLUDES = [".venv/", "venv/", "runs/", "mlruns/", "mlartifacts/", "*.db", "*.db.lock", "__pycache__/",
-                   "*.pyc", ".git/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.egg-info/", "scratch/",
-                   "benchmarks/results/", "docs/figures/*.pdf"]
+UPLOAD_EXCLUDES = [
+    ".venv/",
+    "venv/",
+    "runs/",
+    "mlruns/",
+    "mlartifacts/",
+    "*.db",
+    "*.db.lock",
+    "__pycache__/",
+    "*.pyc",
+    ".git/",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    "*.egg-info/",
+    "scratch/",
+    "benchmarks/results/",
+    "docs/figures/*.pdf",
+]
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 
@@ -38,16 +54,20 @@ def resolve_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if address is None:
         if state is None:
-            raise SystemExit("no cluster to submit to: start one with `invgan cluster up --local`, or pass "
-                             "--address http://HEAD:8265 (the Ray dashboard of a running cluster)")
+            raise SystemExit(
+                "no cluster to submit to: start one with `invgan cluster up --local`, or pass "
+                "--address http://HEAD:8265 (the Ray dashboard of a running cluster)"
+            )
         address = state.dashboard_url
     if not address.startswith(("http://", "https://")):
         address = f"http://{address}"
     if state is not None and address.rstrip("/") == state.dashboard_url:
         os.environ.update(state.env())  # before Ray reads its token settings
-    elif "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
-                                                or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                                                or (Path.home() / ".ray" / "auth_token").exists()):
+    elif "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").exists()
+    ):
         os.environ["RAY_AUTH_MODE"] = "token"
     return address
 
@@ -64,9 +84,10 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as err:
-        raise SystemExit(f"cannot reach the Ray job server at {url}: {str(err).splitlines()[0]}\n"
-                         "(is the cluster up? `invgan cluster up --local`, or the head's dashboard port, default 8265)"
-                         ) from None
+        raise SystemExit(
+            f"cannot reach the Ray job server at {url}: {str(err).splitlines()[0]}\n"
+            "(is the cluster up? `invgan cluster up --local`, or the head's dashboard port, default 8265)"
+        ) from None
 
 
 def upload_size(root: Path = PROJECT_ROOT, excludes: list[str] = UPLOAD_EXCLUDES) -> tuple[int, int]:
@@ -84,8 +105,15 @@ def upload_size(root: Path = PROJECT_ROOT, excludes: list[str] = UPLOAD_EXCLUDES
     return total["files"], total["bytes"]
 
 
-def submit(command: list[str], *, address: str | None = None, wait: bool = True, env: dict[str, str] | None = None,
-           num_cpus: float = 0, quiet: bool = False) -> int:
+def submit(
+    command: list[str],
+    *,
+    address: str | None = None,
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+    num_cpus: float = 0,
+    quiet: bool = False,
+) -> int:
     """Submit `invgan <command>` as a Ray job; with `wait`, stream its logs and return its exit code
     (0 succeeded, 1 failed, 130 stopped); without, print the job id and return 0."""
     if not command:
@@ -139,10 +167,16 @@ def _wait_terminal(c, job_id: str, timeout: float) -> str:
 def list_jobs(address: str | None = None) -> list[dict]:
     c = client(address)
     jobs = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
-    return [{"job_id": j.submission_id or j.job_id, "status": _status(j.status),
-             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000)),
-             "seconds": round(((j.end_time or time.time() * 1000) - (j.start_time or 0)) / 1000),
-             "entrypoint": j.entrypoint} for j in jobs]
+    return [
+        {
+            "job_id": j.submission_id or j.job_id,
+            "status": _status(j.status),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000)),
+            "seconds": round(((j.end_time or time.time() * 1000) - (j.start_time or 0)) / 1000),
+            "entrypoint": j.entrypoint,
+        }
+        for j in jobs
+    ]
 
 
 def logs(job_id: str, address: str | None = None, follow: bool = False) -> None:

@@ -33,21 +33,33 @@ class GanLoss(str, Enum):
 
 @app.command()
 def train(
-    kind: Kind = typer.Argument(..., help="gan (generator + critic), classifier, or inverter (needs a trained generator)"),
+    kind: Kind = typer.Argument(
+        ..., help="gan (generator + critic), classifier, or inverter (needs a trained generator)"
+    ),
     dataset: str = typer.Option("digits", help="digits | mnist5k | mnist | fashion-mnist | cifar10"),
     data_dir: Optional[Path] = typer.Option(None, help="folder with the dataset files (mnist, fashion-mnist, cifar10)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps [classifier: 100 epochs, gan 20000, inverter 5000]"),
+    steps: Optional[int] = typer.Option(
+        None, help="optimizer steps [classifier: 100 epochs, gan 20000, inverter 5000]"
+    ),
     batch_size: Optional[int] = typer.Option(None, help="global batch size, split across processes"),
-    lr: Optional[float] = typer.Option(None, help="learning rate [classifier 0.1, gan 2e-4 (dcgan) / 1e-4 (wgan-gp), inverter 2e-4]"),
+    lr: Optional[float] = typer.Option(
+        None, help="learning rate [classifier 0.1, gan 2e-4 (dcgan) / 1e-4 (wgan-gp), inverter 2e-4]"
+    ),
     seed: int = typer.Option(0),
-    augment_shift: Optional[int] = typer.Option(None, help="classifier: random translations of up to N pixels [image size // 14: 2 on MNIST, 0 on digits]"),
+    augment_shift: Optional[int] = typer.Option(
+        None, help="classifier: random translations of up to N pixels [image size // 14: 2 on MNIST, 0 on digits]"
+    ),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps; default: Accelerate picks (CUDA when present)"),
     out: Optional[Path] = typer.Option(None, help="folder for the model files [weights/<dataset>]"),
     work_dir: Optional[Path] = typer.Option(None, help="resumable training state [runs/train/<dataset>-<kind>]"),
     checkpoint_every: int = typer.Option(200, help="save resumable state every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="stop and save after this many minutes; rerun to continue"),
-    gan_loss: GanLoss = typer.Option(GanLoss.dcgan, help="GAN objective (Defense-GAN used wgan-gp; dcgan is 5x cheaper per step)"),
-    prior: str = typer.Option("normal", help="gan: latent prior, normal or uniform (the box [-1, 1]^d, for stochastic clipping)"),
+    gan_loss: GanLoss = typer.Option(
+        GanLoss.dcgan, help="GAN objective (Defense-GAN used wgan-gp; dcgan is 5x cheaper per step)"
+    ),
+    prior: str = typer.Option(
+        "normal", help="gan: latent prior, normal or uniform (the box [-1, 1]^d, for stochastic clipping)"
+    ),
     n_critic: Optional[int] = typer.Option(None, help="critic steps per generator step [dcgan 1, wgan-gp 5]"),
     generator: Optional[Path] = typer.Option(None, help="inverter: generator file stem [<out>/generator]"),
     eta: Optional[float] = typer.Option(None, help="inverter: hinge margin η of L_semantic [0.03·sqrt(pixels)]"),
@@ -65,11 +77,31 @@ def train(
     """
     from jobs.train import TrainConfig, run
 
-    cfg = TrainConfig(kind=kind.value, dataset=dataset, data_dir=data_dir, steps=steps, batch_size=batch_size, lr=lr,
-                      seed=seed, augment_shift=augment_shift, device=device, out=out, work_dir=work_dir, checkpoint_every=checkpoint_every,
-                      max_minutes=max_minutes, gan_loss=gan_loss.value, prior=prior, n_critic=n_critic, generator=generator, eta=eta,
-                      lambda_adv=lambda_adv, lambda_semantic=lambda_semantic, lambda_latent=lambda_latent,
-                      tracking_uri=tracking_uri, quiet=quiet)
+    cfg = TrainConfig(
+        kind=kind.value,
+        dataset=dataset,
+        data_dir=data_dir,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        augment_shift=augment_shift,
+        device=device,
+        out=out,
+        work_dir=work_dir,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        gan_loss=gan_loss.value,
+        prior=prior,
+        n_critic=n_critic,
+        generator=generator,
+        eta=eta,
+        lambda_adv=lambda_adv,
+        lambda_semantic=lambda_semantic,
+        lambda_latent=lambda_latent,
+        tracking_uri=tracking_uri,
+        quiet=quiet,
+    )
     result = run(cfg)
     if result.get("files"):
         typer.echo(f"{'finished' if result['finished'] else 'stopped'} at step {result['step']}: {result['metrics']}")
@@ -80,10 +112,14 @@ def train(
 @app.command("eval")
 def eval_(
     config: Path = typer.Option(Path("configs/default.yaml"), help="YAML config (see configs/)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. attacks.fgsm.params.eps=0.2"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a config value by dotted path, e.g. attacks.fgsm.params.eps=0.2"
+    ),
     limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
     out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]; rerun to resume"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join a running one); default: local"),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster address ('auto' to join a running one); default: local"
+    ),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -101,14 +137,25 @@ def eval_(
     """
     from jobs.evaluate import main as eval_main
 
-    eval_main(config=config, overrides=set_, limit=limit, out=out, address=address, tracking_uri=tracking_uri,
-              log_mlflow=not no_mlflow, progress=not quiet, verbose=verbose)
+    eval_main(
+        config=config,
+        overrides=set_,
+        limit=limit,
+        out=out,
+        address=address,
+        tracking_uri=tracking_uri,
+        log_mlflow=not no_mlflow,
+        progress=not quiet,
+        verbose=verbose,
+    )
 
 
 @app.command()
 def curves(
     config: Path = typer.Option(Path("configs/curves.yaml"), help="YAML config with a `curves:` section"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. curves.budgets=[0,50,200]"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a config value by dotted path, e.g. curves.budgets=[0,50,200]"
+    ),
     limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
     out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-curves-<config hash>]; rerun to resume"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
@@ -119,8 +166,16 @@ def curves(
     """Accuracy and wall time versus effective iterations (restarts x steps), InvGAN vs Defense-GAN (InvGAN Fig. 4)."""
     from jobs.curves import main as curves_main
 
-    curves_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
-                progress=not quiet, verbose=verbose)
+    curves_main(
+        config=config,
+        overrides=set_,
+        limit=limit,
+        out=out,
+        address=address,
+        log_mlflow=not no_mlflow,
+        progress=not quiet,
+        verbose=verbose,
+    )
 
 
 @app.command()
@@ -141,8 +196,16 @@ def red(
     """
     from jobs.red import main as red_main
 
-    red_main(config=config, overrides=set_, limit=limit, out=out, address=address, log_mlflow=not no_mlflow,
-             progress=not quiet, verbose=verbose)
+    red_main(
+        config=config,
+        overrides=set_,
+        limit=limit,
+        out=out,
+        address=address,
+        log_mlflow=not no_mlflow,
+        progress=not quiet,
+        verbose=verbose,
+    )
 
 
 @app.command("red-theory")
@@ -162,10 +225,14 @@ def red_theory(
 @app.command()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
-    limit: Optional[int] = typer.Option(None, help="projections on the first N held-out images [100, the manifests' quick check]"),
+    limit: Optional[int] = typer.Option(
+        None, help="projections on the first N held-out images [100, the manifests' quick check]"
+    ),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder, if not embedded"),
     weights: Optional[Path] = typer.Option(None, help="weights folder [weights/<dataset>]"),
-    write: bool = typer.Option(False, help="after training: measure the whole held-out split and the quick check, record both in the manifests"),
+    write: bool = typer.Option(
+        False, help="after training: measure the whole held-out split and the quick check, record both in the manifests"
+    ),
 ) -> None:
     """Measure the shipped models on the held-out split and compare with their manifests.
 
@@ -184,7 +251,8 @@ def report(
 ) -> None:
     """Regenerate docs/results.md and docs/figures/ from the reproduction runs (configs/repro/).
 
-    Each table of configs/repro/paper_numbers.yaml: our cells (n per cell) beside the paper's, the run id, its compute and the gradient-masking flags, all derived from the run's rows.
+    Each table of configs/repro/paper_numbers.yaml: our cells (n per cell) beside the paper's, the run id, its
+    compute and the gradient-masking flags, all derived from the run's rows.
 
     A table whose run does not exist yet says which `invgan eval` command makes it.
     """
@@ -195,12 +263,20 @@ def report(
 
 @app.command()
 def tune(
-    config: Path = typer.Option(Path("configs/tune/invgan_defense.yaml"),
-                                help="search config (configs/tune/): kind, base config, space, objective"),
-    set_: list[str] = typer.Option([], "--set", help="override a search-config value by dotted path, e.g. search.seed=1"),
+    config: Path = typer.Option(
+        Path("configs/tune/invgan_defense.yaml"),
+        help="search config (configs/tune/): kind, base config, space, objective",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a search-config value by dotted path, e.g. search.seed=1"
+    ),
     num_samples: Optional[int] = typer.Option(None, help="trials to run [search.num_samples of the config]"),
-    out: Optional[Path] = typer.Option(None, help="search folder (default: runs/tune/NAME-HASH); rerun the same command to resume"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join a running one); default: local"),
+    out: Optional[Path] = typer.Option(
+        None, help="search folder (default: runs/tune/NAME-HASH); rerun the same command to resume"
+    ),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster address ('auto' to join a running one); default: local"
+    ),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write the trials table, best.yaml and summary only"),
     quiet: bool = typer.Option(False, help="no line per finished trial"),
@@ -208,9 +284,14 @@ def tune(
 ) -> None:
     """Search hyperparameters with Ray Tune, scored on the validation split (never the test split).
 
-    Three kinds of search, named in the config: defense-time (InvGAN T, step size, optimizer; Defense-GAN R, L, step size), inverter training (λ1, λ2, λ3, η, lr; reported every N steps so ASHA stops bad trials early) and RED (λ multiplier, z step, iterations).
+    Three kinds of search, named in the config: defense-time (InvGAN T, step size, optimizer; Defense-GAN R, L, step
+    size), inverter training (λ1, λ2, λ3, η, lr; reported every N steps so ASHA stops bad trials early) and RED (λ
+    multiplier, z step, iterations).
 
-    Prints one line per finished trial, then the best point. Writes OUT/best.yaml (a ready-to-run config with the best values), OUT/summary.json and OUT/trials.parquet; MLflow gets one parent run per search and one child run per trial. Rerunning the same command after Ctrl-C or a kill continues the search: finished trials are not run again.
+    Prints one line per finished trial, then the best point. Writes OUT/best.yaml (a ready-to-run config with the
+    best values), OUT/summary.json and OUT/trials.parquet; MLflow gets one parent run per search and one child run
+    per trial. Rerunning the same command after Ctrl-C or a kill continues the search: finished trials are not run
+    again.
 
     Examples:
 
@@ -224,8 +305,17 @@ def tune(
     """
     from tuning.search import main as tune_main
 
-    tune_main(config=config, overrides=set_, out=out, address=address, num_samples=num_samples,
-              tracking_uri=tracking_uri, log_mlflow=not no_mlflow, progress=not quiet, verbose=verbose)
+    tune_main(
+        config=config,
+        overrides=set_,
+        out=out,
+        address=address,
+        num_samples=num_samples,
+        tracking_uri=tracking_uri,
+        log_mlflow=not no_mlflow,
+        progress=not quiet,
+        verbose=verbose,
+    )
 
 
 @app.command()
@@ -238,15 +328,31 @@ def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Optio
 
     uri = tracking_uri or default_tracking_uri()
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                      "--host", "127.0.0.1", "--port", str(port)]))
-
+    raise typer.Exit(
+        subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "ui",
+                "--backend-store-uri",
+                uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+        )
+    )
 
 
 # ---------------------------------------------------------------- cluster: `invgan cluster`, `submit`, `jobs`
 
-cluster_app = typer.Typer(help="Start and stop a Ray cluster of separate node processes on this machine "
-                               "(for real machines: `ray up ray_cluster.yaml`).", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Start and stop a Ray cluster of separate node processes on this machine "
+    "(for real machines: `ray up ray_cluster.yaml`).",
+    no_args_is_help=True,
+)
 jobs_app = typer.Typer(help="List, follow and stop the jobs of a Ray cluster.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(jobs_app, name="jobs")
@@ -267,8 +373,9 @@ def cluster_up(
     from cluster.local import state_dir, up
 
     if not local:
-        raise typer.BadParameter("only --local is built in; on real machines run `ray up ray_cluster.yaml`",
-                                 param_hint="--local")
+        raise typer.BadParameter(
+            "only --local is built in; on real machines run `ray up ray_cluster.yaml`", param_hint="--local"
+        )
     state = up(workers, head_cpus=head_cpus, worker_cpus=worker_cpus, host=host, mlflow=mlflow)
     typer.echo(f"Ray cluster up: head + {workers} worker node(s), {head_cpus + workers * worker_cpus} CPUs")
     typer.echo(f"  job server / dashboard: {state.dashboard_url}    (GCS {state.gcs_address})")
@@ -284,7 +391,9 @@ def cluster_down() -> None:
     from cluster.local import down, state_dir
 
     pids = down()
-    typer.echo(f"stopped {len(pids)} process(es) of the local cluster" if pids else f"no local cluster in {state_dir()}")
+    typer.echo(
+        f"stopped {len(pids)} process(es) of the local cluster" if pids else f"no local cluster in {state_dir()}"
+    )
 
 
 @cluster_app.command("status")
@@ -296,8 +405,10 @@ def cluster_status() -> None:
     if state is None:
         typer.echo(f"no local cluster in {state_dir()}")
         raise typer.Exit(1)
-    typer.echo(f"job server {state.dashboard_url}, MLflow {state.mlflow_uri}, {len(state.nodes)} node(s), "
-               f"{len(cluster_pids(state))} live process(es)")
+    typer.echo(
+        f"job server {state.dashboard_url}, MLflow {state.mlflow_uri}, {len(state.nodes)} node(s), "
+        f"{len(cluster_pids(state))} live process(es)"
+    )
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -305,7 +416,9 @@ def submit(
     command: list[str] = typer.Argument(None, help="the invgan command to run, after --, e.g. -- eval --config ..."),
     address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
     wait: bool = typer.Option(True, help="stream the job's logs and exit with its status [--no-wait: print its id]"),
-    env: list[str] = typer.Option([], "--env", help="NAME=VALUE for the job's environment, e.g. MLFLOW_TRACKING_URI=http://..."),
+    env: list[str] = typer.Option(
+        [], "--env", help="NAME=VALUE for the job's environment, e.g. MLFLOW_TRACKING_URI=http://..."
+    ),
 ) -> None:
     """Run an invgan command (eval, red, curves, tune, train) as a job on a Ray cluster.
 
@@ -334,8 +447,11 @@ def jobs_list(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)) ->
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
-              follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends")) -> None:
+def jobs_logs(
+    job_id: str,
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends"),
+) -> None:
     """A job's output so far (or streamed with --follow)."""
     from cluster.submit import logs
 

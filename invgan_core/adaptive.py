@@ -23,8 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invgan_core.attacks import (FGSM, Attack, AttackResult, Logits, LinfPGD, Norm, _rows, margin,
-                                 per_example_normal, predict)
+from invgan_core.attacks import (
+    FGSM,
+    Attack,
+    AttackResult,
+    LinfPGD,
+    Logits,
+    Norm,
+    _rows,
+    margin,
+    per_example_normal,
+    predict,
+)
 from invgan_core.inversion import per_example_mse, project
 
 
@@ -35,6 +45,7 @@ def _require(defense, *attrs: str, attack: str):
 
 
 # ---------------------------------------------------------------- gradient rules
+
 
 class _IdentityBackward(torch.autograd.Function):
     """BPDA: the value of the projection, the gradient of the identity."""
@@ -66,8 +77,18 @@ class WarmProjection:
         if self.z is None or len(self.z) != len(x) or getattr(d, "G", None) is None:
             p = d.purify(x, ids)
         else:
-            p = project(d.G, x, ids=ids, init=self.z, steps=self.steps, lr=d.lr, restarts=1, optimizer=d.optimizer,
-                        constraint=getattr(d, "constraint", None), seed=d.seed)
+            p = project(
+                d.G,
+                x,
+                ids=ids,
+                init=self.z,
+                steps=self.steps,
+                lr=d.lr,
+                restarts=1,
+                optimizer=d.optimizer,
+                constraint=getattr(d, "constraint", None),
+                seed=d.seed,
+            )
         self.z = None if p.z is None else p.z.detach()
         return p.x
 
@@ -82,6 +103,7 @@ def bpda_logits(defense, ids: torch.Tensor, *, warm_steps: int | None = None) ->
         with torch.no_grad():
             x_proj = purify(x.detach(), ids)
         return defense.classifier(_IdentityBackward.apply(x, x_proj))
+
     return f
 
 
@@ -105,6 +127,7 @@ def unrolled_logits(defense, ids: torch.Tensor, *, steps: int, lr: float) -> Log
                 (g,) = torch.autograd.grad(per_example_mse(G(z), x).sum(), z, create_graph=True)
                 z = z - lr * g
             return defense.classifier(G(z))
+
     return f
 
 
@@ -114,7 +137,14 @@ class _NESBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, logits_fn, samples, sigma, seed, ids, counter):
-        ctx.logits_fn, ctx.samples, ctx.sigma, ctx.seed, ctx.ids, ctx.counter = logits_fn, samples, sigma, seed, ids, counter
+        ctx.logits_fn, ctx.samples, ctx.sigma, ctx.seed, ctx.ids, ctx.counter = (
+            logits_fn,
+            samples,
+            sigma,
+            seed,
+            ids,
+            counter,
+        )
         ctx.save_for_backward(x)
         return logits_fn(x.detach(), ids)
 
@@ -138,12 +168,15 @@ class _NESBackward(torch.autograd.Function):
 
 def nes_logits(defense, ids: torch.Tensor, *, samples: int, sigma: float, seed: int, counter: list) -> Logits:
     """Defended logits whose gradient is estimated from queries only (score-based black box)."""
+
     def query(x, probe_ids):
         return defense.classifier(defense.purify(x, probe_ids).x) if hasattr(defense, "purify") else defense(x)
+
     return lambda x: _NESBackward.apply(x, query, samples, sigma, seed, ids, counter)
 
 
 # ---------------------------------------------------------------- the attack loop of Chen et al.
+
 
 class SignCW(Attack):
     """CW-style sign steps (Chen et al. supplement D, eqs. 20-21): minimise ||x' - x||² + λ·F(x') with
@@ -152,8 +185,15 @@ class SignCW(Attack):
 
     norm = Norm.L2
 
-    def __init__(self, *, steps: int = 100, binary_search_steps: int = 5, initial_const: float = 1.0,
-                 eta: float = 0.04, confidence: float = 0.0):
+    def __init__(
+        self,
+        *,
+        steps: int = 100,
+        binary_search_steps: int = 5,
+        initial_const: float = 1.0,
+        eta: float = 0.04,
+        confidence: float = 0.0,
+    ):
         self.steps, self.binary_search_steps, self.initial_const = steps, binary_search_steps, initial_const
         self.eta, self.confidence = eta, confidence
 
@@ -184,6 +224,7 @@ class SignCW(Attack):
 
 
 # ---------------------------------------------------------------- end-to-end attacks
+
 
 class ThroughDefense(Attack):
     """Run `attack`'s loop against a defense, following the gradient rule `logits_rule(defense, ids)`."""
@@ -261,6 +302,7 @@ class NES(ThroughDefense):
 
 # ---------------------------------------------------------------- substitute black box
 
+
 @dataclass
 class SubstituteReport:
     oracle_queries: int
@@ -274,8 +316,18 @@ class Substitute(Attack):
 
     norm = Norm.LINF
 
-    def __init__(self, *, substitute: nn.Module, seed_images: torch.Tensor, rounds: int = 6, lam: float = 0.1,
-                 epochs: int = 10, lr: float = 1e-3, eps: float = 0.3, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        substitute: nn.Module,
+        seed_images: torch.Tensor,
+        rounds: int = 6,
+        lam: float = 0.1,
+        epochs: int = 10,
+        lr: float = 1e-3,
+        eps: float = 0.3,
+        seed: int = 0,
+    ):
         self.substitute, self.seeds, self.rounds, self.lam = substitute, seed_images, rounds, lam
         self.epochs, self.lr, self.eps, self.seed = epochs, lr, eps, seed
         self.report: SubstituteReport | None = None
@@ -318,5 +370,10 @@ class Substitute(Attack):
             labels = predict(target, x_adv, ids)
             self.report = SubstituteReport(queries, (sub(x_adv).argmax(1) == labels).float().mean().item())
         delta = x_adv - x
-        return AttackResult(x_adv=x_adv, success=labels != y, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
-                            queries=torch.full((len(x),), queries, dtype=torch.int64))
+        return AttackResult(
+            x_adv=x_adv,
+            success=labels != y,
+            l2=Norm.L2.of(delta),
+            linf=Norm.LINF.of(delta),
+            queries=torch.full((len(x),), queries, dtype=torch.int64),
+        )

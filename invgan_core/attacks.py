@@ -155,8 +155,15 @@ class Attack:
             seconds = time.perf_counter() - started if purified is not None else 0.0
             labels = predict(target, x_adv, ids) if purified is None else target.classifier(purified.x).argmax(1)
         delta = x_adv - x
-        return AttackResult(x_adv=x_adv, success=labels != y, l2=Norm.L2.of(delta), linf=Norm.LINF.of(delta),
-                            queries=queries, purified=purified, purify_seconds=seconds)
+        return AttackResult(
+            x_adv=x_adv,
+            success=labels != y,
+            l2=Norm.L2.of(delta),
+            linf=Norm.LINF.of(delta),
+            queries=queries,
+            purified=purified,
+            purify_seconds=seconds,
+        )
 
     def differentiable(self, target, ids: torch.Tensor) -> Logits:
         """The function whose gradient the attack follows; end-to-end attacks override this."""
@@ -168,6 +175,7 @@ class Attack:
 
 # ---------------------------------------------------------------- fixed-budget gradient descent
 
+
 class GradientDescent(Attack):
     """Untargeted PGD (Madry et al. 2018, eq. 2): x ← Π_{B_ε(x0) ∩ [0,1]}(x + α · normalize(∇_x CE)).
 
@@ -175,8 +183,17 @@ class GradientDescent(Attack):
     `loss` = "margin" ascends the CW margin instead of the cross-entropy (stronger on saturated models).
     """
 
-    def __init__(self, *, eps: float, rel_stepsize: float, abs_stepsize: Optional[float] = None, steps: int,
-                 random_start: bool, seed: int = 0, loss: Loss | str = Loss.CE):
+    def __init__(
+        self,
+        *,
+        eps: float,
+        rel_stepsize: float,
+        abs_stepsize: Optional[float] = None,
+        steps: int,
+        random_start: bool,
+        seed: int = 0,
+        loss: Loss | str = Loss.CE,
+    ):
         if eps < 0 or steps < 1:
             raise ValueError(f"need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}")
         self.eps, self.rel_stepsize, self.abs_stepsize = eps, rel_stepsize, abs_stepsize
@@ -313,19 +330,51 @@ class FGSM(LinfGradientDescent):
 class LinfPGD(LinfGradientDescent):
     """ℓ∞ PGD; defaults of Madry et al. / foolbox: 40 steps of 0.01 at ε = 0.3, random start."""
 
-    def __init__(self, *, eps: float = 0.3, rel_stepsize: float = 0.01 / 0.3, abs_stepsize: Optional[float] = None,
-                 steps: int = 40, random_start: bool = True, seed: int = 0, loss: Loss | str = Loss.CE):
-        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
-                         random_start=random_start, seed=seed, loss=loss)
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        rel_stepsize: float = 0.01 / 0.3,
+        abs_stepsize: Optional[float] = None,
+        steps: int = 40,
+        random_start: bool = True,
+        seed: int = 0,
+        loss: Loss | str = Loss.CE,
+    ):
+        super().__init__(
+            eps=eps,
+            rel_stepsize=rel_stepsize,
+            abs_stepsize=abs_stepsize,
+            steps=steps,
+            random_start=random_start,
+            seed=seed,
+            loss=loss,
+        )
 
 
 class L2PGD(L2GradientDescent):
     """ℓ2 PGD; defaults of the RED appendix B.2 (MNIST): ε = 2.0, step 0.1 (= 0.05 ε), 200 steps."""
 
-    def __init__(self, *, eps: float = 2.0, rel_stepsize: float = 0.05, abs_stepsize: Optional[float] = None,
-                 steps: int = 200, random_start: bool = True, seed: int = 0, loss: Loss | str = Loss.CE):
-        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
-                         random_start=random_start, seed=seed, loss=loss)
+    def __init__(
+        self,
+        *,
+        eps: float = 2.0,
+        rel_stepsize: float = 0.05,
+        abs_stepsize: Optional[float] = None,
+        steps: int = 200,
+        random_start: bool = True,
+        seed: int = 0,
+        loss: Loss | str = Loss.CE,
+    ):
+        super().__init__(
+            eps=eps,
+            rel_stepsize=rel_stepsize,
+            abs_stepsize=abs_stepsize,
+            steps=steps,
+            random_start=random_start,
+            seed=seed,
+            loss=loss,
+        )
 
 
 class L1PGD(L1GradientDescent):
@@ -335,14 +384,32 @@ class L1PGD(L1GradientDescent):
     follows AdvTorch's L1PGDAttack, which the RED paper used.
     """
 
-    def __init__(self, *, eps: float = 10.0, rel_stepsize: float = 0.08, abs_stepsize: Optional[float] = None,
-                 steps: int = 100, quantile: float = 0.99, random_start: bool = True, seed: int = 0,
-                 loss: Loss | str = Loss.CE):
-        super().__init__(eps=eps, rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps,
-                         random_start=random_start, seed=seed, quantile=quantile, loss=loss)
+    def __init__(
+        self,
+        *,
+        eps: float = 10.0,
+        rel_stepsize: float = 0.08,
+        abs_stepsize: Optional[float] = None,
+        steps: int = 100,
+        quantile: float = 0.99,
+        random_start: bool = True,
+        seed: int = 0,
+        loss: Loss | str = Loss.CE,
+    ):
+        super().__init__(
+            eps=eps,
+            rel_stepsize=rel_stepsize,
+            abs_stepsize=abs_stepsize,
+            steps=steps,
+            random_start=random_start,
+            seed=seed,
+            quantile=quantile,
+            loss=loss,
+        )
 
 
 # ---------------------------------------------------------------- minimal-norm attack
+
 
 class CarliniWagnerL2(Attack):
     """Carlini & Wagner (2017) ℓ2: min ||x' - x||² + c · max(Z_y - max_{j≠y} Z_j + κ, 0), x' = (tanh(w) + 1)/2.
@@ -357,8 +424,16 @@ class CarliniWagnerL2(Attack):
 
     norm = Norm.L2
 
-    def __init__(self, *, binary_search_steps: int = 6, lr: float = 0.2, steps: int = 100, confidence: float = 0.0,
-                 initial_const: float = 10.0, abort_early: bool = True):
+    def __init__(
+        self,
+        *,
+        binary_search_steps: int = 6,
+        lr: float = 0.2,
+        steps: int = 100,
+        confidence: float = 0.0,
+        initial_const: float = 10.0,
+        abort_early: bool = True,
+    ):
         self.binary_search_steps, self.lr, self.steps = binary_search_steps, lr, steps
         self.confidence, self.initial_const, self.abort_early = confidence, initial_const, abort_early
 
@@ -408,7 +483,7 @@ class CarliniWagnerL2(Attack):
             if self.abort_early and step % check_every == 0:
                 active &= loss.detach() <= 0.9999 * previous
                 previous = torch.where(active, loss.detach(), previous)
-            m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad ** 2
+            m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad**2
             update = self.lr * (m / (1 - beta1 ** (step + 1))) / ((v / (1 - beta2 ** (step + 1))).sqrt() + 1e-8)
             w = w - torch.where(_rows(active, x.ndim), update, torch.zeros_like(update))
         return found

@@ -111,8 +111,9 @@ def read_manifest(stem: str | Path) -> dict:
         raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from err
 
 
-def load_model(stem: str | Path, *, kind: str | None = None, map_location: str | torch.device = "cpu",
-               eval_mode: bool = True) -> tuple[nn.Module, dict]:
+def load_model(
+    stem: str | Path, *, kind: str | None = None, map_location: str | torch.device = "cpu", eval_mode: bool = True
+) -> tuple[nn.Module, dict]:
     """Rebuild and load a saved model after verifying its hash and shapes; returns (model, manifest)."""
     weights_path, manifest_path = _paths(stem)
     manifest = read_manifest(stem)

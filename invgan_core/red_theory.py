@@ -55,9 +55,18 @@ class RealizableInstance:
     attack_type: torch.Tensor  # (N,) j*
 
 
-def realizable_instance(m: int = 100, d: int = 10, n: int = 10, *, per_block: int = 2, eps: float = 1.0,
-                        hidden: int = 50, activation: str = "leaky_relu", seed: int = 0,
-                        dtype: torch.dtype = torch.float64) -> RealizableInstance:
+def realizable_instance(
+    m: int = 100,
+    d: int = 10,
+    n: int = 10,
+    *,
+    per_block: int = 2,
+    eps: float = 1.0,
+    hidden: int = 50,
+    activation: str = "leaky_relu",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> RealizableInstance:
     """App. B.1: G(z) = σ(Wz) from `synthetic_gan`; binary classifier ψ(x) = k^-½ Σ_l a_l ReLU(w_l·x)
     (eq. 87, w_l ~ N(0, I/m), a_l = ±1); the dictionary holds single gradient-step attacks on training
     points G(z_i), two types: ℓ2 (ε ∇ψ/||∇ψ||₂) and ℓ∞ (ε/√m · sign ∇ψ, the same ℓ2 size), signed to flip
@@ -86,9 +95,14 @@ def realizable_instance(m: int = 100, d: int = 10, n: int = 10, *, per_block: in
             cols.append((flip * delta)[rows])
             classes += [i] * per_block
             types += [j] * per_block
-    dic = AttackDictionary(D=torch.cat(cols).T.contiguous(), classes=torch.tensor(classes),
-                           attack_types=torch.tensor(types),
-                           attack_names=["l2", "linf"], num_classes=2, image_shape=(1, 1, m))
+    dic = AttackDictionary(
+        D=torch.cat(cols).T.contiguous(),
+        classes=torch.tensor(classes),
+        attack_types=torch.tensor(types),
+        attack_names=["l2", "linf"],
+        num_classes=2,
+        image_shape=(1, 1, m),
+    )
     test = slice(n_train, n_train + n)
     j_star = torch.arange(n) % 2
     block = label[test] * 2 + j_star
@@ -98,8 +112,15 @@ def realizable_instance(m: int = 100, d: int = 10, n: int = 10, *, per_block: in
     return RealizableInstance(G, x, z[test], c_star, dic, label[test], j_star)
 
 
-def trajectory_mu(G: nn.Module, x: torch.Tensor, z_iterates: torch.Tensor, c_iterates: torch.Tensor,
-                  D: torch.Tensor, z_ref: torch.Tensor, c_ref: torch.Tensor) -> torch.Tensor:
+def trajectory_mu(
+    G: nn.Module,
+    x: torch.Tensor,
+    z_iterates: torch.Tensor,
+    c_iterates: torch.Tensor,
+    D: torch.Tensor,
+    z_ref: torch.Tensor,
+    c_ref: torch.Tensor,
+) -> torch.Tensor:
     """(N, K) local error-bound parameter along a trajectory (Assumption 5, eq. 9; App. B.1):
 
         μ² = (||∇_z f||² + ||∇_c f||²) / (||z^k − z_ref||² + ||c^k − c_ref||²),  f = ||x' − G(z) − Dc||²
@@ -114,14 +135,22 @@ def trajectory_mu(G: nn.Module, x: torch.Tensor, z_iterates: torch.Tensor, c_ite
         r = xs - G(z).flatten(1) - c @ D.to(x.dtype).T
         (gz,) = torch.autograd.grad((r * r).sum(), z)
     gc = -2 * r.detach() @ D.to(x.dtype)
-    num = (gz ** 2).sum(1) + (gc ** 2).sum(1)
+    num = (gz**2).sum(1) + (gc**2).sum(1)
     den = ((z.detach() - z_ref.repeat(K, 1)) ** 2).sum(1) + ((c - c_ref.repeat(K, 1)) ** 2).sum(1)
     return (num / den).sqrt().reshape(K, N).T
 
 
-def convergence_trace(inst: RealizableInstance, *, steps: int = 1000, z0: torch.Tensor | None = None,
-                      z_lr: float | None = None, nesterov: bool = False, jacobi: bool = False, seed: int = 0,
-                      floor: float = 1e-20) -> dict[str, np.ndarray]:
+def convergence_trace(
+    inst: RealizableInstance,
+    *,
+    steps: int = 1000,
+    z0: torch.Tensor | None = None,
+    z_lr: float | None = None,
+    nesterov: bool = False,
+    jacobi: bool = False,
+    seed: int = 0,
+    floor: float = 1e-20,
+) -> dict[str, np.ndarray]:
     """Unregularised Algorithm 1 (λ = 0, Sec. 4.2) from z0 ~ N(0, I) (per example id), c0 = 0.
 
     Arrays for the figures: dist2 (N, K) = ||Δz^k||² + ||Δc^k||² to the truth; mu (N, K) along the path
@@ -131,8 +160,19 @@ def convergence_trace(inst: RealizableInstance, *, steps: int = 1000, z0: torch.
     n = len(inst.x)
     if z0 is None:
         z0 = rng.sample_latents("normal", seed, torch.arange(n), 1, inst.G.latent_dim)[:, 0]
-    res = red_solve(inst.G, inst.x, D=inst.dictionary, z0=z0.to(inst.x.dtype), lam=torch.zeros(n, dtype=inst.x.dtype),
-                    steps=steps, z_lr=z_lr, nesterov=nesterov, jacobi=jacobi, keep_trace=True, keep_iterates=True)
+    res = red_solve(
+        inst.G,
+        inst.x,
+        D=inst.dictionary,
+        z0=z0.to(inst.x.dtype),
+        lam=torch.zeros(n, dtype=inst.x.dtype),
+        steps=steps,
+        z_lr=z_lr,
+        nesterov=nesterov,
+        jacobi=jacobi,
+        keep_trace=True,
+        keep_iterates=True,
+    )
     assert res.z is not None and res.trace is not None, "red_solve returns z and the trace when keep_trace is set"
     assert res.z_iterates is not None and res.c_iterates is not None, "keep_iterates=True returns the iterates"
     dist2 = (((res.z_iterates - inst.z_star) ** 2).sum(2) + ((res.c_iterates - inst.c_star) ** 2).sum(2)).T
@@ -145,15 +185,27 @@ def convergence_trace(inst: RealizableInstance, *, steps: int = 1000, z0: torch.
         kk, yy = k[above[i]], dist2[i][above[i]].double().log()
         slope = ((kk - kk.mean()) * (yy - yy.mean())).sum() / ((kk - kk.mean()) ** 2).sum().clamp_min(1e-30)
         rate.append(math.exp(float(slope)))
-    arrays = {"dist2": dist2, "mu": mu, "objective": res.trace, "attack_correct": res.attack_type == inst.attack_type,
-              "z_error": (res.z - inst.z_star).norm(dim=1), "c_error": (res.c - inst.c_star).norm(dim=1)}
+    arrays = {
+        "dist2": dist2,
+        "mu": mu,
+        "objective": res.trace,
+        "attack_correct": res.attack_type == inst.attack_type,
+        "z_error": (res.z - inst.z_star).norm(dim=1),
+        "c_error": (res.c - inst.c_star).norm(dim=1),
+    }
     return {"rate": np.array(rate), **{k: v.detach().cpu().numpy() for k, v in arrays.items()}}
 
 
-def mu_vs_output_dim(ms: Sequence[int], *, d: int = 10, n: int = 10, steps: int = 1000, activation: str = "leaky_relu",
-                     seed: int = 0) -> dict[str, np.ndarray]:
+def mu_vs_output_dim(
+    ms: Sequence[int], *, d: int = 10, n: int = 10, steps: int = 1000, activation: str = "leaky_relu", seed: int = 0
+) -> dict[str, np.ndarray]:
     """Fig. 1: output dimension m vs μ averaged over the optimisation paths of n test examples."""
-    rows = [convergence_trace(realizable_instance(m, d, n, activation=activation, seed=seed), steps=steps, seed=seed)
-            for m in ms]
-    return {"m": np.asarray(ms), "mean_mu": np.array([np.nanmean(r["mu"]) for r in rows]),
-            "mean_rate": np.array([r["rate"].mean() for r in rows])}
+    rows = [
+        convergence_trace(realizable_instance(m, d, n, activation=activation, seed=seed), steps=steps, seed=seed)
+        for m in ms
+    ]
+    return {
+        "m": np.asarray(ms),
+        "mean_mu": np.array([np.nanmean(r["mu"]) for r in rows]),
+        "mean_rate": np.array([r["rate"].mean() for r in rows]),
+    }

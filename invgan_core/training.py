@@ -28,6 +28,7 @@ def _norms(a: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- GAN (DCGAN and WGAN-GP)
 
+
 def gradient_penalty(
     D: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -43,10 +44,11 @@ def discriminator_loss(
 ) -> torch.Tensor:
     """Critic loss; real and fake go through D as one batch (one forward per step, DDP-friendly)."""
     scores = D(torch.cat([real, fake]))
-    s_real, s_fake = scores[: len(real)], scores[len(real):]
+    s_real, s_fake = scores[: len(real)], scores[len(real) :]
     if kind == "dcgan":
-        return F.binary_cross_entropy_with_logits(s_real, torch.ones_like(s_real)) + \
-            F.binary_cross_entropy_with_logits(s_fake, torch.zeros_like(s_fake))
+        return F.binary_cross_entropy_with_logits(s_real, torch.ones_like(s_real)) + F.binary_cross_entropy_with_logits(
+            s_fake, torch.zeros_like(s_fake)
+        )
     if kind == "wgan-gp":
         return s_fake.mean() - s_real.mean() + gp_weight * gradient_penalty(D, real, fake)
     raise ValueError(f"unknown GAN loss {kind!r}; choose one of {GAN_LOSSES}")
@@ -62,8 +64,17 @@ def generator_loss(D: nn.Module, fake: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown GAN loss {kind!r}; choose one of {GAN_LOSSES}")
 
 
-def critic_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: torch.Tensor, z: torch.Tensor,
-                kind: str, *, gp_weight: float = 10.0, backward: Backward = _default_backward) -> float:
+def critic_step(
+    G: nn.Module,
+    D: nn.Module,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    kind: str,
+    *,
+    gp_weight: float = 10.0,
+    backward: Backward = _default_backward,
+) -> float:
     with torch.no_grad():
         fake = G(z)
     loss = discriminator_loss(D, real, fake, kind, gp_weight)
@@ -73,8 +84,15 @@ def critic_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: 
     return loss.item()
 
 
-def generator_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: torch.Tensor, kind: str,
-                   *, backward: Backward = _default_backward) -> float:
+def generator_step(
+    G: nn.Module,
+    D: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    z: torch.Tensor,
+    kind: str,
+    *,
+    backward: Backward = _default_backward,
+) -> float:
     loss = generator_loss(D, G(z), kind)
     opt_g.zero_grad(set_to_none=True)
     backward(loss)
@@ -84,8 +102,15 @@ def generator_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: 
 
 # ---------------------------------------------------------------- classifier
 
-def classifier_step(f: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                    *, backward: Backward = _default_backward) -> float:
+
+def classifier_step(
+    f: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    backward: Backward = _default_backward,
+) -> float:
     loss = F.cross_entropy(f(x), y)
     opt.zero_grad(set_to_none=True)
     backward(loss)
@@ -99,7 +124,7 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
         return x
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (max_shift,) * 4)
-    dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), device=x.device))
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), device=x.device)
     rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W)
     out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
@@ -109,12 +134,15 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(f: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     device = next(f.parameters()).device
-    correct = sum((f(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
+    correct = sum(
+        (f(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
     return correct / max(len(x), 1)
 
 
 # ---------------------------------------------------------------- InvGAN inverter
+
 
 @dataclass(frozen=True)
 class InverterWeights:
@@ -145,12 +173,28 @@ def inverter_losses(
         s = D(x_hat)
         adv = F.binary_cross_entropy_with_logits(s, torch.ones_like(s))
     total = w.adv * adv + w.semantic * semantic + w.latent * latent
-    return {"total": total, "adv": adv, "semantic": semantic, "latent": latent,
-            "mse": ((x - x_hat) ** 2).flatten(1).mean(1).mean().detach(), "x": x, "x_hat": x_hat.detach()}
+    return {
+        "total": total,
+        "adv": adv,
+        "semantic": semantic,
+        "latent": latent,
+        "mse": ((x - x_hat) ** 2).flatten(1).mean(1).mean().detach(),
+        "x": x,
+        "x_hat": x_hat.detach(),
+    }
 
 
-def inverter_step(G: nn.Module, I: nn.Module, D: nn.Module, opt_i: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                  z: torch.Tensor, w: InverterWeights, *, backward: Backward = _default_backward) -> dict[str, float]:
+def inverter_step(
+    G: nn.Module,
+    I: nn.Module,
+    D: nn.Module,
+    opt_i: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    z: torch.Tensor,
+    w: InverterWeights,
+    *,
+    backward: Backward = _default_backward,
+) -> dict[str, float]:
     """One min-max step: update D (G(z) real vs G(I(G(z))) fake), then I against the updated D. G is frozen."""
     metrics = {}
     if w.adv:

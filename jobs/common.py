@@ -55,7 +55,7 @@ def start_mlflow(tracking_uri: str | None, experiment: str):
         if mlflow.get_experiment_by_name(experiment) is None:  # created here, not by set_experiment's INFO line
             mlflow.create_experiment(experiment)
         return mlflow.set_experiment(experiment)
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with db.with_name(db.name + ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -68,10 +68,11 @@ def check_folder_name(name: str) -> str:
     """`name` as one plain folder name, as run folders (runs/<name>-<hash>) need: a name that holds a path
     separator, is absolute, '.' or '..', or starts with '.', could put results outside their parent folder."""
     text = str(name)
-    if (not text.strip() or "/" in text or "\\" in text or "\0" in text or text.startswith(".")
-            or text != text.strip()):
-        raise ValueError(f"{text!r}: give a plain folder name (letters, digits, '-', '_'; no '/', no "
-                         "leading '.', no surrounding spaces): it names the run folder, which --out places elsewhere")
+    if not text.strip() or "/" in text or "\\" in text or "\0" in text or text.startswith(".") or text != text.strip():
+        raise ValueError(
+            f"{text!r}: give a plain folder name (letters, digits, '-', '_'; no '/', no "
+            "leading '.', no surrounding spaces): it names the run folder, which --out places elsewhere"
+        )
     return text
 
 
@@ -83,20 +84,30 @@ def check_job_inputs(cfg, data) -> None:
     from invgan_core.data import check_images
 
     root = cfg.weights_dir()
-    arch = {k: read_manifest(root / k).get("arch", {}) for k in ("generator", "classifier", "inverter")
-            if (root / f"{k}.json").exists()}
+    arch = {
+        k: read_manifest(root / k).get("arch", {})
+        for k in ("generator", "classifier", "inverter")
+        if (root / f"{k}.json").exists()
+    }
     shapes = {k: tuple(a["image_shape"]) for k, a in arch.items() if "image_shape" in a}
     if len(set(shapes.values())) > 1:
-        raise CheckpointError(f"{root}: its models were trained on different image shapes ("
-                              + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
-                              + "); a weights folder needs the generator, classifier and inverter of one dataset")
+        raise CheckpointError(
+            f"{root}: its models were trained on different image shapes ("
+            + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
+            + "); a weights folder needs the generator, classifier and inverter of one dataset"
+        )
     latents = {k: arch[k]["latent_dim"] for k in ("generator", "inverter") if "latent_dim" in arch.get(k, {})}
     if len(set(latents.values())) > 1:
-        raise CheckpointError(f"{root}: the generator's latent size {latents['generator']} differs from the "
-                              f"inverter's {latents['inverter']}; train the inverter for this generator")
+        raise CheckpointError(
+            f"{root}: the generator's latent size {latents['generator']} differs from the "
+            f"inverter's {latents['inverter']}; train the inverter for this generator"
+        )
     split = getattr(cfg, "split", data.split)
-    check_images(data, shapes.get("classifier") or next(iter(shapes.values()), None),
-                 where=f"dataset {cfg.dataset!r} ({split} split)")
+    check_images(
+        data,
+        shapes.get("classifier") or next(iter(shapes.values()), None),
+        where=f"dataset {cfg.dataset!r} ({split} split)",
+    )
 
 
 WRITE_ERRNOS = {"ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG"}
@@ -111,5 +122,7 @@ def write_error(err: OSError, folder: Path) -> str | None:
     if not any(err.errno == getattr(errno, name, None) for name in WRITE_ERRNOS):
         return None
     path = err.filename or folder
-    return (f"cannot write {path}: {err.strerror or err} (run folder {folder}); finished shards are kept, "
-            "nothing is half-written: free space or fix the permissions, then rerun to resume")
+    return (
+        f"cannot write {path}: {err.strerror or err} (run folder {folder}); finished shards are kept, "
+        "nothing is half-written: free space or fix the permissions, then rerun to resume"
+    )

@@ -25,12 +25,25 @@ from invgan_core import adaptive, attacks, defenses
 from jobs.common import PROJECT_ROOT, check_folder_name
 
 ATTACKS = {
-    "fgsm": attacks.FGSM, "pgd_linf": attacks.LinfPGD, "pgd_l2": attacks.L2PGD, "pgd_l1": attacks.L1PGD,
-    "cw": attacks.CarliniWagnerL2, "sign_cw": adaptive.SignCW,
+    "fgsm": attacks.FGSM,
+    "pgd_linf": attacks.LinfPGD,
+    "pgd_l2": attacks.L2PGD,
+    "pgd_l1": attacks.L1PGD,
+    "cw": attacks.CarliniWagnerL2,
+    "sign_cw": adaptive.SignCW,
 }
-WRAPPERS = {"bpda": adaptive.BPDA, "rp": adaptive.Reparameterization, "unrolled": adaptive.Unrolled, "nes": adaptive.NES}
-DEFENSES: dict[str, type[defenses.Defense]] = {"none": defenses.NoDefense, "defensegan": defenses.DefenseGAN, "invgan": defenses.InvGAN,
-            "clipped": defenses.ClippedProjection}
+WRAPPERS = {
+    "bpda": adaptive.BPDA,
+    "rp": adaptive.Reparameterization,
+    "unrolled": adaptive.Unrolled,
+    "nes": adaptive.NES,
+}
+DEFENSES: dict[str, type[defenses.Defense]] = {
+    "none": defenses.NoDefense,
+    "defensegan": defenses.DefenseGAN,
+    "invgan": defenses.InvGAN,
+    "clipped": defenses.ClippedProjection,
+}
 RESERVED = {"clean", "worst_case"}  # attack names the results use themselves
 
 
@@ -41,8 +54,9 @@ class _Strict(BaseModel):
 class AttackSpec(_Strict):
     kind: str
     target: str = "classifier"
-    limit: Optional[int] = Field(None, gt=0, description="only N examples (costly attacks), spread evenly over the "
-                                 "split: see attacked_positions")
+    limit: Optional[int] = Field(
+        None, gt=0, description="only N examples (costly attacks), spread evenly over the split: see attacked_positions"
+    )
     params: dict[str, Any] = {}
     base: Optional["AttackSpec"] = None  # the loop of a wrapper (bpda, rp, unrolled, nes)
 
@@ -207,23 +221,31 @@ class EvalConfig(JobConfig):
         self._derive_masking_checks()
         for name, spec in self.attacks.items():
             if spec.target not in ("classifier", "each", *self.defenses):
-                raise ValueError(f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
-                                 f"({', '.join(self.defenses)})")
+                raise ValueError(
+                    f"attacks.{name}.target: {spec.target!r} is not 'classifier', 'each' or a defense "
+                    f"({', '.join(self.defenses)})"
+                )
             end_to_end = spec.kind in WRAPPERS
             if end_to_end == (spec.target == "classifier"):
-                raise ValueError(f"attacks.{name}.target: {spec.kind!r} "
-                                 + ("goes through a defense: use 'each' or a defense name" if end_to_end else
-                                    "follows the classifier's gradient: its target must be 'classifier' "
-                                    "(wrap it, e.g. kind: bpda with base: {kind: " + spec.kind + "}, to attack a defense)"))
+                raise ValueError(
+                    f"attacks.{name}.target: {spec.kind!r} "
+                    + (
+                        "goes through a defense: use 'each' or a defense name"
+                        if end_to_end
+                        else "follows the classifier's gradient: its target must be 'classifier' "
+                        "(wrap it, e.g. kind: bpda with base: {kind: " + spec.kind + "}, to attack a defense)"
+                    )
+                )
             targets = list(self.defenses) if spec.target == "each" else [spec.target]
             if spec.kind == "rp" and any(self.defenses[t].kind != "invgan" for t in targets if t in self.defenses):
                 raise ValueError(f"attacks.{name}: rp needs a defense with an inverter (kind invgan) as its target")
             if spec.kind == "unrolled" and any(self.defenses[t].kind == "none" for t in targets if t in self.defenses):
-                raise ValueError(f"attacks.{name}: unrolled differentiates through projection steps, so its target "
-                                 "needs a generator (defensegan, invgan or clipped), not kind none; name such a "
-                                 "defense as its target instead of 'each'")
+                raise ValueError(
+                    f"attacks.{name}: unrolled differentiates through projection steps, so its target "
+                    "needs a generator (defensegan, invgan or clipped), not kind none; name such a "
+                    "defense as its target instead of 'each'"
+                )
         return self
-
 
     def _derive_masking_checks(self) -> None:
         """Replace the check/ attacks by the ones `masking_checks` derives (a dumped config validates again
@@ -234,24 +256,43 @@ class EvalConfig(JobConfig):
         derived = {}
         if self.masking_checks is not None:
             m = self.masking_checks
-            derived = expand_checks({n: s.model_dump(mode="json", exclude_none=True) for n, s in own.items()},
-                                    examples=m.examples, eps_factor=m.eps_factor, steps_factor=m.steps_factor)
+            derived = expand_checks(
+                {n: s.model_dump(mode="json", exclude_none=True) for n, s in own.items()},
+                examples=m.examples,
+                eps_factor=m.eps_factor,
+                steps_factor=m.steps_factor,
+            )
         stray = sorted(set(self.attacks) - set(own) - set(derived))
         if stray:
-            raise ValueError(f"attacks: {stray} start with {CHECK_PREFIX!r}, which is reserved for the attacks "
-                             "masking_checks derives; rename them")
+            raise ValueError(
+                f"attacks: {stray} start with {CHECK_PREFIX!r}, which is reserved for the attacks "
+                "masking_checks derives; rename them"
+            )
         self.attacks = own | {n: AttackSpec.model_validate(s) for n, s in derived.items()}
 
 
 # Attack budgets, checked by parameter name for every kind of ATTACKS and WRAPPERS before the attack is built
 # (tests/reliability checks that every parameter of every registered kind is in one of these two tables).
 _COUNT, _POSITIVE, _NON_NEGATIVE = "a whole number >= 1", "a finite number > 0", "a finite number >= 0"
-BUDGETS = {"eps": _NON_NEGATIVE, "confidence": _NON_NEGATIVE,
-           "steps": _COUNT, "binary_search_steps": _COUNT, "samples": _COUNT, "unroll_steps": _COUNT,
-           "warm_steps": _COUNT, "restarts": _COUNT,
-           "rel_stepsize": _POSITIVE, "abs_stepsize": _POSITIVE, "lr": _POSITIVE, "eta": _POSITIVE,
-           "unroll_lr": _POSITIVE, "sigma": _POSITIVE, "initial_const": _POSITIVE, "lam": _NON_NEGATIVE,
-           "quantile": "a number in [0, 1]"}
+BUDGETS = {
+    "eps": _NON_NEGATIVE,
+    "confidence": _NON_NEGATIVE,
+    "steps": _COUNT,
+    "binary_search_steps": _COUNT,
+    "samples": _COUNT,
+    "unroll_steps": _COUNT,
+    "warm_steps": _COUNT,
+    "restarts": _COUNT,
+    "rel_stepsize": _POSITIVE,
+    "abs_stepsize": _POSITIVE,
+    "lr": _POSITIVE,
+    "eta": _POSITIVE,
+    "unroll_lr": _POSITIVE,
+    "sigma": _POSITIVE,
+    "initial_const": _POSITIVE,
+    "lam": _NON_NEGATIVE,
+    "quantile": "a number in [0, 1]",
+}
 NOT_BUDGETS = {"seed", "attack", "loss", "random_start", "abort_early", "warm_start"}
 
 
@@ -262,9 +303,15 @@ def check_budget(kind: str, params: dict) -> None:
         if rule is None or (key == "abs_stepsize" and value is None):
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = number and math.isfinite(value) and {
-            _COUNT: isinstance(value, int) and value >= 1, _POSITIVE: value > 0, _NON_NEGATIVE: value >= 0,
-        }.get(rule, 0 <= value <= 1)
+        ok = (
+            number
+            and math.isfinite(value)
+            and {
+                _COUNT: isinstance(value, int) and value >= 1,
+                _POSITIVE: value > 0,
+                _NON_NEGATIVE: value >= 0,
+            }.get(rule, 0 <= value <= 1)
+        )
         if not ok:
             raise ValueError(f"attack kind {kind!r}: {key}={value!r}: give {rule}")
 
@@ -303,19 +350,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         *parents, leaf = path.strip().split(".")
         if not all([*parents, leaf]):
-            raise ValueError(f"--set {item!r}: empty name in the path; expected dotted.path=value, "
-                             "e.g. attacks.fgsm.params.eps=0.2")
+            raise ValueError(
+                f"--set {item!r}: empty name in the path; expected dotted.path=value, e.g. attacks.fgsm.params.eps=0.2"
+            )
         for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
             if isinstance(node, list):  # no indexing: a list is set whole
-                raise ValueError(f"--set {item!r}: {key!r} is a list; set the whole list, e.g. "
-                                 f"--set {'.'.join(parents[:depth + 1])}=[...]")
+                raise ValueError(
+                    f"--set {item!r}: {key!r} is a list; set the whole list, e.g. "
+                    f"--set {'.'.join(parents[: depth + 1])}=[...]"
+                )
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {key!r} is not a section")
         try:
             node[leaf] = yaml.safe_load(value)  # safe: a Python tag is refused here too
         except yaml.YAMLError as err:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+            raise ValueError(
+                f"--set {item!r}: the value is not valid YAML ({' '.join(str(err).split())[:200]})"
+            ) from None
     return raw
 
 
@@ -326,24 +378,32 @@ C = TypeVar("C", bound=JobConfig)
 def load_config(path: str | Path, overrides: list[str] | None = None, *, model: type[C], **fields: Any) -> C: ...
 @overload
 def load_config(path: str | Path, overrides: list[str] | None = None, **fields: Any) -> EvalConfig: ...
-def load_config(path: str | Path, overrides: list[str] | None = None, *, model: type[JobConfig] = EvalConfig,
-                **fields: Any) -> JobConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, model: type[JobConfig] = EvalConfig, **fields: Any
+) -> JobConfig:
     """Read a YAML config, apply `--set` overrides and keyword fields, validate as `model`."""
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path  # `invgan eval` from outside the checkout still finds configs/
     if not path.exists():
-        raise FileNotFoundError(f"config {path} does not exist (shipped configs: {', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})")
+        raise FileNotFoundError(
+            f"config {path} does not exist (shipped configs: "
+            f"{', '.join(p.name for p in (PROJECT_ROOT / 'configs').glob('*.yaml'))})"
+        )
     try:
         raw = yaml.safe_load(path.read_text())  # safe: a Python tag (!!python/object) is refused here
     except yaml.YAMLError as err:
         raise ValueError(f"config {path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
     if raw is None:
-        raise ValueError(f"config {path}: the file is empty; expected a mapping of settings (name: ..., "
-                         "defenses: ..., attacks: ...), e.g. configs/smoke.yaml")
+        raise ValueError(
+            f"config {path}: the file is empty; expected a mapping of settings (name: ..., "
+            "defenses: ..., attacks: ...), e.g. configs/smoke.yaml"
+        )
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path}: expected a mapping of settings (name: ..., defenses: ..., attacks: ...), "
-                         f"got a YAML {type(raw).__name__}")
+        raise ValueError(
+            f"config {path}: expected a mapping of settings (name: ..., defenses: ..., attacks: ...), "
+            f"got a YAML {type(raw).__name__}"
+        )
     raw = apply_overrides(raw, overrides or [])
     raw.update({k: v for k, v in fields.items() if v is not None})
     return model.model_validate(raw)

@@ -28,8 +28,10 @@ def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
         if "defensegan" in spec.defenses:
             steps = budget // spec.restarts
             points[f"defensegan_{spec.restarts}x{steps}"] = (
-                "defensegan", spec.restarts * steps,
-                DefenseSpec(kind="defensegan", params={"restarts": spec.restarts, "steps": steps, "lr": spec.lr}))
+                "defensegan",
+                spec.restarts * steps,
+                DefenseSpec(kind="defensegan", params={"restarts": spec.restarts, "steps": steps, "lr": spec.lr}),
+            )
     return points
 
 
@@ -40,10 +42,17 @@ def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
         mine = rows[rows.defense == name]
         scored = mine[~mine["diverged"].astype(bool)] if "diverged" in mine.columns else mine  # see report.summarize
         clean, attacked = scored[~scored.attacked], scored[scored.attacked]
-        out.append({"family": family, "point": name, "effective_iterations": iters,
-                    "clean_accuracy": clean.correct.mean(),
-                    "attacked_accuracy": attacked.correct.mean() if len(attacked) else float("nan"),
-                    "seconds_per_example": clean.seconds.mean(), "n": len(clean)})
+        out.append(
+            {
+                "family": family,
+                "point": name,
+                "effective_iterations": iters,
+                "clean_accuracy": clean.correct.mean(),
+                "attacked_accuracy": attacked.correct.mean() if len(attacked) else float("nan"),
+                "seconds_per_example": clean.seconds.mean(),
+                "n": len(clean),
+            }
+        )
     table = pd.DataFrame(out).drop_duplicates(["family", "effective_iterations"])
     return table.sort_values(["family", "effective_iterations"])
 
@@ -69,8 +78,15 @@ def curve_figure(table: pd.DataFrame, title: str):
     return fig
 
 
-def run_curves(cfg: EvalConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-               log_mlflow: bool = True, verbose: bool = False) -> tuple[pd.DataFrame, Path, str | None]:
+def run_curves(
+    cfg: EvalConfig,
+    *,
+    out: Path | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    verbose: bool = False,
+) -> tuple[pd.DataFrame, Path, str | None]:
     """Evaluate every curve point (clean and the config's attacks), plot, log; returns the table."""
     from jobs.common import default_tracking_uri, git_commit
     from jobs.evaluate import evaluate
@@ -83,14 +99,30 @@ def run_curves(cfg: EvalConfig, *, out: Path | None = None, address: str | None 
     points = point_defenses(cfg)
     point_defs = {k: v[2] for k, v in points.items()}
     point_cfg = cfg.model_copy(update={"name": f"{cfg.name}-curves", "defenses": point_defs})
-    tags = {"dataset": cfg.dataset, "kind": "curves", "config_hash": point_cfg.config_hash(),
-            "git_commit": git_commit()}
-    with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-                     experiment=cfg.family, run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}",
-                     run_dir=run_folder(point_cfg, out), config_dict=point_cfg.model_dump(mode="json"),
-                     tags=tags) as tracker:
-        res = evaluate(point_cfg, out=out, address=address, progress=progress, log_mlflow=False, verbose=verbose,
-                       on_shard=tracker.progress if tracker else None)
+    tags = {
+        "dataset": cfg.dataset,
+        "kind": "curves",
+        "config_hash": point_cfg.config_hash(),
+        "git_commit": git_commit(),
+    }
+    with tracked_run(
+        enabled=log_mlflow,
+        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+        experiment=cfg.family,
+        run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}",
+        run_dir=run_folder(point_cfg, out),
+        config_dict=point_cfg.model_dump(mode="json"),
+        tags=tags,
+    ) as tracker:
+        res = evaluate(
+            point_cfg,
+            out=out,
+            address=address,
+            progress=progress,
+            log_mlflow=False,
+            verbose=verbose,
+            on_shard=tracker.progress if tracker else None,
+        )
         table = curve_table(res.rows, points)
         table.to_csv(res.run_dir / "curves.csv", index=False)
         fig = curve_figure(table, f"{cfg.dataset}: accuracy and cost vs effective iterations")
@@ -101,15 +133,24 @@ def run_curves(cfg: EvalConfig, *, out: Path | None = None, address: str | None 
                 for metric in ("clean_accuracy", "attacked_accuracy", "seconds_per_example"):
                     value = getattr(r, metric)
                     if value == value:  # not NaN
-                        client.log_metric(run_id, f"curve/{r.family}/{metric}", float(value),
-                                          step=int(r.effective_iterations))
+                        client.log_metric(
+                            run_id, f"curve/{r.family}/{metric}", float(value), step=int(r.effective_iterations)
+                        )
             client.log_figure(run_id, fig, "figures/curves.png")
             replace_table(client, run_id, table, "tables/curves.json")
     return table, res.run_dir, tracker.run_id if tracker else None
 
 
-def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
-         log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
+def main(
+    config: Path,
+    overrides: list[str],
+    limit: int | None,
+    out: Path | None,
+    address: str | None,
+    log_mlflow: bool,
+    progress: bool,
+    verbose: bool = False,
+) -> None:
     from pydantic import ValidationError
 
     from jobs.config import load_config
@@ -120,8 +161,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
         from jobs.config import describe_error
 
         raise SystemExit(f"invalid curves config: {describe_error(err)}") from None
-    table, run_dir, run_id = run_curves(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow,
-                                        verbose=verbose)
+    table, run_dir, run_id = run_curves(
+        cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"plot: {run_dir / 'curves.png'}   table: {run_dir / 'curves.csv'}")
     if run_id:

@@ -15,23 +15,53 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
 from jobs.common import check_job_inputs, default_tracking_uri
-from jobs.config import EvalConfig, examples_in_shard
-from jobs.runner import (ShardStats, missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows,
-                         run_folder, run_shards, weights_hashes)
+from jobs.config import EvalConfig, JobConfig, examples_in_shard
+from jobs.runner import (
+    ShardStats,
+    missing_shards,
+    plan_shards,
+    prepare_run_dir,
+    quiet_ray_logging,
+    read_rows,
+    run_folder,
+    run_shards,
+    weights_hashes,
+)
 from jobs.tracking import recorded_run_id, where_to_open
 
-ROW_COLUMNS = ["example_id", "label", "attack", "defense", "prediction", "correct", "detection_score", "l2", "linf",
-               "effective_iterations", "seconds", "attack_seconds", "attacked", "queries", "shard", "diverged"]
+if TYPE_CHECKING:
+    from invgan_core.defenses import Defense
+
+ROW_COLUMNS = [
+    "example_id",
+    "label",
+    "attack",
+    "defense",
+    "prediction",
+    "correct",
+    "detection_score",
+    "l2",
+    "linf",
+    "effective_iterations",
+    "seconds",
+    "attack_seconds",
+    "attacked",
+    "queries",
+    "shard",
+    "diverged",
+]
 # A projection whose latent coordinate passes this (prior scale 1) has run away from every image G was trained to
 # make, though float32 still holds it: a step size that blows up the projection. Its row is flagged `diverged`.
 DIVERGED_LATENT = 100.0
 
 
 # ---------------------------------------------------------------- the worker (one Ray actor)
+
 
 class EvalWorker:
     """Loads the models once; per shard, runs every attack and defense and returns its rows."""
@@ -77,12 +107,14 @@ class EvalWorker:
                 target = self.models["classifier"] if spec.target == "classifier" else self.defenses[spec.target]
                 result, secs = _attack(attack, target, xs, ys, ids_s)
                 for dname, defense in self.defenses.items():
-                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs,
-                                       reuse=dname == spec.target)
+                    rows += self._rows(
+                        shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=dname == spec.target
+                    )
         return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
-    def _rows(self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs, *,
-              reuse: bool = False) -> list[tuple]:
+    def _rows(
+        self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs, *, reuse: bool = False
+    ) -> list[tuple]:
         """`reuse`: the defense is the attack's target, whose success check already purified x_adv (same
         defense, input and ids; a deterministic projection): take that result instead of projecting again.
         Its seconds are the row's `seconds` (and not in `attack_seconds`: see `_attack`)."""
@@ -106,10 +138,34 @@ class EvalWorker:
         l2 = result.l2.cpu() if result is not None else torch.zeros(n)
         linf = result.linf.cpu() if result is not None else torch.zeros(n)
         queries = result.queries.cpu() if result is not None else torch.zeros(n, dtype=torch.int64)
+        # restart-steps spent on each example (they differ with Defense-GAN's pruning or early stopping)
+        iters = (
+            purified.iterations.cpu().tolist()
+            if purified.iterations is not None
+            else [purified.effective_iterations] * n
+        )
         y = y.cpu()
-        return [(int(ids[i]), int(y[i]), attack_name, defense_name, int(pred[i]), bool(pred[i] == y[i]),
-                 float(scores[i]), float(l2[i]), float(linf[i]), int(purified.effective_iterations), secs / n,
-                 attack_secs / n, result is not None, int(queries[i]), shard, bool(diverged[i])) for i in range(n)]
+        return [
+            (
+                int(ids[i]),
+                int(y[i]),
+                attack_name,
+                defense_name,
+                int(pred[i]),
+                bool(pred[i] == y[i]),
+                float(scores[i]),
+                float(l2[i]),
+                float(linf[i]),
+                int(round(iters[i])),
+                secs / n,
+                attack_secs / n,
+                result is not None,
+                int(queries[i]),
+                shard,
+                bool(diverged[i]),
+            )
+            for i in range(n)
+        ]
 
 
 def diverged_rows(x_in, purified, logits):
@@ -139,7 +195,7 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def load_models(cfg: EvalConfig, device="cpu") -> dict:
+def load_models(cfg: JobConfig, device="cpu") -> dict:
     """G, f and (if shipped) I from the config's weights folder, hash-verified."""
     from invgan_core.checkpoint import load_model
 
@@ -156,7 +212,7 @@ def load_models(cfg: EvalConfig, device="cpu") -> dict:
 def build_defense(spec, G, I, f, seed: int):
     from jobs.config import DEFENSES
 
-    cls = DEFENSES[spec.kind]
+    cls: Callable[..., Defense] = DEFENSES[spec.kind]  # constructors differ: G, I, f by kind
     if spec.kind == "none":
         return cls(f, **spec.params)
     if spec.kind == "invgan":
@@ -167,6 +223,7 @@ def build_defense(spec, G, I, f, seed: int):
 
 
 # ---------------------------------------------------------------- the driver
+
 
 @dataclass
 class Results:
@@ -182,12 +239,21 @@ class Results:
 def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
     """Rows a complete shard holds (of a split of n examples): clean x defenses, plus each attack's examples in
     the shard x defenses it covers."""
-    return len(cfg.defenses) * ((stop - start) + sum(len(examples_in_shard(s, start, stop, n))
-                                                     for s in cfg.attacks.values()))
+    return len(cfg.defenses) * (
+        (stop - start) + sum(len(examples_in_shard(s, start, stop, n)) for s in cfg.attacks.values())
+    )
 
 
-def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-             log_mlflow: bool = True, verbose: bool = False, on_shard=None) -> Results:
+def evaluate(
+    cfg: EvalConfig,
+    *,
+    out: Path | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    verbose: bool = False,
+    on_shard=None,
+) -> Results:
     """Run (or resume) the evaluation described by `cfg`; returns the rows and their summary.
     `on_shard(progress)` is called after every shard (another job's MLflow run, e.g. curves')."""
     from invgan_core.data import load_dataset
@@ -203,22 +269,49 @@ def evaluate(cfg: EvalConfig, *, out: Path | None = None, address: str | None = 
     prepare_run_dir(cfg, run_dir)
     shards = plan_shards(n, cfg.shard_size)
     todo = missing_shards(run_dir, shards)
-    tags = {"dataset": cfg.dataset, "defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks),
-            "git_commit": git_commit(), "config_hash": cfg.config_hash(), "kind": "eval",
-            **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()}}
-    with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-                     experiment=cfg.family, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", run_dir=run_dir,
-                     config_dict=cfg.model_dump(mode="json"), tags=tags) as tracker:
+    tags = {
+        "dataset": cfg.dataset,
+        "defenses": ",".join(cfg.defenses),
+        "attacks": ",".join(cfg.attacks),
+        "git_commit": git_commit(),
+        "config_hash": cfg.config_hash(),
+        "kind": "eval",
+        **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()},
+    }
+    with tracked_run(
+        enabled=log_mlflow,
+        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+        experiment=cfg.family,
+        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
+        run_dir=run_dir,
+        config_dict=cfg.model_dump(mode="json"),
+        tags=tags,
+    ) as tracker:
         stats = ShardStats()
         if todo:
-            stats = run_shards(todo, run_dir, worker=EvalWorker, worker_kwargs={"config": cfg.model_dump(mode="json")},
-                               resources=cfg.resources, expected=lambda a, b: expected_rows(cfg, a, b, n),
-                               columns=ROW_COLUMNS, desc=f"eval {cfg.name}", address=address, progress=progress,
-                               verbose=verbose, on_shard=tracker.progress if tracker else on_shard)
+            stats = run_shards(
+                todo,
+                run_dir,
+                worker=EvalWorker,
+                worker_kwargs={"config": cfg.model_dump(mode="json")},
+                resources=cfg.resources,
+                expected=lambda a, b: expected_rows(cfg, a, b, n),
+                columns=ROW_COLUMNS,
+                desc=f"eval {cfg.name}",
+                address=address,
+                progress=progress,
+                verbose=verbose,
+                on_shard=tracker.progress if tracker else on_shard,
+            )
         rows = read_rows(run_dir, ROW_COLUMNS)
-        shards_info = {"total": len(shards), "computed": stats.computed, "reused": len(shards) - len(todo),
-                       "retried": stats.retried, "lost_workers": stats.lost,
-                       "failed_attempts": {str(k): v for k, v in stats.failed.items()}}
+        shards_info = {
+            "total": len(shards),
+            "computed": stats.computed,
+            "reused": len(shards) - len(todo),
+            "retried": stats.retried,
+            "lost_workers": stats.lost,
+            "failed_attempts": {str(k): v for k, v in stats.failed.items()},
+        }
         summary = finish(cfg, run_dir, rows, tracker, models, shards_info)
     run_id = tracker.run_id if tracker else recorded_run_id(run_dir)
     return Results(run_dir, rows, summary, run_id, len(todo), len(shards) - len(todo), stats.retried)
@@ -234,15 +327,27 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: 
     summary["masking"] = masking.flags_summary(flags)
     if tracker is not None:
         figures = {"roc": report.roc_figure(headline), "images": example_grid(cfg, models)}
-        report.log_results(tracker.client, tracker.run_id, summary=summary, rows_dir=run_dir / "rows",
-                           run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", figures=figures,
-                           tags={"shards_retried": shards_info["retried"], "nodes": rows["node"].nunique()
-                                 if "node" in rows else 0, "masking_flags": len(summary["masking"]["flagged"])})
+        report.log_results(
+            tracker.client,
+            tracker.run_id,
+            summary=summary,
+            rows_dir=run_dir / "rows",
+            run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
+            figures=figures,
+            tags={
+                "shards_retried": shards_info["retried"],
+                "nodes": rows["node"].nunique() if "node" in rows else 0,
+                "masking_flags": len(summary["masking"]["flagged"]),
+            },
+        )
         tracker.client.log_text(tracker.run_id, masking.flags_markdown(flags), "masking.md")
     # a rerun without MLflow keeps the link to the run logged before
     run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
-    report.write_summary(run_dir / "summary.json", summary,
-                         {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info})
+    report.write_summary(
+        run_dir / "summary.json",
+        summary,
+        {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info},
+    )
     return summary
 
 
@@ -251,10 +356,15 @@ def masking_text(masking: dict | None) -> str:
     if not masking or not masking["checks"]:
         return "Gradient-masking checks: none applied (add comparable attacks or masking_checks: to the config)"
     flagged = masking["flagged"]
-    lines = [f"Gradient-masking checks: {masking['checks']} run, {len(flagged)} flagged"
-             + (" (see jobs/masking.py for what each means)" if flagged else "")]
-    lines += [f"  FLAG {f['defense']}: {f['check']} — {f['attack']} {f['acc']:.2f} vs {f['compared_with']} "
-              f"{f['acc_other']:.2f} (n={f['n']})" for f in flagged]
+    lines = [
+        f"Gradient-masking checks: {masking['checks']} run, {len(flagged)} flagged"
+        + (" (see jobs/masking.py for what each means)" if flagged else "")
+    ]
+    lines += [
+        f"  FLAG {f['defense']}: {f['check']} — {f['attack']} {f['acc']:.2f} vs {f['compared_with']} "
+        f"{f['acc_other']:.2f} (n={f['n']})"
+        for f in flagged
+    ]
     return "\n".join(lines)
 
 
@@ -288,8 +398,17 @@ def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     return report.image_grid(x.numpy(), {k: v.numpy() for k, v in attacked.items()}, projected, labels=y.numpy())
 
 
-def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
-         tracking_uri: str | None, log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
+def main(
+    config: Path,
+    overrides: list[str],
+    limit: int | None,
+    out: Path | None,
+    address: str | None,
+    tracking_uri: str | None,
+    log_mlflow: bool,
+    progress: bool,
+    verbose: bool = False,
+) -> None:
     """The `invgan eval` command: validate, run or resume, print the tables and where results are."""
     from pydantic import ValidationError
 
@@ -321,7 +440,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
             raise
         raise SystemExit(message) from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted; finished shards are kept in {run_folder(cfg, out)}: rerun the same command to resume")
+        raise SystemExit(
+            f"interrupted; finished shards are kept in {run_folder(cfg, out)}: rerun the same command to resume"
+        ) from None
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + report.markdown_table(res.summary, "auc"))
@@ -330,6 +451,7 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")
     print(f"run folder: {res.run_dir}")
     if res.mlflow_run_id:
-        print(f"MLflow run {res.mlflow_run_id} in experiment {cfg.family!r}; open with: "
-              f"{where_to_open(cfg.mlflow.tracking_uri)}")
-
+        print(
+            f"MLflow run {res.mlflow_run_id} in experiment {cfg.family!r}; open with: "
+            f"{where_to_open(cfg.mlflow.tracking_uri)}"
+        )

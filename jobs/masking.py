@@ -55,9 +55,12 @@ def profile(spec: dict) -> Profile:
     loop = getattr(attack, "attack", attack)  # wrappers hold their loop in `.attack`
     norm = getattr(loop, "norm", None)
     eps = getattr(loop, "eps", None)
-    return Profile(norm=None if eps is None or norm is None else norm.name.lower(),
-                   eps=None if eps is None else float(eps), steps=int(getattr(loop, "steps", 1) or 1),
-                   black_box=spec["kind"] in BLACK_BOX)
+    return Profile(
+        norm=None if eps is None or norm is None else norm.name.lower(),
+        eps=None if eps is None else float(eps),
+        steps=int(getattr(loop, "steps", 1) or 1),
+        black_box=spec["kind"] in BLACK_BOX,
+    )
 
 
 def _scaled(spec: dict, key: str, factor: float) -> dict | None:
@@ -132,8 +135,18 @@ def masking_flags(
 
     def add(defense, check, attack, other, pair, flagged):
         acc, acc_other, n = pair
-        out.append(dict(defense=defense, check=check, attack=attack, compared_with=other, acc=acc,
-                        acc_other=acc_other, n=n, flagged=bool(flagged)))
+        out.append(
+            dict(
+                defense=defense,
+                check=check,
+                attack=attack,
+                compared_with=other,
+                acc=acc,
+                acc_other=acc_other,
+                n=n,
+                flagged=bool(flagged),
+            )
+        )
 
     if "diverged" in rows.columns:  # a diverged row is neither correct nor incorrect (see report.summarize)
         rows = rows[~rows["diverged"].astype(bool)]
@@ -182,10 +195,14 @@ def flags_markdown(flags: pd.DataFrame) -> str:
     head = f"Gradient-masking checks: {len(flags)} run, {len(raised)} flagged.\n"
     if raised.empty:
         return head
-    lines = ["| defense | check | attack | accuracy | compared with | its accuracy | n |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.defense} | {r.check} | {r.attack} | {r.acc:.3f} | {r.compared_with} | {r.acc_other:.3f} | {r.n} |"
-              for r in raised.itertuples()]
+    lines = [
+        "| defense | check | attack | accuracy | compared with | its accuracy | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.defense} | {r.check} | {r.attack} | {r.acc:.3f} | {r.compared_with} | {r.acc_other:.3f} | {r.n} |"
+        for r in raised.itertuples()
+    ]
     return head + "\n" + "\n".join(lines) + "\n"
 
 

@@ -21,8 +21,17 @@ from pydantic import Field
 
 from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict
 
-RED_COLUMNS = ["example_id", "label", "attack_type", "signal_pred", "attack_pred", "method", "seconds", "final_loss",
-               "shard"]
+RED_COLUMNS = [
+    "example_id",
+    "label",
+    "attack_type",
+    "signal_pred",
+    "attack_pred",
+    "method",
+    "seconds",
+    "final_loss",
+    "shard",
+]
 Method = Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]
 METHODS: tuple[Method, ...] = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
 
@@ -30,8 +39,11 @@ METHODS: tuple[Method, ...] = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
 class DictionarySpec(_Strict):
     per_class: int = Field(200, gt=0, description="training examples per class and attack type (paper: 200)")
     attacks: dict[str, AttackSpec]  # the attack types: their order is the type index j
-    normalize_atoms: bool = Field(True, description="scale every column of D_a to unit ℓ2 norm (see the README: "
-                                  "raw ℓ∞ atoms are longer, and ℓ2 attacks were classified ℓ∞)")
+    normalize_atoms: bool = Field(
+        True,
+        description="scale every column of D_a to unit ℓ2 norm (see the README: "
+        "raw ℓ∞ atoms are longer, and ℓ2 attacks were classified ℓ∞)",
+    )
 
 
 class RedConfig(JobConfig):
@@ -68,12 +80,28 @@ def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
     f.requires_grad_(False)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir)
     attacks = {name: spec.build(cfg.seed) for name, spec in cfg.dictionary.attacks.items()}
-    print(f"building the attack dictionary: {len(attacks)} attacks x {cfg.dictionary.per_class} examples per class ...", flush=True)
-    dic = build_attack_dictionary(f, train.images, train.labels, attacks, cfg.dictionary.per_class, cfg.seed,
-                                  ids=train.ids, normalize_atoms=cfg.dictionary.normalize_atoms)
-    save_dictionary(stem, dic, dataset=cfg.dataset, per_class=cfg.dictionary.per_class,
-                    normalize_atoms=cfg.dictionary.normalize_atoms,
-                    attacks={k: v.model_dump() for k, v in cfg.dictionary.attacks.items()})
+    print(
+        f"building the attack dictionary: {len(attacks)} attacks x {cfg.dictionary.per_class} examples per class ...",
+        flush=True,
+    )
+    dic = build_attack_dictionary(
+        f,
+        train.images,
+        train.labels,
+        attacks,
+        cfg.dictionary.per_class,
+        cfg.seed,
+        ids=train.ids,
+        normalize_atoms=cfg.dictionary.normalize_atoms,
+    )
+    save_dictionary(
+        stem,
+        dic,
+        dataset=cfg.dataset,
+        per_class=cfg.dictionary.per_class,
+        normalize_atoms=cfg.dictionary.normalize_atoms,
+        attacks={k: v.model_dump() for k, v in cfg.dictionary.attacks.items()},
+    )
     return dic
 
 
@@ -97,7 +125,9 @@ class RedWorker:
         self.data = load_dataset(self.cfg.dataset, "test", self.cfg.data_dir).subset(self.cfg.limit)
         if "sbsc" in self.cfg.methods:
             train = load_dataset(self.cfg.dataset, "train", self.cfg.data_dir)
-            self.Ds, self.s_classes = signal_dictionary(train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed)
+            self.Ds, self.s_classes = signal_dictionary(
+                train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed
+            )
             self.Ds = self.Ds.to(self.device)
 
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
@@ -113,8 +143,20 @@ class RedWorker:
                 t = time.perf_counter()
                 signal, attack, loss = self._method(method, xa, ids)
                 secs = (time.perf_counter() - t) / len(x)
-                rows += [(int(ids[i]), int(y_cpu[i]), attack_type, int(signal[i]), int(attack[i]), method, secs,
-                          float(loss[i]), shard) for i in range(len(x))]
+                rows += [
+                    (
+                        int(ids[i]),
+                        int(y_cpu[i]),
+                        attack_type,
+                        int(signal[i]),
+                        int(attack[i]),
+                        method,
+                        secs,
+                        float(loss[i]),
+                        shard,
+                    )
+                    for i in range(len(x))
+                ]
         return pd.DataFrame(rows, columns=RED_COLUMNS)
 
     def _method(self, method: str, x, ids):
@@ -127,8 +169,9 @@ class RedWorker:
             with torch.no_grad():
                 return f(x).argmax(1).cpu(), torch.full((len(x),), -1), torch.full((len(x),), float("nan"))
         if method == "sbsc":
-            r = sbsc_solve(x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier,
-                           steps=cfg.steps)
+            r = sbsc_solve(
+                x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier, steps=cfg.steps
+            )
             assert r.signal_class is not None, "sbsc_solve always classifies the signal"
             return r.signal_class.cpu(), r.attack_type.cpu(), r.loss.cpu()
         init = self.models["inverter"] if method == "bsd_gan_inverter" else "defensegan"
@@ -140,18 +183,24 @@ class RedWorker:
 
 # ---------------------------------------------------------------- results
 
+
 def red_tables(rows: pd.DataFrame, attack_names: list[str]) -> dict:
     """RED Table 1: signal accuracy per method x input (clean + attacks), attack-type accuracy per method x attack."""
-    signal = rows.assign(ok=rows.signal_pred == rows.label).pivot_table(index="method", columns="attack_type",
-                                                                      values="ok", aggfunc="mean")
+    signal = rows.assign(ok=rows.signal_pred == rows.label).pivot_table(
+        index="method", columns="attack_type", values="ok", aggfunc="mean"
+    )
     attacked = rows[(rows.attack_type != "clean") & (rows.method != "cnn")]
     truth = attacked.attack_type.map({n: j for j, n in enumerate(attack_names)})
-    detect = attacked.assign(ok=attacked.attack_pred == truth).pivot_table(index="method", columns="attack_type",
-                                                                           values="ok", aggfunc="mean")
+    detect = attacked.assign(ok=attacked.attack_pred == truth).pivot_table(
+        index="method", columns="attack_type", values="ok", aggfunc="mean"
+    )
     order = ["clean", *attack_names]
-    return {"signal_accuracy": signal.reindex(columns=order), "attack_accuracy": detect.reindex(columns=attack_names),
-            "n": rows.groupby(["method", "attack_type"]).size().unstack().reindex(columns=order),
-            "seconds_per_example": rows.pivot_table(index="method", columns="attack_type", values="seconds")}
+    return {
+        "signal_accuracy": signal.reindex(columns=order),
+        "attack_accuracy": detect.reindex(columns=attack_names),
+        "n": rows.groupby(["method", "attack_type"]).size().unstack().reindex(columns=order),
+        "seconds_per_example": rows.pivot_table(index="method", columns="attack_type", values="seconds"),
+    }
 
 
 def confusion_figure(rows: pd.DataFrame, attack_names: list[str]):
@@ -162,7 +211,7 @@ def confusion_figure(rows: pd.DataFrame, attack_names: list[str]):
     fig = Figure(figsize=(3.6 * max(len(methods), 1), 3.4))
     axes = np.atleast_1d(fig.subplots(1, max(len(methods), 1)))
     J = len(attack_names)
-    for ax, method in zip(axes, methods):
+    for ax, method in zip(axes, methods, strict=False):  # one axis even without methods
         sub = rows[(rows.method == method) & (rows.attack_type != "clean")]
         truth = sub.attack_type.map({n: j for j, n in enumerate(attack_names)}).to_numpy()
         m = np.zeros((J, J))
@@ -190,14 +239,28 @@ def _markdown(frame: pd.DataFrame, n: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-            log_mlflow: bool = True, verbose: bool = False) -> tuple[pd.DataFrame, dict, Path, str | None]:
+def run_red(
+    cfg: RedConfig,
+    *,
+    out: Path | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    verbose: bool = False,
+) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
     from jobs.common import check_job_inputs, default_tracking_uri, git_commit
     from jobs.evaluate import load_models
-    from jobs.runner import (missing_shards, plan_shards, prepare_run_dir, quiet_ray_logging, read_rows, run_folder,
-                             run_shards)
+    from jobs.runner import (
+        missing_shards,
+        plan_shards,
+        prepare_run_dir,
+        quiet_ray_logging,
+        read_rows,
+        run_folder,
+        run_shards,
+    )
     from jobs.tracking import recorded_run_id, tracked_run
 
     quiet_ray_logging(verbose)
@@ -210,18 +273,32 @@ def run_red(cfg: RedConfig, *, out: Path | None = None, address: str | None = No
     todo = missing_shards(run_dir, plan_shards(n, cfg.shard_size))
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
     tags = {"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(), "config_hash": cfg.config_hash()}
-    with tracked_run(enabled=log_mlflow, tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-                     experiment=cfg.family, run_name=f"{cfg.name}-{cfg.config_hash()[:8]}", run_dir=run_dir,
-                     config_dict=cfg.model_dump(mode="json"), tags=tags) as tracker:
+    with tracked_run(
+        enabled=log_mlflow,
+        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+        experiment=cfg.family,
+        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
+        run_dir=run_dir,
+        config_dict=cfg.model_dump(mode="json"),
+        tags=tags,
+    ) as tracker:
         dic = build_or_load_dictionary(cfg, run_dir)
         retried = 0
         if todo:
             retried = run_shards(
-                todo, run_dir, worker=RedWorker,
+                todo,
+                run_dir,
+                worker=RedWorker,
                 worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
-                resources=cfg.resources, expected=lambda a, b: (b - a) * per_example, columns=RED_COLUMNS,
-                desc=f"red {cfg.name}", address=address, progress=progress, verbose=verbose,
-                on_shard=tracker.progress if tracker else None).retried
+                resources=cfg.resources,
+                expected=lambda a, b: (b - a) * per_example,
+                columns=RED_COLUMNS,
+                desc=f"red {cfg.name}",
+                address=address,
+                progress=progress,
+                verbose=verbose,
+                on_shard=tracker.progress if tracker else None,
+            ).retried
         rows = read_rows(run_dir, RED_COLUMNS)
         tables = red_tables(rows, dic.attack_names)
         if tracker is not None:
@@ -239,23 +316,40 @@ def _log(tracker, cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dic
 
     client, run_id, now = tracker.client, tracker.run_id, int(time.time() * 1000)
     for table in ("signal_accuracy", "attack_accuracy"):
-        client.log_batch(run_id, metrics=[Metric(f"{table}/{method}/{attack}", float(value), now, 0)
-                                          for method, row in tables[table].iterrows()
-                                          for attack, value in row.items() if pd.notna(value)])
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"{table}/{method}/{attack}", float(value), now, 0)
+                for method, row in tables[table].iterrows()
+                for attack, value in row.items()
+                if pd.notna(value)
+            ],
+        )
         client.log_text(run_id, tables[table].reset_index().to_json(orient="split"), f"tables/{table}.json")
     client.log_figure(run_id, confusion_figure(rows, attack_names), "figures/attack_confusion.png")
     client.log_artifacts(run_id, str(run_dir / "rows"), "rows")
     theory = runs_dir() / "red-theory"  # figures of `invgan red-theory`, when it has been run
     for png in sorted(theory.glob("*.png")) if theory.is_dir() else []:
         client.log_artifact(run_id, str(png), "figures/theory")
-    note = (f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
-            + _markdown(tables["signal_accuracy"], tables["n"])
-            + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n" + _markdown(tables["attack_accuracy"], tables["n"]))
+    note = (
+        f"### {cfg.name}\n\n**Signal accuracy** (CNN / BSD-GAN / SBSC)\n\n"
+        + _markdown(tables["signal_accuracy"], tables["n"])
+        + "\n\n**Attack-type accuracy** (BSD-GAN-AD / SBSAD)\n\n"
+        + _markdown(tables["attack_accuracy"], tables["n"])
+    )
     client.set_tag(run_id, "mlflow.note.content", note[:8000])
 
 
-def main(config: Path, overrides: list[str], limit: int | None, out: Path | None, address: str | None,
-         log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
+def main(
+    config: Path,
+    overrides: list[str],
+    limit: int | None,
+    out: Path | None,
+    address: str | None,
+    log_mlflow: bool,
+    progress: bool,
+    verbose: bool = False,
+) -> None:
     from pydantic import ValidationError
 
     from jobs.config import load_config
@@ -270,8 +364,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
     from invgan_core.data import DataError
 
     try:
-        rows, tables, run_dir, run_id = run_red(cfg, out=out, address=address, progress=progress,
-                                                log_mlflow=log_mlflow, verbose=verbose)
+        rows, tables, run_dir, run_id = run_red(
+            cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
+        )
     except (CheckpointError, DataError) as err:  # weights or data the config names
         if verbose:
             raise
@@ -285,7 +380,9 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
             raise
         raise SystemExit(message) from None
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; finished shards are kept in the run folder: rerun the same command to resume")
+        raise SystemExit(
+            "interrupted; finished shards are kept in the run folder: rerun the same command to resume"
+        ) from None
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))
     print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
     print(f"\nrun folder: {run_dir}")
@@ -297,13 +394,16 @@ def main(config: Path, overrides: list[str], limit: int | None, out: Path | None
 
 # ---------------------------------------------------------------- theory figures (`invgan red-theory`)
 
+
 def theory_figures(ms=(30, 50, 100, 200, 500, 1000), *, n: int = 10, steps: int = 1000, seed: int = 0) -> dict:
     """Fig. 1 (m vs mean μ, leaky ReLU and softplus β = 10) and linear convergence (log ||Δ||² vs k)."""
     from matplotlib.figure import Figure
 
     from invgan_core.red_theory import convergence_trace, mu_vs_output_dim, realizable_instance
 
-    curves = {act: mu_vs_output_dim(ms, n=n, steps=steps, activation=act, seed=seed) for act in ("leaky_relu", "softplus")}
+    curves = {
+        act: mu_vs_output_dim(ms, n=n, steps=steps, activation=act, seed=seed) for act in ("leaky_relu", "softplus")
+    }
     fig_mu = Figure(figsize=(5, 4))
     ax = fig_mu.subplots()
     for act, c in curves.items():
@@ -323,8 +423,12 @@ def theory_figures(ms=(30, 50, 100, 200, 500, 1000), *, n: int = 10, steps: int 
     ax.set_ylabel("||Δz||² + ||Δc||²")
     ax.set_title(f"linear convergence, m = 100 (mean rate {trace['rate'].mean():.3f}/step)")
     ax.grid(alpha=0.3)
-    numbers = {"m": [int(m) for m in ms], **{f"mean_mu/{a}": c["mean_mu"].tolist() for a, c in curves.items()},
-               "rate_m100": float(trace["rate"].mean()), "attack_type_recovered": float(trace["attack_correct"].mean())}
+    numbers = {
+        "m": [int(m) for m in ms],
+        **{f"mean_mu/{a}": c["mean_mu"].tolist() for a, c in curves.items()},
+        "rate_m100": float(trace["rate"].mean()),
+        "attack_type_recovered": float(trace["attack_correct"].mean()),
+    }
     return {"figures": {"mu_vs_m": fig_mu, "convergence": fig_conv}, "numbers": numbers}
 
 

@@ -22,9 +22,20 @@ from invgan_core.checkpoint import atomic_write_json
 from invgan_core.detection import detection_auc, detection_roc
 
 COLUMNS = {
-    "example_id": "int64", "label": "int64", "attack": "str", "defense": "str", "prediction": "int64",
-    "correct": "bool", "detection_score": "float64", "l2": "float64", "linf": "float64",
-    "effective_iterations": "int64", "seconds": "float64", "attacked": "bool", "queries": "int64", "shard": "int64",
+    "example_id": "int64",
+    "label": "int64",
+    "attack": "str",
+    "defense": "str",
+    "prediction": "int64",
+    "correct": "bool",
+    "detection_score": "float64",
+    "l2": "float64",
+    "linf": "float64",
+    "effective_iterations": "int64",
+    "seconds": "float64",
+    "attacked": "bool",
+    "queries": "int64",
+    "shard": "int64",
 }
 CLEAN, WORST = "clean", "worst_case"
 MAX_PARAM_VALUE, MAX_TAG_VALUE, PARAMS_PER_BATCH = 6000, 8000, 100  # MLflow's limits
@@ -38,14 +49,23 @@ def validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"rows lack column(s) {', '.join(missing)} (expected: {', '.join(COLUMNS)})")
     dup = int(rows.duplicated(["example_id", "attack", "defense"]).sum())
     if dup:
-        raise ValueError(f"rows hold {dup} duplicate (example_id, attack, defense) row(s); "
-                         "a shard was probably written twice")
+        raise ValueError(
+            f"rows hold {dup} duplicate (example_id, attack, defense) row(s); a shard was probably written twice"
+        )
     wrong = int((rows["attacked"].astype(bool) == (rows["attack"] == CLEAN)).sum())
     if wrong:
         raise ValueError(f"{wrong} row(s) have `attacked` inconsistent with attack == {CLEAN!r}")
     diverged = rows["diverged"].fillna(False) if "diverged" in rows else False  # rows from before the column
-    return rows.assign(diverged=diverged).astype({"attack": str, "defense": str, "detection_score": "float64",
-                                                  "correct": bool, "attacked": bool, "diverged": bool})
+    return rows.assign(diverged=diverged).astype(
+        {
+            "attack": str,
+            "defense": str,
+            "detection_score": "float64",
+            "correct": bool,
+            "attacked": bool,
+            "diverged": bool,
+        }
+    )
 
 
 def _attack_order(names) -> list[str]:
@@ -114,7 +134,8 @@ def summarize(rows: pd.DataFrame) -> dict:
                 out["n"].setdefault(defense, {})[attack] = 0
     for defense, d_rows in rows.groupby("defense", sort=False):
         cells = d_rows.groupby("attack", sort=False).agg(
-            accuracy=("correct", "mean"), n=("correct", "size"), seconds=("seconds", "mean"))
+            accuracy=("correct", "mean"), n=("correct", "size"), seconds=("seconds", "mean")
+        )
         order = _attack_order(cells.index)
         out["accuracy"][defense] = {a: float(cells.at[a, "accuracy"]) for a in order}
         out["n"][defense] = {a: int(cells.at[a, "n"]) for a in order} | out["n"].get(defense, {})
@@ -137,8 +158,10 @@ def diverged_warning(summary: dict) -> str | None:
     if not total:
         return None
     where = ", ".join(f"{d}/{a}: {v}" for d, c in cells.items() for a, v in c.items())
-    return (f"warning: {total} row(s) diverged (NaN/inf or a runaway latent: lower the step size) and are left "
-            f"out of accuracy, worst case and AUC ({where})")
+    return (
+        f"warning: {total} row(s) diverged (NaN/inf or a runaway latent: lower the step size) and are left "
+        f"out of accuracy, worst case and AUC ({where})"
+    )
 
 
 def table_frame(summary: dict, metric: str = "accuracy") -> pd.DataFrame:
@@ -168,7 +191,7 @@ def markdown_table(summary: dict, metric: str = "accuracy", digits: int | None =
     for defense in defenses:
         lines.append([defense, *(cell(defense, a) for a in attacks)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(attacks) + 1)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
 
 
@@ -181,7 +204,7 @@ def roc_figure(rows: pd.DataFrame) -> Figure:
     if not panels:
         fig.text(0.5, 0.5, "no detection scores", ha="center", va="center")
         return fig
-    for ax, (defense, pairs) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (defense, pairs) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for attack, neg, pos in pairs:
             fpr, tpr = detection_roc(neg, pos)
             ax.plot(fpr, tpr, label=f"{attack} (AUC={detection_auc(neg, pos):.3f}, n={len(pos)})")
@@ -248,9 +271,11 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict[str, str]:
 
 def description(summary: dict, run_name: str) -> str:
     """The run's markdown note: both tables, so the MLflow UI shows results without opening artifacts."""
-    text = (f"### {run_name}\n\n**Accuracy** (defenses × attacks; n = examples per cell; worst_case = correct "
-            f"on clean and under every attack)\n\n{markdown_table(summary, 'accuracy')}\n\n"
-            f"**Detection ROC AUC** (attacked vs clean of the same examples)\n\n{markdown_table(summary, 'auc')}\n")
+    text = (
+        f"### {run_name}\n\n**Accuracy** (defenses × attacks; n = examples per cell; worst_case = correct "
+        f"on clean and under every attack)\n\n{markdown_table(summary, 'accuracy')}\n\n"
+        f"**Detection ROC AUC** (attacked vs clean of the same examples)\n\n{markdown_table(summary, 'auc')}\n"
+    )
     return text[:MAX_TAG_VALUE]
 
 
@@ -271,11 +296,12 @@ def log_config_params(client, run_id: str, config_dict: dict) -> None:
     logged = client.get_run(run_id).data.params
     params = [Param(k, v) for k, v in flatten_config(config_dict).items() if logged.get(k) != v]
     for i in range(0, len(params), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH])
+        client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
 
 
-def log_results(client, run_id: str, *, summary: dict, rows_dir: Path, run_name: str, figures: dict[str, Figure],
-                tags: dict) -> None:
+def log_results(
+    client, run_id: str, *, summary: dict, rows_dir: Path, run_name: str, figures: dict[str, Figure], tags: dict
+) -> None:
     """Record an evaluation's results in its (running) MLflow run.
 
     metrics: accuracy|auc|n|seconds_per_example/<defense>/<attack>, mean_l2|mean_linf/<attack>;
@@ -284,13 +310,16 @@ def log_results(client, run_id: str, *, summary: dict, rows_dir: Path, run_name:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = {f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
-               for m in ("accuracy", "auc", "n", "seconds_per_example", "diverged")
-               for d, cells in summary.get(m, {}).items() for a, v in cells.items()}
+    metrics = {
+        f"{m}/{_metric_part(d)}/{_metric_part(a)}": float(v)
+        for m in ("accuracy", "auc", "n", "seconds_per_example", "diverged")
+        for d, cells in summary.get(m, {}).items()
+        for a, v in cells.items()
+    }
     metrics |= {f"{m}/{_metric_part(a)}": v for m in ("mean_l2", "mean_linf") for a, v in summary[m].items()}
     items = [Metric(k, v, now, 0) for k, v in metrics.items()]
     for i in range(0, len(items), PARAMS_PER_BATCH * 10):
-        client.log_batch(run_id, metrics=items[i:i + PARAMS_PER_BATCH * 10])
+        client.log_batch(run_id, metrics=items[i : i + PARAMS_PER_BATCH * 10])
     for metric in ("accuracy", "auc", "n"):
         replace_table(client, run_id, table_frame(summary, metric), f"tables/{metric}.json")
     for name, fig in figures.items():

@@ -34,7 +34,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -51,6 +51,7 @@ DEFAULT_WORKER_NICENESS = "0"  # Ray's default (15) lets any other busy process 
 
 # ---------------------------------------------------------------- run folder and shards
 
+
 def run_folder(cfg, out: Path | None) -> Path:
     """--out, or <runs>/<name>-<config hash> (any job config)."""
     return Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
@@ -58,7 +59,9 @@ def run_folder(cfg, out: Path | None) -> Path:
 
 def plan_shards(n_examples: int, shard_size: int) -> list[tuple[int, int, int]]:
     """(shard, start, stop) covering positions 0..n-1 in order."""
-    return [(k, k * shard_size, min(n_examples, (k + 1) * shard_size)) for k in range(math.ceil(n_examples / shard_size))]
+    return [
+        (k, k * shard_size, min(n_examples, (k + 1) * shard_size)) for k in range(math.ceil(n_examples / shard_size))
+    ]
 
 
 def shard_path(run_dir: Path, shard: int) -> Path:
@@ -84,8 +87,12 @@ def _readable_shard(path: Path) -> bool:
         damaged.mkdir(exist_ok=True)
         target = damaged / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
         path.replace(target)
-        print(f"warning: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-              f"moved to {target} and computing the shard again", file=sys.stderr, flush=True)
+        print(
+            f"warning: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            f"moved to {target} and computing the shard again",
+            file=sys.stderr,
+            flush=True,
+        )
         return False
 
 
@@ -104,8 +111,11 @@ def read_rows(run_dir: Path, columns: list[str]) -> pd.DataFrame:
 def weights_hashes(cfg) -> dict[str, str]:
     """sha256 of every model file the job uses, from the (verified) manifests."""
     root = cfg.weights_dir()
-    return {k: json.loads((root / f"{k}.json").read_text())["sha256"]
-            for k in ("generator", "classifier", "inverter") if (root / f"{k}.json").exists()}
+    return {
+        k: json.loads((root / f"{k}.json").read_text())["sha256"]
+        for k in ("generator", "classifier", "inverter")
+        if (root / f"{k}.json").exists()
+    }
 
 
 _LOCKS: dict[Path, object] = {}  # run folder -> the open lock file this process holds until it exits
@@ -128,7 +138,9 @@ def lock_run_dir(run_dir: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise SystemExit(f"{run_dir} is being written by {holder}: wait for it to finish, or choose another --out")
+        raise SystemExit(
+            f"{run_dir} is being written by {holder}: wait for it to finish, or choose another --out"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -143,20 +155,29 @@ def prepare_run_dir(cfg, run_dir: Path) -> None:
 
     lock_run_dir(run_dir)
     recorded = run_dir / "config.json"
-    current = {"config_hash": cfg.config_hash(), "weights_sha256": weights_hashes(cfg), "config": cfg.model_dump(mode="json")}
+    current = {
+        "config_hash": cfg.config_hash(),
+        "weights_sha256": weights_hashes(cfg),
+        "config": cfg.model_dump(mode="json"),
+    }
     if recorded.exists():
         previous = json.loads(recorded.read_text())
         if previous.get("config_hash") != current["config_hash"]:
-            raise SystemExit(f"{run_dir} holds results of a different config ({previous.get('config_hash', '?')[:12]});"
-                             " choose another --out or delete the folder")
+            raise SystemExit(
+                f"{run_dir} holds results of a different config ({previous.get('config_hash', '?')[:12]});"
+                " choose another --out or delete the folder"
+            )
         if previous.get("weights_sha256", current["weights_sha256"]) != current["weights_sha256"]:
-            raise SystemExit(f"{run_dir} holds results of other weights than {cfg.weights_dir()} now has;"
-                             " choose another --out or delete the folder")
+            raise SystemExit(
+                f"{run_dir} holds results of other weights than {cfg.weights_dir()} now has;"
+                " choose another --out or delete the folder"
+            )
     else:
         atomic_write_json(recorded, current)
 
 
 # ---------------------------------------------------------------- Ray
+
 
 def quiet_ray_logging(verbose: bool) -> None:
     """Ray's, Ray Data's and MLflow's INFO chatter (execution plans, progress dumps, token and database
@@ -185,7 +206,11 @@ def ray_session(address: str | None = None, *, num_cpus: int, verbose: bool = Fa
         return
     in_job = not address and bool(os.environ.get("RAY_ADDRESS"))  # the driver of a submitted Ray job
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"address": address, "log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    kwargs: dict[str, Any] = {
+        "address": address,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     if not address:
         os.environ.setdefault("RAY_worker_niceness", DEFAULT_WORKER_NICENESS)  # read by the raylet it starts
         kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
@@ -233,13 +258,16 @@ class ShardActor:
                 _inject_fault(int(r.shard))
                 frame = self.worker.run_shard(int(r.shard), int(r.start), int(r.stop))
             except Exception as err:
-                raise RuntimeError(f"shard {r.shard} (examples {r.start}..{r.stop - 1}) failed on node "
-                                   f"{self.node[:12]}: {type(err).__name__}: {err}") from err
+                raise RuntimeError(
+                    f"shard {r.shard} (examples {r.start}..{r.stop - 1}) failed on node "
+                    f"{self.node[:12]}: {type(err).__name__}: {err}"
+                ) from err
             frames.append(frame.assign(node=self.node, worker=self.where))
         return pd.concat(frames, ignore_index=True)
 
 
 # ---------------------------------------------------------------- progress
+
 
 @dataclass
 class Progress:
@@ -254,7 +282,7 @@ class Progress:
     done_shards: int = 0
     done_examples: int = 0
     started: float = field(default_factory=time.monotonic)
-    bar: object = None
+    bar: Any = None  # a tqdm bar on a terminal
 
     def __post_init__(self):
         from tqdm.auto import tqdm
@@ -269,8 +297,10 @@ class Progress:
         elapsed = time.monotonic() - self.started
         rate = self.done_examples / elapsed if elapsed > 0 else 0.0
         left = (self.total_examples - self.done_examples) / rate if rate > 0 else float("nan")
-        line = (f"{time.strftime('%H:%M:%S')} {self.desc}: shard {shard} done ({examples} examples, node {node[:12]}); "
-                f"{self.done_shards}/{self.total_shards} shards, {rate:.2f} examples/s, ETA {_duration(left)}")
+        line = (
+            f"{time.strftime('%H:%M:%S')} {self.desc}: shard {shard} done ({examples} examples, node {node[:12]}); "
+            f"{self.done_shards}/{self.total_shards} shards, {rate:.2f} examples/s, ETA {_duration(left)}"
+        )
         with self.log_path.open("a") as log:
             log.write(line + "\n")
         if self.tty:
@@ -299,6 +329,7 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------- the runner
 
+
 @dataclass
 class ShardStats:
     computed: int = 0
@@ -319,18 +350,27 @@ def _retry_once_or_raise(err: BaseException, stats: ShardStats, desc: str, run_d
         raise err
     shard, message = int(found.group(1)), found.group(2).splitlines()[0][:300]
     if shard in stats.failed:
-        raise RuntimeError(f"{desc}: shard {shard} failed twice ({message}); finished shards are kept in "
-                           f"{run_dir}: fix the cause and rerun to resume") from err
+        raise RuntimeError(
+            f"{desc}: shard {shard} failed twice ({message}); finished shards are kept in "
+            f"{run_dir}: fix the cause and rerun to resume"
+        ) from err
     stats.failed[shard] = message
     return f"shard {shard} failed ({message})"
 
 
-def _is_lost_worker(err: BaseException) -> bool:
+def _is_lost_worker(err: BaseException | None) -> bool:
     """An actor or node died (retry the missing shards) as opposed to an error of the job's own code."""
     from ray import exceptions as rex
 
-    lost = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.WorkerCrashedError,
-            rex.ObjectLostError, rex.OwnerDiedError, rex.RaySystemError)
+    lost = (
+        rex.ActorDiedError,
+        rex.ActorUnavailableError,
+        rex.NodeDiedError,
+        rex.WorkerCrashedError,
+        rex.ObjectLostError,
+        rex.OwnerDiedError,
+        rex.RaySystemError,
+    )
     while err is not None:
         if isinstance(err, lost):
             return True
@@ -340,13 +380,24 @@ def _is_lost_worker(err: BaseException) -> bool:
     return False
 
 
-def run_shards(todo: list[tuple[int, int, int]], run_dir: Path, *, worker: type, worker_kwargs: dict, resources,
-               expected: Callable[[int, int], int], columns: list[str], desc: str, address: str | None = None,
-               progress: bool = True, verbose: bool = False, on_shard: Callable[[Progress], None] | None = None,
-               max_attempts: int = 3) -> ShardStats:
+def run_shards(
+    todo: list[tuple[int, int, int]],
+    run_dir: Path,
+    *,
+    worker: type,
+    worker_kwargs: dict,
+    resources,
+    expected: Callable[[int, int], int],
+    columns: list[str],
+    desc: str,
+    address: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    on_shard: Callable[[Progress], None] | None = None,
+    max_attempts: int = 3,
+) -> ShardStats:
     """Compute the `todo` shards with `worker` actors and write each one's rows (plus `node`, `worker`)
     to the run folder as they arrive, after checking it holds the `expected(start, stop)` rows."""
-    import ray
 
     stats = ShardStats()
     bounds = {k: (a, b) for k, a, b in todo}
@@ -360,8 +411,20 @@ def run_shards(todo: list[tuple[int, int, int]], run_dir: Path, *, worker: type,
                     return stats
                 stats.attempts += 1
                 try:
-                    _one_pass(left, run_dir, worker, worker_kwargs, resources, bounds, expected, columns, bar, stats,
-                              on_shard, elastic=stats.attempts > 1)
+                    _one_pass(
+                        left,
+                        run_dir,
+                        worker,
+                        worker_kwargs,
+                        resources,
+                        bounds,
+                        expected,
+                        columns,
+                        bar,
+                        stats,
+                        on_shard,
+                        elastic=stats.attempts > 1,
+                    )
                 except Exception as err:  # noqa: BLE001 - sorted into lost workers and real errors below
                     if not _is_lost_worker(err):
                         failure = _retry_once_or_raise(err, stats, desc, run_dir, max_attempts)
@@ -372,30 +435,40 @@ def run_shards(todo: list[tuple[int, int, int]], run_dir: Path, *, worker: type,
                     remaining = len(missing_shards(run_dir, todo))
                     stats.lost.append(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
                     if stats.attempts >= max_attempts:
-                        raise RuntimeError(f"{desc}: {remaining} shard(s) still missing after {stats.attempts} "
-                                           f"passes that lost workers ({'; '.join(stats.lost)}); finished shards "
-                                           f"are kept in {run_dir}: rerun to resume") from err
+                        raise RuntimeError(
+                            f"{desc}: {remaining} shard(s) still missing after {stats.attempts} "
+                            f"passes that lost workers ({'; '.join(stats.lost)}); finished shards "
+                            f"are kept in {run_dir}: rerun to resume"
+                        ) from err
                     stats.retried += remaining
                     bar.note(f"lost a worker ({stats.lost[-1]}); running the {remaining} missing shard(s) again")
     finally:
         bar.close()
 
 
-def _one_pass(left, run_dir, worker, worker_kwargs, resources, bounds, expected, columns, bar, stats, on_shard, *,
-              elastic: bool) -> None:
+def _one_pass(
+    left, run_dir, worker, worker_kwargs, resources, bounds, expected, columns, bar, stats, on_shard, *, elastic: bool
+) -> None:
     import ray
 
     items = [{"shard": k, "start": a, "stop": b} for k, a, b in left]
     size = min(resources.num_workers, len(items))
     # after a loss, take whatever actors the remaining nodes can hold rather than wait for the lost ones
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=size) if elastic else ray.data.ActorPoolStrategy(size=size)
-    ray.data.DataContext.get_current().wait_for_min_actors_s = -1 if elastic else WAIT_FOR_WORKERS_S  # before the dataset: it copies the context
+    ray.data.DataContext.get_current().wait_for_min_actors_s = (
+        -1 if elastic else WAIT_FOR_WORKERS_S
+    )  # before the dataset: it copies the context
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60 deprecates the kwargs)
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardActor, fn_constructor_kwargs={"worker": worker, "kwargs": worker_kwargs}, batch_size=1,
-            batch_format="pandas", compute=pool, num_cpus=resources.num_cpus_per_worker,
-            num_gpus=resources.num_gpus_per_worker, max_restarts=0,
+            ShardActor,
+            fn_constructor_kwargs={"worker": worker, "kwargs": worker_kwargs},
+            batch_size=1,
+            batch_format="pandas",
+            compute=pool,
+            num_cpus=resources.num_cpus_per_worker,
+            num_gpus=resources.num_gpus_per_worker,
+            max_restarts=0,
         )
     try:
         for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
@@ -408,7 +481,8 @@ def _one_pass(left, run_dir, worker, worker_kwargs, resources, bounds, expected,
             + (f" and {resources.num_gpus_per_worker:g} GPU(s)" if resources.num_gpus_per_worker else "")
             + f" did not all start within {WAIT_FOR_WORKERS_S} s: the cluster has {ray.cluster_resources()}. "
             "Lower resources.num_workers (or the per-worker resources), add nodes, or set "
-            "INVGAN_WAIT_FOR_WORKERS_S for a slower autoscaler") from err
+            "INVGAN_WAIT_FOR_WORKERS_S for a slower autoscaler"
+        ) from err
 
 
 def _caused_by(err: BaseException | None, cls: type) -> bool:

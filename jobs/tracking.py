@@ -68,10 +68,14 @@ class JobRun:
 
         now, step = int(time.time() * 1000), bar.done_shards
         rate = bar.done_examples / max(time.monotonic() - bar.started, 1e-9)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric("progress/shards_done", bar.done_shards, now, step),
-            Metric("progress/shards_total", bar.total_shards, now, step),
-            Metric("progress/examples_per_second", rate, now, step)])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric("progress/shards_done", bar.done_shards, now, step),
+                Metric("progress/shards_total", bar.total_shards, now, step),
+                Metric("progress/examples_per_second", rate, now, step),
+            ],
+        )
 
 
 def where_to_open(tracking_uri: str | None) -> str:
@@ -101,8 +105,9 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 @contextmanager
-def tracked_run(*, enabled: bool, tracking_uri: str, experiment: str, run_name: str, run_dir: Path,
-                config_dict: dict, tags: dict) -> Iterator[JobRun | None]:
+def tracked_run(
+    *, enabled: bool, tracking_uri: str, experiment: str, run_name: str, run_dir: Path, config_dict: dict, tags: dict
+) -> Iterator[JobRun | None]:
     """Yield a RUNNING MLflow run for the job (None when `enabled` is false) and end it with the job's fate."""
     if not enabled:
         yield None

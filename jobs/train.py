@@ -64,8 +64,9 @@ class TrainConfig(BaseModel):
     batch_size: Optional[int] = Field(None, gt=0, description="global batch, split across processes")
     lr: Optional[float] = Field(None, gt=0)
     seed: int = 0
-    augment_shift: Optional[int] = Field(None, ge=0,
-                                         description="classifier: random translations of up to N px [size // 14]")
+    augment_shift: Optional[int] = Field(
+        None, ge=0, description="classifier: random translations of up to N px [size // 14]"
+    )
     device: Optional[Literal["cpu", "cuda", "mps"]] = None  # None: Accelerate picks (CUDA when present)
     out: Optional[Path] = None  # final model files go to <out>/<model>; default weights/<dataset>
     work_dir: Optional[Path] = None  # resumable state; default runs/train/<dataset>-<kind>
@@ -124,9 +125,9 @@ class BatchSampler:
     def __call__(self, step: int) -> torch.Tensor:
         epoch, k = divmod(step, self.per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        idx = perm[k * self.bs:(k + 1) * self.bs]
+        idx = perm[k * self.bs : (k + 1) * self.bs]
         share = self.bs // self.world
-        return idx[self.rank * share:(self.rank + 1) * share]
+        return idx[self.rank * share : (self.rank + 1) * share]
 
 
 def _reseed(cfg: TrainConfig, step: int, rank: int) -> None:
@@ -143,14 +144,17 @@ def _build(cfg: TrainConfig, image_shape, num_classes: int):
         G = build_model("generator", {**default_arch("generator", image_shape), "prior": cfg.prior})
         D = build_model("discriminator", default_arch("discriminator", image_shape))
         betas = (0.5, 0.9) if cfg.gan_loss == "wgan-gp" else (0.5, 0.999)
-        return [G, D], [torch.optim.Adam(G.parameters(), cfg.lr, betas=betas),
-                        torch.optim.Adam(D.parameters(), cfg.lr, betas=betas)]
+        return [G, D], [
+            torch.optim.Adam(G.parameters(), cfg.lr, betas=betas),
+            torch.optim.Adam(D.parameters(), cfg.lr, betas=betas),
+        ]
     G, _ = load_model(cfg.generator, kind="generator")
-    I = build_model("inverter",
-                    {**default_arch("inverter", image_shape), "latent_dim": G.latent_dim, "prior": G.prior})
+    I = build_model("inverter", {**default_arch("inverter", image_shape), "latent_dim": G.latent_dim, "prior": G.prior})
     D = build_model("discriminator", default_arch("discriminator", image_shape))
-    opts = [torch.optim.Adam(I.parameters(), cfg.lr, betas=(0.5, 0.999)),
-            torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999))]
+    opts = [
+        torch.optim.Adam(I.parameters(), cfg.lr, betas=(0.5, 0.999)),
+        torch.optim.Adam(D.parameters(), cfg.lr, betas=(0.5, 0.999)),
+    ]
     return [I, D, G], opts
 
 
@@ -179,8 +183,9 @@ def _evaluate(cfg: TrainConfig, models, test, device) -> dict[str, float]:
 CheckpointHook = Callable[[int, list, dict], None]
 
 
-def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | None = None,
-        log_mlflow: bool = True) -> dict:
+def run(
+    cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | None = None, log_mlflow: bool = True
+) -> dict:
     """Train one model kind to `cfg.steps`, resuming from `cfg.work_dir` when state is there.
 
     Returns step, finished, mlflow_run_id and, on the main process, files, metrics and the models.
@@ -206,7 +211,7 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
     trainable = models[:2] if cfg.kind != "classifier" else models
     prepared = accelerator.prepare(*trainable, *opts)
     prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-    loop = _Loop(cfg, accelerator, list(prepared[: len(trainable)]), list(prepared[len(trainable):]), models, train)
+    loop = _Loop(cfg, accelerator, list(prepared[: len(trainable)]), list(prepared[len(trainable) :]), models, train)
 
     start, run_id = _resume(cfg, accelerator)
     if log:
@@ -237,15 +242,19 @@ def run(cfg: TrainConfig, accelerator=None, *, on_checkpoint: CheckpointHook | N
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
                 _save_state(accelerator, cfg, step, run_id)
                 if on_checkpoint is not None and main:
-                    unwrapped = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
+                    unwrapped = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped) :]
                     on_checkpoint(step, unwrapped, metrics)
             if timed_out:
                 break
         bar.close()
         accelerator.wait_for_everyone()
-        result: dict[str, Any] = {"step": step, "finished": step >= cfg.steps, "mlflow_run_id": run_id,
-                                  "work_dir": str(cfg.work_dir)}
-        result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped):]
+        result: dict[str, Any] = {
+            "step": step,
+            "finished": step >= cfg.steps,
+            "mlflow_run_id": run_id,
+            "work_dir": str(cfg.work_dir),
+        }
+        result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped) :]
         if main:
             metrics = _evaluate(cfg, result["models"], test, accelerator.device)
             if log:
@@ -273,8 +282,9 @@ class _Loop:
         self.cfg, self.acc, self.wrapped, self.opts = cfg, accelerator, wrapped, opts
         self.device = accelerator.device
         self.images, self.labels = train.images, train.labels
-        self.sampler = BatchSampler(len(train), cfg.batch_size, cfg.seed, accelerator.process_index,
-                                    accelerator.num_processes)
+        self.sampler = BatchSampler(
+            len(train), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+        )
         self.share = cfg.batch_size // accelerator.num_processes
         self.weights = training.InverterWeights(cfg.lambda_adv, cfg.lambda_semantic, cfg.lambda_latent, cfg.eta)
         if cfg.kind == "inverter":
@@ -296,13 +306,15 @@ class _Loop:
             assert cfg.n_critic is not None, "filled by TrainConfig's validator"
             for k in range(cfg.n_critic):
                 real = self.images[self.sampler(step * cfg.n_critic + k)].to(self.device)
-                d_loss = training.critic_step(G, D, self.opts[1], real, sample(len(real)), cfg.gan_loss,
-                                              gp_weight=cfg.gp_weight, backward=back)
+                d_loss = training.critic_step(
+                    G, D, self.opts[1], real, sample(len(real)), cfg.gan_loss, gp_weight=cfg.gp_weight, backward=back
+                )
             g_loss = training.generator_step(G, D, self.opts[0], sample(self.share), cfg.gan_loss, backward=back)
             return {"d_loss": d_loss, "g_loss": g_loss}
         I, D = self.wrapped
-        return training.inverter_step(self.G, I, D, self.opts[0], self.opts[1], self.G.sample_latent(self.share),
-                                      self.weights, backward=back)
+        return training.inverter_step(
+            self.G, I, D, self.opts[0], self.opts[1], self.G.sample_latent(self.share), self.weights, backward=back
+        )
 
 
 def _agree(accelerator, flag: bool) -> bool:
@@ -336,8 +348,17 @@ def _resume(cfg: TrainConfig, accelerator) -> tuple[int, str | None]:
 
 def _config_key(cfg: TrainConfig) -> dict:
     """The config fields that must match for a resume to be valid (not steps, output or logging)."""
-    skip = {"steps", "out", "work_dir", "checkpoint_every", "max_minutes", "tracking_uri", "quiet", "device",
-            "eval_split"}
+    skip = {
+        "steps",
+        "out",
+        "work_dir",
+        "checkpoint_every",
+        "max_minutes",
+        "tracking_uri",
+        "quiet",
+        "device",
+        "eval_split",
+    }
     return json.loads(cfg.model_dump_json(exclude=skip))
 
 
@@ -365,19 +386,32 @@ def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) ->
 def _progress(cfg: TrainConfig, start: int, main: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.kind} [{cfg.dataset}]",
-                disable=not main or cfg.quiet, unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=f"train {cfg.kind} [{cfg.dataset}]",
+        disable=not main or cfg.quiet,
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def _save_models(cfg: TrainConfig, models, train, metrics: dict, step: int) -> list[str]:
     assert cfg.out is not None, "filled by TrainConfig's validator"
     names = {"classifier": ["classifier"], "gan": ["generator", "discriminator"], "inverter": ["inverter"]}[cfg.kind]
     common = {
-        "dataset": cfg.dataset, "split": "train", "split_seed": SPLIT_SEED, "train_examples": len(train),
+        "dataset": cfg.dataset,
+        "split": "train",
+        "split_seed": SPLIT_SEED,
+        "train_examples": len(train),
         "training": {**json.loads(cfg.model_dump_json(exclude={"quiet"})), "steps_done": step},
-        "command": (" ".join(shlex.quote(a) for a in ["invgan", "train", cfg.kind, *sys.argv[3:]])
-                    if "invgan" in sys.argv[0] else shlex.join(sys.argv)),
-        "git_commit": git_commit(), "metrics": metrics,
+        "command": (
+            " ".join(shlex.quote(a) for a in ["invgan", "train", cfg.kind, *sys.argv[3:]])
+            if "invgan" in sys.argv[0]
+            else shlex.join(sys.argv)
+        ),
+        "git_commit": git_commit(),
+        "metrics": metrics,
     }
     written = []
     for name, model in zip(names, models, strict=False):  # inverter: only I of [I, D, G] is saved

@@ -41,16 +41,25 @@ PROJECTION: Projection = {"restarts": 10, "steps": 200, "lr": 0.05}
 TOLERANCE = 0.02  # the issue's reproduction tolerance
 
 
-def measure(dataset: str, *, weights: Path | None = None, limit: int | None = None, data_dir=None,
-            chunk: int = 100, progress: bool = True) -> dict:
+def measure(
+    dataset: str,
+    *,
+    weights: Path | None = None,
+    limit: int | None = None,
+    data_dir=None,
+    chunk: int = 100,
+    progress: bool = True,
+) -> dict:
     """Quality figures of weights/<dataset>/{classifier, generator, inverter} on the held-out split."""
     root = Path(weights) if weights else WEIGHTS_DIR / dataset
     f, _ = load_model(root / "classifier", kind="classifier")
     G, _ = load_model(root / "generator", kind="generator")
     I = load_model(root / "inverter", kind="inverter")[0] if (root / "inverter.json").exists() else None
     test = load_dataset(dataset, "test", data_dir)
-    figures: dict[str, Any] = {"classifier_accuracy": accuracy(f, test.images, test.labels),
-                               "classifier_examples": len(test)}
+    figures: dict[str, Any] = {
+        "classifier_accuracy": accuracy(f, test.images, test.labels),
+        "classifier_examples": len(test),
+    }
     sub = test.subset(limit)
     defenses: dict[str, Defense] = {"defensegan": DefenseGAN(G, f, **PROJECTION)}
     if I is not None:
@@ -60,8 +69,8 @@ def measure(dataset: str, *, weights: Path | None = None, limit: int | None = No
         correct, mse, t0 = 0, 0.0, time.perf_counter()
         chunks = range(0, len(sub), chunk)
         for i in tqdm(chunks, desc=f"verify {name}", disable=not progress, unit="chunk"):
-            x, y = sub.images[i:i + chunk], sub.labels[i:i + chunk]
-            purified = defense.purify(x, sub.ids[i:i + chunk])
+            x, y = sub.images[i : i + chunk], sub.labels[i : i + chunk]
+            purified = defense.purify(x, sub.ids[i : i + chunk])
             with torch.no_grad():
                 correct += (f(purified.x).argmax(1) == y).sum().item()
             mse += purified.loss.sum().item()
@@ -89,8 +98,11 @@ def write_quality(root: Path, dataset: str, data_dir=None) -> dict:
 
 def compare(figures: dict, recorded: dict) -> list[str]:
     """Accuracy figures that differ from the recorded ones by more than the tolerance."""
-    return [f"{k}: measured {figures[k]:.4f}, manifest {recorded[k]:.4f}" for k in figures
-            if k.endswith("_accuracy") and k in recorded and abs(figures[k] - recorded[k]) > TOLERANCE]
+    return [
+        f"{k}: measured {figures[k]:.4f}, manifest {recorded[k]:.4f}"
+        for k in figures
+        if k.endswith("_accuracy") and k in recorded and abs(figures[k] - recorded[k]) > TOLERANCE
+    ]
 
 
 def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write: bool) -> int:
@@ -107,6 +119,9 @@ def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write:
         print(f"(the manifests hold no figures on {figures['projection_examples']} images; nothing to compare)")
         return 0
     bad = compare(figures, recorded)
-    print("\n".join(["differs from the manifest by more than 0.02:", *bad]) if bad
-          else f"matches the manifests in {root} within {TOLERANCE}")
+    print(
+        "\n".join(["differs from the manifest by more than 0.02:", *bad])
+        if bad
+        else f"matches the manifests in {root} within {TOLERANCE}"
+    )
     return 1 if bad else 0

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-KINDS = {"fault": "fault scenarios", "bad_input": "bad-input cases", "property": "properties",
-         "security": "security checks", "invariance": "invariance checks"}
+KINDS = {
+    "fault": "fault scenarios",
+    "bad_input": "bad-input cases",
+    "property": "properties",
+    "security": "security checks",
+    "invariance": "invariance checks",
+}
 _KIND: dict[str, str] = {}  # nodeid -> kind, of the collected battery
 _OUTCOME: dict[str, str] = {}  # nodeid -> passed / failed / skipped
 
@@ -24,8 +29,9 @@ def _kind_of(item) -> str | None:
         return None
     kind = marker.kwargs.get("kind", marker.args[0] if marker.args else None)
     if kind not in KINDS:
-        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.reliability(kind=...) takes one of {', '.join(KINDS)}, "
-                                f"got {kind!r}")
+        raise pytest.UsageError(
+            f"{item.nodeid}: @pytest.mark.reliability(kind=...) takes one of {', '.join(KINDS)}, got {kind!r}"
+        )
     return kind
 
 
@@ -52,8 +58,9 @@ def battery_line(kinds: dict[str, str], outcomes: dict[str, str]) -> str | None:
     ran = {node: kind for node, kind in kinds.items() if node in outcomes}
     if not ran:
         return None
-    counts = [f"{sum(k == kind for k in ran.values())} {label}" for kind, label in KINDS.items()
-              if kind in ran.values()]
+    counts = [
+        f"{sum(k == kind for k in ran.values())} {label}" for kind, label in KINDS.items() if kind in ran.values()
+    ]
     failed = sorted(n for n in ran if outcomes[n] == "failed")
     skipped = sum(outcomes[n] == "skipped" for n in ran)
     if failed:

@@ -29,8 +29,20 @@ def test_unknown_kind_is_rejected_with_the_choices():
 
 
 def test_eval_reports_a_bad_config_value_by_name(tmp_path):
-    out = runner.invoke(app, ["eval", "--config", "configs/smoke.yaml", "--set", "attacks.fgsm.params.eps=-1x",
-                              "--set", "shard_size=0", "--out", str(tmp_path / "run")])
+    out = runner.invoke(
+        app,
+        [
+            "eval",
+            "--config",
+            "configs/smoke.yaml",
+            "--set",
+            "attacks.fgsm.params.eps=-1x",
+            "--set",
+            "shard_size=0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert out.exit_code != 0
     assert "shard_size" in out.output
     assert not (tmp_path / "run").exists()  # nothing started

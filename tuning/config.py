@@ -49,6 +49,7 @@ class _Strict(BaseModel):
 
 # ---------------------------------------------------------------- the rest of the search
 
+
 class Objective(_Strict):
     """What a trial is scored by, measured on the validation split.
 
@@ -63,8 +64,9 @@ class Objective(_Strict):
     attack: str = "clean"
     per_second: bool = False
     method: str = "bsd_gan"
-    tolerance: float = Field(default=0.005, ge=0,
-                             description="'cheapest within' this much of the best (0.005 = half a point)")
+    tolerance: float = Field(
+        default=0.005, ge=0, description="'cheapest within' this much of the best (0.005 = half a point)"
+    )
 
     @property
     def mode(self) -> Literal["min", "max"]:
@@ -83,8 +85,9 @@ class SearchAlgorithm(_Strict):
     num_samples: int = Field(default=4, gt=0, description="trials (random: draws per grid point)")
     max_concurrent_trials: int = Field(default=2, gt=0)
     seed: int = 0
-    include_base: bool = Field(default=True,
-                               description="first trial: the base config's own values (the point to beat)")
+    include_base: bool = Field(
+        default=True, description="first trial: the base config's own values (the point to beat)"
+    )
 
 
 class Scheduler(_Strict):
@@ -151,8 +154,10 @@ class TuneSearch(_Strict):
     def _consistent(self) -> "TuneSearch":
         obj = self.objective
         if obj.metric not in METRICS[self.kind]:
-            raise ValueError(f"objective.metric: {obj.metric!r} is not a {self.kind} objective; choose one of "
-                             f"{', '.join(METRICS[self.kind])}")
+            raise ValueError(
+                f"objective.metric: {obj.metric!r} is not a {self.kind} objective; choose one of "
+                f"{', '.join(METRICS[self.kind])}"
+            )
         if self.search.algorithm == "optuna":
             grids = [p for p, d in self.space.items() if isinstance(d, Grid)]
             if grids:
@@ -181,8 +186,10 @@ class TuneSearch(_Strict):
     def job_model(self):
         if self.kind == "red":
             from jobs.red import RedConfig
+
             return RedConfig
         from jobs.config import EvalConfig
+
         return EvalConfig
 
     @property
@@ -207,10 +214,12 @@ class TuneSearch(_Strict):
         for path in self.space:
             if self.kind == "inverter":
                 from jobs.train import DEFAULTS, TrainConfig
+
                 default = DEFAULTS["inverter"].get(path, TrainConfig.model_fields[path].default)
                 value = self.inverter.fixed.get(path, default)
                 if path == "eta" and value is None:  # jobs.train's default: 0.03 per-pixel RMS
                     from invgan_core.data import load_dataset
+
                     base = self.base_config()
                     shape = load_dataset(base.dataset, "validation", base.data_dir).image_shape
                     value = round(0.03 * math.sqrt(math.prod(shape)), 4)
@@ -226,6 +235,7 @@ class TuneSearch(_Strict):
                 keys = path.split(".")
                 if not found and len(keys) == 4 and keys[0] == "defenses" and keys[2] == "params":
                     from jobs.config import DEFENSES
+
                     kind = self.base_config().defenses[keys[1]].kind
                     value = inspect.signature(DEFENSES[kind]).parameters[keys[3]].default
                 elif not found:
@@ -243,14 +253,18 @@ def _check_objective(search: TuneSearch, base) -> None:
     obj = search.objective
     if search.kind == "defense":
         if obj.defense not in base.defenses:
-            raise ValueError(f"objective.defense: {obj.defense!r} is not a defense of the base config "
-                             f"({', '.join(base.defenses)})")
+            raise ValueError(
+                f"objective.defense: {obj.defense!r} is not a defense of the base config ({', '.join(base.defenses)})"
+            )
         if obj.attack not in ("clean", "worst_case", *base.attacks):
-            raise ValueError(f"objective.attack: {obj.attack!r} is not 'clean', 'worst_case' or an attack of the "
-                             f"base config ({', '.join(base.attacks)})")
+            raise ValueError(
+                f"objective.attack: {obj.attack!r} is not 'clean', 'worst_case' or an attack of the "
+                f"base config ({', '.join(base.attacks)})"
+            )
     if search.kind == "red" and obj.method not in base.methods:
-        raise ValueError(f"objective.method: {obj.method!r} is not a method of the base config "
-                         f"({', '.join(base.methods)})")
+        raise ValueError(
+            f"objective.method: {obj.method!r} is not a method of the base config ({', '.join(base.methods)})"
+        )
 
 
 def _check_path(search: TuneSearch, base, path: str, dim) -> None:
@@ -259,9 +273,9 @@ def _check_path(search: TuneSearch, base, path: str, dim) -> None:
     where = f"space.{path}"
     if search.kind == "inverter":
         if path not in INVERTER_FIELDS:
-            raise ValueError(f"{where}: unknown parameter path; an inverter search tunes "
-                             f"{', '.join(INVERTER_FIELDS)}")
+            raise ValueError(f"{where}: unknown parameter path; an inverter search tunes {', '.join(INVERTER_FIELDS)}")
         from jobs.train import TrainConfig
+
         for value in dim.corners():
             try:
                 TrainConfig(kind="inverter", **{path: value})
@@ -275,8 +289,10 @@ def _check_path(search: TuneSearch, base, path: str, dim) -> None:
     for depth, key in enumerate(keys[:-1]):
         if not isinstance(node, dict) or key not in node:
             known = ", ".join(node) if isinstance(node, dict) else "none"
-            raise ValueError(f"{where}: unknown parameter path: {'.'.join(keys[:depth + 1])!r} is not in the base "
-                             f"config (there: {known})")
+            raise ValueError(
+                f"{where}: unknown parameter path: {'.'.join(keys[: depth + 1])!r} is not in the base "
+                f"config (there: {known})"
+            )
         node = node[key]
     leaf = keys[-1]
     if len(keys) == 1 and leaf not in model.model_fields:
@@ -304,8 +320,10 @@ def _check_defense_param(where: str, kind: str, name: str, values: list) -> None
     params = inspect.signature(DEFENSES[kind]).parameters
     if name not in params or name in ("G", "inverter", "classifier", "seed"):
         allowed = sorted(set(params) - {"G", "inverter", "classifier", "seed"})
-        raise ValueError(f"{where}: unknown parameter path: defense kind {kind!r} has no parameter {name!r} "
-                         f"(allowed: {', '.join(allowed)})")
+        raise ValueError(
+            f"{where}: unknown parameter path: defense kind {kind!r} has no parameter {name!r} "
+            f"(allowed: {', '.join(allowed)})"
+        )
     default = params[name].default
     for v in values:
         if isinstance(default, int) and not isinstance(default, bool):
@@ -318,6 +336,7 @@ def _check_defense_param(where: str, kind: str, name: str, values: list) -> None
             raise ValueError(f"{where}: value {v!r}: {name} is a name (e.g. {default!r})")
         elif name == "optimizer":
             from invgan_core.inversion import OPTIMIZERS
+
             if v not in OPTIMIZERS:
                 raise ValueError(f"{where}: value {v!r}: unknown optimizer; choose one of {', '.join(OPTIMIZERS)}")
 

@@ -54,7 +54,7 @@ def absolute_tracking_uri(uri: str | None) -> str:
 
     uri = uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -81,7 +81,8 @@ def _tuner(search: TuneSearch, out: Path, callback):
 
     trainable = tune.with_resources(
         tune.with_parameters(TRIALS[search.kind], search=search.model_dump(mode="json"), out=str(out)),
-        {"cpu": search.resources.cpus, "gpu": search.resources.gpus})
+        {"cpu": search.resources.cpus, "gpu": search.resources.gpus},
+    )
     exp_dir = out / EXPERIMENT
     if tune.Tuner.can_restore(str(exp_dir)):
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True), True
@@ -89,32 +90,51 @@ def _tuner(search: TuneSearch, out: Path, callback):
     scheduler = None
     if search.scheduler.kind == "asha":
         from ray.tune.schedulers import ASHAScheduler
+
         # max_t above the last report: ASHA never stops a trial that is about to finish (and save its model)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
-                                  grace_period=min(search.scheduler.grace_period, reports),
-                                  reduction_factor=search.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=reports + 1,
+            grace_period=min(search.scheduler.grace_period, reports),
+            reduction_factor=search.scheduler.reduction_factor,
+        )
     random = search.search.algorithm == "random"  # its generator limits concurrency itself
-    tune_config = tune.TuneConfig(metric="objective", mode=search.mode, search_alg=_search_alg(search),
-                                  scheduler=scheduler, num_samples=search.search.num_samples,
-                                  max_concurrent_trials=None if random else search.search.max_concurrent_trials)
-    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
-                                failure_config=tune.FailureConfig(max_failures=0),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-    return tune.Tuner(trainable, param_space=search.param_space(), tune_config=tune_config,
-                      run_config=run_config), False
+    tune_config = tune.TuneConfig(
+        metric="objective",
+        mode=search.mode,
+        search_alg=_search_alg(search),
+        scheduler=scheduler,
+        num_samples=search.search.num_samples,
+        max_concurrent_trials=None if random else search.search.max_concurrent_trials,
+    )
+    run_config = tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=str(out),
+        verbose=0,
+        callbacks=[callback],
+        failure_config=tune.FailureConfig(max_failures=0),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+    return tune.Tuner(
+        trainable, param_space=search.param_space(), tune_config=tune_config, run_config=run_config
+    ), False
 
 
 def _search_alg(search: TuneSearch):
     if search.search.algorithm == "random":
         from ray.tune.search import BasicVariantGenerator
-        return BasicVariantGenerator(random_state=search.search.seed,
-                                     max_concurrent=search.search.max_concurrent_trials,
-                                     points_to_evaluate=_points(search))
+
+        return BasicVariantGenerator(
+            random_state=search.search.seed,
+            max_concurrent=search.search.max_concurrent_trials,
+            points_to_evaluate=_points(search),
+        )
     try:
         import optuna  # a project dependency; an install without it gets this message
     except ImportError:
-        raise SystemExit("search.algorithm 'optuna' needs the optuna package: pip install optuna "
-                         "(or use search.algorithm: random)") from None
+        raise SystemExit(
+            "search.algorithm 'optuna' needs the optuna package: pip install optuna (or use search.algorithm: random)"
+        ) from None
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines would interleave with ours
@@ -140,6 +160,7 @@ def _reports_per_trial(search: TuneSearch) -> int:
 
 # ---------------------------------------------------------------- results
 
+
 def trials_table(grid, search: TuneSearch) -> pd.DataFrame:
     """One row per trial: trial_id, each searched parameter, objective (the last reported: a stopped trial's is
     on fewer examples or steps), value, seconds, reports, step (examples or training steps done), status."""
@@ -147,11 +168,19 @@ def trials_table(grid, search: TuneSearch) -> pd.DataFrame:
     for result in grid:
         m = result.metrics or {}
         status = "error" if result.error else ("complete" if m.get("complete") else "stopped")
-        rows.append({"trial_id": m.get("trial_id") or Path(result.path).name.split("_")[1],
-                     **{p: result.config.get(p) for p in search.space},
-                     "objective": m.get("objective"), "value": m.get("value", m.get("objective")),
-                     "seconds_per_example": m.get("seconds_per_example"), "seconds": m.get("time_total_s"),
-                     "reports": m.get("training_iteration", 0), "step": m.get("step"), "status": status})
+        rows.append(
+            {
+                "trial_id": m.get("trial_id") or Path(result.path).name.split("_")[1],
+                **{p: result.config.get(p) for p in search.space},
+                "objective": m.get("objective"),
+                "value": m.get("value", m.get("objective")),
+                "seconds_per_example": m.get("seconds_per_example"),
+                "seconds": m.get("time_total_s"),
+                "reports": m.get("training_iteration", 0),
+                "step": m.get("step"),
+                "status": status,
+            }
+        )
     frame = pd.DataFrame(rows)
     return frame.sort_values("trial_id", ignore_index=True) if len(frame) else frame
 
@@ -186,8 +215,14 @@ def objective_figure(table: pd.DataFrame, search: TuneSearch):
             sel = done.status == status
             ax.scatter(xs[sel], done.objective[sel], marker=marker, label=status)
         if best is not None:
-            ax.scatter([best[p] if numeric else str(best[p])], [best.objective], s=160, facecolors="none",
-                       edgecolors="red", label="best")
+            ax.scatter(
+                [best[p] if numeric else str(best[p])],
+                [best.objective],
+                s=160,
+                facecolors="none",
+                edgecolors="red",
+                label="best",
+            )
         if isinstance(search.space[p], LogUniform):
             ax.set_xscale("log")
         ax.set_xlabel(p.rsplit(".", 1)[-1] if p.count(".") < 3 else p.split(".", 1)[1])
@@ -207,25 +242,46 @@ def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run
     table.to_parquet(buffer, index=False)
     atomic_write_bytes(out / "trials.parquet", buffer.getvalue())
     best, cheapest = pick_best(table, search)
-    summary = {"name": search.name, "kind": search.kind, "metric": search.objective.label(), "mode": search.mode,
-               "trials": len(table), "complete": int((table.status == "complete").sum()) if len(table) else 0,
-               "stopped_early": int((table.status == "stopped").sum()) if len(table) else 0,
-               "errors": int((table.status == "error").sum()) if len(table) else 0,
-               "best_trial": None, "best_config": None, "best_metric": None, "mlflow_parent_run_id": parent_run_id}
+    summary = {
+        "name": search.name,
+        "kind": search.kind,
+        "metric": search.objective.label(),
+        "mode": search.mode,
+        "trials": len(table),
+        "complete": int((table.status == "complete").sum()) if len(table) else 0,
+        "stopped_early": int((table.status == "stopped").sum()) if len(table) else 0,
+        "errors": int((table.status == "error").sum()) if len(table) else 0,
+        "best_trial": None,
+        "best_config": None,
+        "best_metric": None,
+        "mlflow_parent_run_id": parent_run_id,
+    }
     if best is not None:
         params = {p: _plain(best[p]) for p in search.space}
-        summary |= {"best_trial": best.trial_id, "best_config": params, "best_metric": float(best.objective),
-                    "best_yaml": str(out / "best.yaml")}
+        summary |= {
+            "best_trial": best.trial_id,
+            "best_config": params,
+            "best_metric": float(best.objective),
+            "best_yaml": str(out / "best.yaml"),
+        }
         if cheapest is not None and cheapest.trial_id != best.trial_id:
             summary["cheapest_within_tolerance"] = {
-                "trial": cheapest.trial_id, "config": {p: _plain(cheapest[p]) for p in search.space},
-                "metric": float(cheapest.objective), "tolerance": search.objective.tolerance,
-                "seconds_per_example": _plain(cheapest.seconds_per_example)}
+                "trial": cheapest.trial_id,
+                "config": {p: _plain(cheapest[p]) for p in search.space},
+                "metric": float(cheapest.objective),
+                "tolerance": search.objective.tolerance,
+                "seconds_per_example": _plain(cheapest.seconds_per_example),
+            }
         base = _baseline(table, search)
         if base is not None:
             gain = float(best.objective - base.objective) if base.status == "complete" else None
-            summary["baseline"] = {"trial": base.trial_id, "config": {p: _plain(base[p]) for p in search.space},
-                                   "metric": _plain(base.objective), "status": base.status, "gain": gain}
+            summary["baseline"] = {
+                "trial": base.trial_id,
+                "config": {p: _plain(base[p]) for p in search.space},
+                "metric": _plain(base.objective),
+                "status": base.status,
+                "gain": gain,
+            }
         text, reproduce = best_yaml(search, out, params, best)
         atomic_write_bytes(out / "best.yaml", text.encode())
         summary["reproduce"] = reproduce
@@ -266,16 +322,24 @@ def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, s
             shutil.copyfile(trained, weights / f"inverter{ext}")
         cfg["weights"] = trial["weights"] = str(weights)
     command = "invgan red" if search.kind == "red" else "invgan eval"
-    sets = (["split=validation"] + [f"limit={trial['limit']}"] * bool(trial.get("limit"))
-            + [f"shard_size={trial['shard_size']}"])
+    sets = (
+        ["split=validation"]
+        + [f"limit={trial['limit']}"] * bool(trial.get("limit"))
+        + [f"shard_size={trial['shard_size']}"]
+    )
     # RED's job reads the test split only (RedConfig has no split field yet): no command repeats a RED trial
-    reproduce = (None if search.kind == "red"
-                 else f"{command} --config {out / 'best.yaml'} " + " ".join(f"--set {s}" for s in sets))
-    header = (f"# Best of search {search.name!r} ({search.kind}): {search.objective.label()} = {best.objective:.6g} "
-              f"on the validation split, trial {best.trial_id}.\n# Searched: "
-              + ", ".join(f"{k}={v}" for k, v in params.items())
-              + f"\n# Final evaluation (held-out split): {command} --config {out / 'best.yaml'}\n"
-              + (f"# The trial's measurement again:      {reproduce}\n" if reproduce else ""))
+    reproduce = (
+        None
+        if search.kind == "red"
+        else f"{command} --config {out / 'best.yaml'} " + " ".join(f"--set {s}" for s in sets)
+    )
+    header = (
+        f"# Best of search {search.name!r} ({search.kind}): {search.objective.label()} = {best.objective:.6g} "
+        f"on the validation split, trial {best.trial_id}.\n# Searched: "
+        + ", ".join(f"{k}={v}" for k, v in params.items())
+        + f"\n# Final evaluation (held-out split): {command} --config {out / 'best.yaml'}\n"
+        + (f"# The trial's measurement again:      {reproduce}\n" if reproduce else "")
+    )
     cfg = {k: v for k, v in cfg.items() if v is not None}
     return header + yaml.safe_dump(cfg, sort_keys=False), reproduce
 
@@ -303,8 +367,16 @@ def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.Dat
 
 # ---------------------------------------------------------------- the search
 
-def run_search(search: TuneSearch, *, out: Path | None = None, address: str | None = None, progress: bool = True,
-               log_mlflow: bool = True, verbose: bool = False) -> SearchResult:
+
+def run_search(
+    search: TuneSearch,
+    *,
+    out: Path | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    log_mlflow: bool = True,
+    verbose: bool = False,
+) -> SearchResult:
     """Run (or resume) the search; returns the trials table and the summary written to <out>."""
     from jobs.common import git_commit
     from jobs.evaluate import load_models
@@ -326,24 +398,47 @@ def run_search(search: TuneSearch, *, out: Path | None = None, address: str | No
     if not verbose:  # on resume, about trials an interruption caught before their first report
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     uri = absolute_tracking_uri(search.mlflow.tracking_uri)
-    tags = {"kind": f"tune-{search.kind}", "search_hash": search.search_hash(), "git_commit": git_commit(),
-            "metric": search.objective.label(), "mode": search.mode, "mlflow.note.content":
-            f"Search {search.name}: {search.objective.label()} ({search.mode}) over "
-            + ", ".join(search.space) + ". Each child run is one trial."}
-    with tracked_run(enabled=log_mlflow, tracking_uri=uri, experiment=search.experiment, run_name=search.name,
-                     run_dir=out, config_dict=search.model_dump(mode="json"), tags=tags) as parent:
+    tags = {
+        "kind": f"tune-{search.kind}",
+        "search_hash": search.search_hash(),
+        "git_commit": git_commit(),
+        "metric": search.objective.label(),
+        "mode": search.mode,
+        "mlflow.note.content": f"Search {search.name}: {search.objective.label()} ({search.mode}) over "
+        + ", ".join(search.space)
+        + ". Each child run is one trial.",
+    }
+    with tracked_run(
+        enabled=log_mlflow,
+        tracking_uri=uri,
+        experiment=search.experiment,
+        run_name=search.name,
+        run_dir=out,
+        config_dict=search.model_dump(mode="json"),
+        tags=tags,
+    ) as parent:
         exp_id = parent.client.get_run(parent.run_id).info.experiment_id if parent else None
-        callback = SearchCallback(out=str(out), tracking_uri=uri if parent else None, experiment_id=exp_id,
-                                  parent_run_id=parent.run_id if parent else None, metric="objective",
-                                  mode=search.mode, label=search.objective.label(), total=total_trials(search),
-                                  show=progress)
+        callback = SearchCallback(
+            out=str(out),
+            tracking_uri=uri if parent else None,
+            experiment_id=exp_id,
+            parent_run_id=parent.run_id if parent else None,
+            metric="objective",
+            mode=search.mode,
+            label=search.objective.label(),
+            total=total_trials(search),
+            show=progress,
+        )
         cpus = math.ceil(search.search.max_concurrent_trials * search.resources.cpus)
         with ray_session(address, num_cpus=cpus, verbose=verbose):
             tuner, resumed = _tuner(search, out, callback)
             if progress:
-                print(f"{'resuming' if resumed else 'starting'} search {search.name!r}: {total_trials(search)} "
-                      f"trial(s) of {search.kind}, {search.objective.label()} ({search.mode}), "
-                      f"{search.search.max_concurrent_trials} at a time; folder {out}", flush=True)
+                print(
+                    f"{'resuming' if resumed else 'starting'} search {search.name!r}: {total_trials(search)} "
+                    f"trial(s) of {search.kind}, {search.objective.label()} ({search.mode}), "
+                    f"{search.search.max_concurrent_trials} at a time; folder {out}",
+                    flush=True,
+                )
             grid = tuner.fit()
         if len(grid) < total_trials(search) or grid.num_terminated + grid.num_errors < len(grid):
             raise KeyboardInterrupt  # Tune stopped on Ctrl-C and saved its state: mark the parent run KILLED
@@ -351,19 +446,36 @@ def run_search(search: TuneSearch, *, out: Path | None = None, address: str | No
         summary = write_outputs(search, out, table, parent.run_id if parent else None)
         if parent is not None:
             log_parent(parent.client, parent.run_id, search, out, table, summary)
-    return SearchResult(out, summary["best_trial"], summary["best_config"] or {}, summary["best_metric"], table,
-                        summary, summary["mlflow_parent_run_id"])
+    return SearchResult(
+        out,
+        summary["best_trial"],
+        summary["best_config"] or {},
+        summary["best_metric"],
+        table,
+        summary,
+        summary["mlflow_parent_run_id"],
+    )
 
 
-def main(config: Path, overrides: list[str], out: Path | None, address: str | None, num_samples: int | None,
-         tracking_uri: str | None, log_mlflow: bool, progress: bool, verbose: bool = False) -> None:
+def main(
+    config: Path,
+    overrides: list[str],
+    out: Path | None,
+    address: str | None,
+    num_samples: int | None,
+    tracking_uri: str | None,
+    log_mlflow: bool,
+    progress: bool,
+    verbose: bool = False,
+) -> None:
     """The `invgan tune` command: validate, run or resume, print the best point and where everything is."""
     from pydantic import ValidationError
 
     from tuning.config import load_search
 
-    extra = [f"search.num_samples={num_samples}"] * (num_samples is not None) \
-        + [f"mlflow.tracking_uri={tracking_uri}"] * bool(tracking_uri)
+    extra = [f"search.num_samples={num_samples}"] * (num_samples is not None) + [
+        f"mlflow.tracking_uri={tracking_uri}"
+    ] * bool(tracking_uri)
     try:
         search = load_search(config, [*overrides, *extra])
     except (ValidationError, ValueError, FileNotFoundError) as err:
@@ -376,24 +488,35 @@ def main(config: Path, overrides: list[str], out: Path | None, address: str | No
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; the search state is kept in {out}: rerun the same command to resume") from None
     s = res.summary
-    print(f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, "
-          f"{s['errors']} failed")
+    print(
+        f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, {s['errors']} failed"
+    )
     if res.best_trial is None:
         print("no trial completed: nothing to recommend (see the trial errors above)")
     else:
-        print(f"best: {s['metric']} = {res.best_metric:.4g} (trial {res.best_trial}) with "
-              + ", ".join(f"{k}={v}" for k, v in res.best_config.items()))
+        print(
+            f"best: {s['metric']} = {res.best_metric:.4g} (trial {res.best_trial}) with "
+            + ", ".join(f"{k}={v}" for k, v in res.best_config.items())
+        )
         if s.get("baseline") and s["baseline"]["gain"] is not None:
             b = s["baseline"]
-            print(f"the base config's point ({', '.join(f'{k}={v}' for k, v in b['config'].items())}): "
-                  f"{b['metric']:.4g}; the best gains {b['gain']:+.4g}")
+            print(
+                f"the base config's point ({', '.join(f'{k}={v}' for k, v in b['config'].items())}): "
+                f"{b['metric']:.4g}; the best gains {b['gain']:+.4g}"
+            )
         if "cheapest_within_tolerance" in s:
             c = s["cheapest_within_tolerance"]
-            print(f"cheapest within {c['tolerance']}: {c['metric']:.4g} (trial {c['trial']}) with "
-                  + ", ".join(f"{k}={v}" for k, v in c["config"].items()))
-        print(f"best config: {s['best_yaml']}"
-              + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else ""))
+            print(
+                f"cheapest within {c['tolerance']}: {c['metric']:.4g} (trial {c['trial']}) with "
+                + ", ".join(f"{k}={v}" for k, v in c["config"].items())
+            )
+        print(
+            f"best config: {s['best_yaml']}"
+            + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else "")
+        )
     print(f"trials table: {out / 'trials.parquet'}; summary: {out / 'summary.json'}")
     if res.mlflow_parent_run_id:
-        print(f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "
-              f"(one child run per trial); open with: {where_to_open(tracking_uri)}")
+        print(
+            f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "
+            f"(one child run per trial); open with: {where_to_open(tracking_uri)}"
+        )

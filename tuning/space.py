@@ -33,6 +33,7 @@ class Uniform(_Strict):
 
     def to_tune(self):
         from ray import tune
+
         return tune.uniform(self.uniform.low, self.uniform.high)
 
     def corners(self) -> list:
@@ -52,6 +53,7 @@ class LogUniform(_Strict):
 
     def to_tune(self):
         from ray import tune
+
         return tune.loguniform(self.loguniform.low, self.loguniform.high)
 
     def corners(self) -> list:
@@ -76,6 +78,7 @@ class RandInt(_Strict):
 
     def to_tune(self):
         from ray import tune
+
         return tune.randint(self.randint.low, self.randint.high + 1)  # Tune's high is excluded
 
     def corners(self) -> list:
@@ -87,6 +90,7 @@ class Choice(_Strict):
 
     def to_tune(self):
         from ray import tune
+
         return tune.choice(self.choice)
 
     def corners(self) -> list:
@@ -100,6 +104,7 @@ class Grid(_Strict):
 
     def to_tune(self):
         from ray import tune
+
         return tune.grid_search(self.grid)
 
     def corners(self) -> list:
@@ -116,9 +121,18 @@ def _dimension_kind(value) -> str | None:
 
 
 Dimension = Annotated[
-    Union[Annotated[Uniform, Tag("uniform")], Annotated[LogUniform, Tag("loguniform")],
-          Annotated[RandInt, Tag("randint")], Annotated[Choice, Tag("choice")], Annotated[Grid, Tag("grid")]],
-    Discriminator(_dimension_kind, custom_error_type="dimension",
-                  custom_error_message="give exactly one of " + ", ".join(DIMENSIONS)
-                  + ", e.g. {loguniform: {low: 0.001, high: 0.1}}"),
+    Union[
+        Annotated[Uniform, Tag("uniform")],
+        Annotated[LogUniform, Tag("loguniform")],
+        Annotated[RandInt, Tag("randint")],
+        Annotated[Choice, Tag("choice")],
+        Annotated[Grid, Tag("grid")],
+    ],
+    Discriminator(
+        _dimension_kind,
+        custom_error_type="dimension",
+        custom_error_message="give exactly one of "
+        + ", ".join(DIMENSIONS)
+        + ", e.g. {loguniform: {low: 0.001, high: 0.1}}",
+    ),
 ]

@@ -20,9 +20,25 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 CHILD_RUNS = "child_runs.json"
-SKIP_METRICS = {"trial_id", "step", "done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
-                "time_since_restore", "iterations_since_restore", "pid", "date", "hostname", "node_ip", "config",
-                "checkpoint_dir_name", "should_checkpoint", "experiment_tag"}
+SKIP_METRICS = {
+    "trial_id",
+    "step",
+    "done",
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "time_since_restore",
+    "iterations_since_restore",
+    "pid",
+    "date",
+    "hostname",
+    "node_ip",
+    "config",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "experiment_tag",
+}
 
 
 def format_params(params: dict) -> str:
@@ -36,8 +52,19 @@ def _short(value) -> str:
 class SearchCallback(tune.Callback):
     """Child MLflow runs under `parent_run_id` (when given) and one printed line per finished trial."""
 
-    def __init__(self, *, out: str, tracking_uri: str | None, experiment_id: str | None, parent_run_id: str | None,
-                 metric: str, mode: str, label: str, total: int, show: bool = True):
+    def __init__(
+        self,
+        *,
+        out: str,
+        tracking_uri: str | None,
+        experiment_id: str | None,
+        parent_run_id: str | None,
+        metric: str,
+        mode: str,
+        label: str,
+        total: int,
+        show: bool = True,
+    ):
         self.out, self.tracking_uri, self.experiment_id = out, tracking_uri, experiment_id
         self.parent_run_id = parent_run_id
         self.metric, self.mode, self.label, self.total, self.show = metric, mode, label, total, show
@@ -53,6 +80,7 @@ class SearchCallback(tune.Callback):
     def client(self) -> MlflowClient | None:
         if self._client is None and self.parent_run_id:
             from mlflow.tracking import MlflowClient
+
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
@@ -70,8 +98,11 @@ class SearchCallback(tune.Callback):
             from jobs.report import flatten_config
 
             assert self.experiment_id is not None, "a parent run comes with its experiment id"
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}",
-                                         tags={"mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id},
+            )
             for key, value in flatten_config(trial.config).items():
                 self.client.log_param(run.info.run_id, key, value)
             runs[trial.trial_id] = run.info.run_id
@@ -93,9 +124,11 @@ class SearchCallback(tune.Callback):
 
         run_id = self._runs().get(trial.trial_id) or self.child_run(trial)
         now, step = int(time.time() * 1000), int(result.get("step", 0))
-        metrics = [Metric(safe_name(k), float(v), now, step) for k, v in result.items()
-                   if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v)]
+        metrics = [
+            Metric(safe_name(k), float(v), now, step)
+            for k, v in result.items()
+            if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
         self.client.log_batch(run_id, metrics=metrics)
 
     def _end(self, trial, status: str, state: str) -> None:
@@ -124,15 +157,22 @@ class SearchCallback(tune.Callback):
         best_text = f"best so far {best[1]:.4g} (trial {best[0]})" if best else "no complete trial yet"
         seconds = (trial.last_result or {}).get("time_total_s", 0.0)
         shown = "-" if value is None else f"{value:.4g}"
-        print(f"[{len(finished)}/{self.total}] trial {trial.trial_id} {format_params(trial.config)} -> "
-              f"{self.label} = {shown} ({state}, {seconds:.0f} s); {best_text}", flush=True)
+        print(
+            f"[{len(finished)}/{self.total}] trial {trial.trial_id} {format_params(trial.config)} -> "
+            f"{self.label} = {shown} ({state}, {seconds:.0f} s); {best_text}",
+            flush=True,
+        )
 
 
 def best_so_far(trials, mode: str):
     """(trial id, objective) of the best complete trial among `trials`, or None."""
-    done = [(t.trial_id, t.last_result["objective"]) for t in trials
-            if (t.last_result or {}).get("complete") and t.last_result.get("objective") is not None
-            and math.isfinite(t.last_result["objective"])]
+    done = [
+        (t.trial_id, t.last_result["objective"])
+        for t in trials
+        if (t.last_result or {}).get("complete")
+        and t.last_result.get("objective") is not None
+        and math.isfinite(t.last_result["objective"])
+    ]
     if not done:
         return None
     return (max if mode == "max" else min)(done, key=lambda p: p[1])

@@ -34,6 +34,7 @@ STARTS_LOG = "starts.log"  # one line per time the trial's function started (fre
 
 # ---------------------------------------------------------------- job configs of a trial
 
+
 def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> dict:
     """The eval (or RED) config of one point of the space: the base with the point's values set.
 
@@ -51,8 +52,12 @@ def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> di
         if search.validation.shard_size:
             raw["shard_size"] = search.validation.shard_size
         cpus = search.resources.cpus
-        raw["resources"] = {"num_workers": 1, "num_cpus_per_worker": cpus, "num_gpus_per_worker": search.resources.gpus,
-                            "torch_threads": max(1, int(cpus))}
+        raw["resources"] = {
+            "num_workers": 1,
+            "num_cpus_per_worker": cpus,
+            "num_gpus_per_worker": search.resources.gpus,
+            "torch_threads": max(1, int(cpus)),
+        }
     return search.job_model().model_validate(raw).model_dump(mode="json")
 
 
@@ -103,6 +108,7 @@ def _rows_from_checkpoint() -> pd.DataFrame | None:
 
 # ---------------------------------------------------------------- defense-time
 
+
 def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
     """The objective from eval rows, through the same summary `invgan eval` writes."""
     from jobs import report
@@ -112,8 +118,11 @@ def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
     table = summary["accuracy"] if obj.metric == "accuracy" else summary["auc"]
     value = float(table.get(obj.defense, {}).get(obj.attack, float("nan")))
     seconds = float(summary["seconds_per_example"][obj.defense]["clean"])
-    return {"objective": value / max(seconds, 1e-9) if obj.per_second else value, "value": value,
-            "seconds_per_example": seconds}
+    return {
+        "objective": value / max(seconds, 1e-9) if obj.per_second else value,
+        "value": value,
+        "seconds_per_example": seconds,
+    }
 
 
 def defense_trial(config: dict, *, search: dict, out: str) -> None:
@@ -136,11 +145,13 @@ def defense_trial(config: dict, *, search: dict, out: str) -> None:
         complete = shard == shards[-1][0]
         if complete:
             _write_parquet(folder / TRIAL_ROWS, rows)
-        _report_with_rows({**defense_objective(search_, rows), "examples": stop, "step": stop,
-                           "complete": int(complete)}, rows)
+        _report_with_rows(
+            {**defense_objective(search_, rows), "examples": stop, "step": stop, "complete": int(complete)}, rows
+        )
 
 
 # ---------------------------------------------------------------- inverter training
+
 
 def inverter_trial(config: dict, *, search: dict, out: str) -> None:
     """Train an inverter with one point's λ1, λ2, λ3, η, lr; report latent error and T = 0 val accuracy
@@ -158,11 +169,23 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
     trial_id, folder = _enter_trial(search_, Path(out))
     base, inv = search_.base_config(), search_.inverter
     batch: dict[str, Any] = {"batch_size": inv.batch_size} if inv.batch_size else {}
-    cfg = TrainConfig(kind="inverter", dataset=base.dataset, data_dir=base.data_dir, steps=inv.steps,
-                      checkpoint_every=inv.report_every, seed=inv.seed, generator=base.weights_dir() / "generator",
-                      out=folder / "weights", work_dir=folder / "train", eval_split="validation", quiet=True,
-                      device="cpu" if search_.resources.gpus == 0 else None,
-                      **batch, **inv.fixed, **config)
+    cfg = TrainConfig(
+        kind="inverter",
+        dataset=base.dataset,
+        data_dir=base.data_dir,
+        steps=inv.steps,
+        checkpoint_every=inv.report_every,
+        seed=inv.seed,
+        generator=base.weights_dir() / "generator",
+        out=folder / "weights",
+        work_dir=folder / "train",
+        eval_split="validation",
+        quiet=True,
+        device="cpu" if search_.resources.gpus == 0 else None,
+        **batch,
+        **inv.fixed,
+        **config,
+    )
     assert cfg.work_dir is not None and cfg.steps is not None, "steps and work_dir are given above"
     work_dir, steps = cfg.work_dir, cfg.steps
     _restore_train_state(work_dir)
@@ -180,14 +203,21 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
             t0 = (pred == val.labels).float().mean().item()
         I.train()
         metrics = {"t0_accuracy": t0, "latent_error": latent_error}
-        tune.report({"objective": metrics[search_.objective.metric], **metrics, "step": step,
-                     "complete": int(step >= steps),
-                     **{f"train/{k}": float(v) for k, v in losses.items()}},
-                    checkpoint=tune.Checkpoint.from_directory(str(work_dir / "state")))
+        tune.report(
+            {
+                "objective": metrics[search_.objective.metric],
+                **metrics,
+                "step": step,
+                "complete": int(step >= steps),
+                **{f"train/{k}": float(v) for k, v in losses.items()},
+            },
+            checkpoint=tune.Checkpoint.from_directory(str(work_dir / "state")),
+        )
 
     result = run(cfg, on_checkpoint=on_checkpoint, log_mlflow=False)
-    (folder / "result.json").write_text(json.dumps({"files": result.get("files"), "metrics": result.get("metrics"),
-                                                    "step": result["step"]}))
+    (folder / "result.json").write_text(
+        json.dumps({"files": result.get("files"), "metrics": result.get("metrics"), "step": result["step"]})
+    )
 
 
 def _restore_train_state(work_dir: Path) -> None:
@@ -202,6 +232,7 @@ def _restore_train_state(work_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- RED
+
 
 @contextlib.contextmanager
 def red_on_validation():
@@ -264,8 +295,9 @@ def red_trial(config: dict, *, search: dict, out: str) -> None:
         complete = shard == shards[-1][0]
         if complete:
             _write_parquet(folder / TRIAL_ROWS, rows)
-        _report_with_rows({**red_objective(search_, rows, names), "examples": stop, "step": stop,
-                           "complete": int(complete)}, rows)
+        _report_with_rows(
+            {**red_objective(search_, rows, names), "examples": stop, "step": stop, "complete": int(complete)}, rows
+        )
 
 
 TRIALS = {"defense": defense_trial, "inverter": inverter_trial, "red": red_trial}

@@ -60,15 +60,21 @@ def _alive(pid: int) -> bool:
 
 
 def _invgan(env, *args, timeout=420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "invgan", *args], env=env, cwd=PROJECT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "invgan", *args], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     """numpy floats (NaN for missing) and strings, whatever backend (Arrow from Ray Data, numpy here) held them."""
-    return pd.DataFrame({c: frame[c].to_numpy(dtype=float, na_value=float("nan"))
-                         if pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
-                         else frame[c].astype(str).to_numpy() for c in frame})
+    return pd.DataFrame(
+        {
+            c: frame[c].to_numpy(dtype=float, na_value=float("nan"))
+            if pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+            else frame[c].astype(str).to_numpy()
+            for c in frame
+        }
+    )
 
 
 def _run_dir(state, name: str) -> Path:
@@ -129,9 +135,22 @@ def test_jobs_list_and_logs_show_the_submitted_job(cluster):
 
 def test_more_workers_than_the_cluster_holds_fail_with_what_to_change(cluster):
     _, env = cluster
-    proc = _invgan(env, "submit", "--env", "INVGAN_WAIT_FOR_WORKERS_S=5", "--", "eval", "--config",
-                   "configs/smoke.yaml", "--no-mlflow", "--set", "resources.num_workers=3", "--set", "name=too-big",
-                   timeout=180)
+    proc = _invgan(
+        env,
+        "submit",
+        "--env",
+        "INVGAN_WAIT_FOR_WORKERS_S=5",
+        "--",
+        "eval",
+        "--config",
+        "configs/smoke.yaml",
+        "--no-mlflow",
+        "--set",
+        "resources.num_workers=3",
+        "--set",
+        "name=too-big",
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 worker(s) of 1 CPU(s) did not all start within 5 s" in proc.stdout + proc.stderr
     assert "Lower resources.num_workers" in proc.stdout + proc.stderr
@@ -144,9 +163,25 @@ def test_a_lost_worker_node_costs_a_retry_not_a_row(cluster):
     state, env = cluster
     overrides = ["shard_size=2", "limit=40", "name=cluster-lost", "attacks.bpda.base.params.steps=20"]
     sets = [a for o in overrides for a in ("--set", o)]
-    job = subprocess.Popen([sys.executable, "-m", "invgan", "submit", "--", "eval", "--config", "configs/smoke.yaml",
-                            "--no-mlflow", *sets], env=env, cwd=PROJECT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "invgan",
+            "submit",
+            "--",
+            "eval",
+            "--config",
+            "configs/smoke.yaml",
+            "--no-mlflow",
+            *sets,
+        ],
+        env=env,
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:  # wait until the worker node has finished a shard

@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invgan_core.adaptive import (BPDA, NES, Reparameterization, SignCW, Substitute, Unrolled, bpda_logits,
-                                  nes_logits, unrolled_logits)
+from invgan_core.adaptive import (
+    BPDA,
+    NES,
+    Reparameterization,
+    SignCW,
+    Substitute,
+    Unrolled,
+    bpda_logits,
+    nes_logits,
+    unrolled_logits,
+)
 from invgan_core.attacks import FGSM, LinfPGD
 from invgan_core.defenses import DefenseGAN, InvGAN, Purified
 from invgan_core.models import build_model, default_arch
@@ -146,8 +155,10 @@ def digits_models():
 
     if not (WEIGHTS / "digits" / "inverter.json").exists():
         pytest.skip("no shipped digits weights")
-    models = {k: load_model(WEIGHTS / "digits" / k, kind=k)[0].requires_grad_(False)
-              for k in ("generator", "inverter", "classifier")}
+    models = {
+        k: load_model(WEIGHTS / "digits" / k, kind=k)[0].requires_grad_(False)
+        for k in ("generator", "inverter", "classifier")
+    }
     test = load_dataset("digits", "test").subset(64)
     return models, test
 
@@ -201,8 +212,7 @@ def test_substitute_learns_the_oracle_and_its_fgsm_transfers(digits_models):
     assert torch.equal(again.x_adv, result.x_adv)
 
 
-def test_bpda_warm_start_projects_from_the_previous_latent_and_checks_with_the_cold_defense(digits_models,
-                                                                                            monkeypatch):
+def test_bpda_warm_start_projects_from_the_previous_latent_and_checks_with_the_cold_defense(digits_models, monkeypatch):
     """The attacker's projections: the first is the defense's own (R x L), each later one runs `warm_steps`
     steps from the latent the previous one returned; the success flag is the real defense's prediction."""
     from invgan_core import adaptive
@@ -226,7 +236,8 @@ def test_bpda_warm_start_projects_from_the_previous_latent_and_checks_with_the_c
     monkeypatch.setattr(adaptive, "project", recording_project)
     monkeypatch.setattr(defense, "purify", recording_purify)
     result = BPDA(warm_start=True, warm_steps=4, attack=LinfPGD(eps=0.3, steps=5, abs_stepsize=0.05))(
-        defense, x, y, ids=ids)
+        defense, x, y, ids=ids
+    )
     assert len(cold) == 2 and len(warm) == 4  # step 1 cold, steps 2-5 warm, then the cold success check
     previous = cold[0]
     for init, steps, restarts, z in warm:
@@ -246,7 +257,8 @@ def test_bpda_warm_start_does_the_damage_cold_bpda_must_do(digits_models):
     defense = DefenseGAN(m["generator"], m["classifier"], restarts=4, steps=50)
     clean = (defense.predict(x, ids) == y).float().mean().item()
     result = BPDA(warm_start=True, warm_steps=10, attack=LinfPGD(eps=0.3, steps=10, abs_stepsize=0.05))(
-        defense, x, y, ids=ids)
+        defense, x, y, ids=ids
+    )
     robust = 1 - result.success.float().mean().item()
     assert clean >= 0.8 and robust <= clean - 0.6, (clean, robust)
 

@@ -24,8 +24,10 @@ def digits():
 
     if not (WEIGHTS / "digits" / "inverter.json").exists():
         pytest.skip("no shipped digits weights")
-    m = {k: load_model(WEIGHTS / "digits" / k, kind=k)[0].requires_grad_(False).eval()
-         for k in ("generator", "inverter", "classifier")}
+    m = {
+        k: load_model(WEIGHTS / "digits" / k, kind=k)[0].requires_grad_(False).eval()
+        for k in ("generator", "inverter", "classifier")
+    }
     test = load_dataset("digits", "test").subset(32)
     return m, test.images, test.labels, torch.as_tensor(test.ids)
 
@@ -34,8 +36,11 @@ def digits():
 @pytest.mark.parametrize("defense_kind, attack_kind", [("invgan", "bpda"), ("invgan", "rp"), ("defensegan", "bpda")])
 def test_end_to_end_attacks_leave_accuracy_far_below_clean(digits, defense_kind, attack_kind, loss):
     m, x, y, ids = digits
-    defense = (InvGAN(m["generator"], m["inverter"], m["classifier"], steps=20) if defense_kind == "invgan"
-               else DefenseGAN(m["generator"], m["classifier"], restarts=4, steps=50))
+    defense = (
+        InvGAN(m["generator"], m["inverter"], m["classifier"], steps=20)
+        if defense_kind == "invgan"
+        else DefenseGAN(m["generator"], m["classifier"], restarts=4, steps=50)
+    )
     clean = (defense.predict(x, ids) == y).float().mean().item()
     wrapper = BPDA if attack_kind == "bpda" else Reparameterization
     result = wrapper(attack=LinfPGD(eps=0.3, steps=20, abs_stepsize=0.05, loss=loss))(defense, x, y, ids=ids)

@@ -12,8 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invgan_core.attacks import (FGSM, L1PGD, L2PGD, AttackResult, CarliniWagnerL2, LinfPGD, Norm, logits_fn,
-                                 project_l1_box)
+from invgan_core.attacks import (
+    FGSM,
+    L1PGD,
+    L2PGD,
+    AttackResult,
+    CarliniWagnerL2,
+    LinfPGD,
+    Norm,
+    logits_fn,
+    project_l1_box,
+)
 from invgan_core.defenses import NoDefense
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,8 +33,14 @@ N_REAL = 256
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    ).eval()
     with torch.no_grad():
         model[-1].weight.mul_(30)  # logits of a few units, as a trained model's, not ~0.1
     return model
@@ -42,13 +57,18 @@ def cnn_data():
 TABLE = [
     pytest.param(FGSM(eps=0.3), Norm.LINF, 0.3, id="fgsm"),
     pytest.param(LinfPGD(eps=0.1, steps=10), Norm.LINF, 0.1, id="linf-pgd"),
-    pytest.param(LinfPGD(eps=0.3, steps=5, rel_stepsize=0.5, random_start=False), Norm.LINF, 0.3,
-                 id="linf-pgd-no-start"),
+    pytest.param(
+        LinfPGD(eps=0.3, steps=5, rel_stepsize=0.5, random_start=False), Norm.LINF, 0.3, id="linf-pgd-no-start"
+    ),
     pytest.param(L2PGD(eps=1.0, steps=10), Norm.L2, 1.0, id="l2-pgd"),
     pytest.param(L2PGD(eps=4.0, steps=10, rel_stepsize=0.5), Norm.L2, 4.0, id="l2-pgd-box-active"),
     pytest.param(L1PGD(eps=3.0, steps=10), Norm.L1, 3.0, id="l1-pgd"),
-    pytest.param(L1PGD(eps=12.0, steps=10, rel_stepsize=0.2, quantile=0.9, random_start=False), Norm.L1, 12.0,
-                 id="l1-pgd-box-active"),
+    pytest.param(
+        L1PGD(eps=12.0, steps=10, rel_stepsize=0.2, quantile=0.9, random_start=False),
+        Norm.L1,
+        12.0,
+        id="l1-pgd-box-active",
+    ),
 ]
 
 
@@ -97,6 +117,7 @@ def test_random_starts_lie_in_the_ball_and_depend_only_on_the_id(attack):
 
 # ---------------------------------------------------------------- the ℓ1 projection is exact
 
+
 def duchi_l1_ball(v: np.ndarray, eps: float) -> np.ndarray:
     """Sort-based projection onto the ℓ1 ball (Duchi et al. 2008), one vector, no box."""
     if np.abs(v).sum() <= eps:
@@ -138,7 +159,7 @@ def test_l1_projection_with_active_box_matches_dykstra_and_satisfies_the_variati
     lo, hi, eps = -x0, 1 - x0, 1.0
     p = project_l1_box(v, eps, lo, hi)
     assert (p >= lo - 1e-12).all() and (p <= hi + 1e-12).all() and (p.abs().sum(1) <= eps + 1e-12).all()
-    ref = np.stack([dykstra_l1_box(a, eps, b, c) for a, b, c in zip(v.numpy(), lo.numpy(), hi.numpy())])
+    ref = np.stack([dykstra_l1_box(a, eps, b, c) for a, b, c in zip(v.numpy(), lo.numpy(), hi.numpy(), strict=True)])
     np.testing.assert_allclose(p.numpy(), ref, atol=1e-7)
     # optimality: <v - p, u - p> <= 0 for every feasible u (checked on 2000 random feasible points per row)
     u = lo[:, None] + (hi - lo)[:, None] * torch.rand(30, 2000, 6, generator=g, dtype=torch.float64)
@@ -149,6 +170,7 @@ def test_l1_projection_with_active_box_matches_dykstra_and_satisfies_the_variati
 
 
 # ---------------------------------------------------------------- closed forms on a linear model
+
 
 @pytest.fixture(scope="module")
 def linear():
@@ -186,15 +208,23 @@ def test_l2_pgd_on_a_linear_model_ends_at_eps_along_the_weight_difference(linear
 
 # ---------------------------------------------------------------- batch independence and targets
 
-@pytest.mark.parametrize("attack", [LinfPGD(eps=0.2, steps=5), L2PGD(eps=1.0, steps=5), L1PGD(eps=3.0, steps=5),
-                                    CarliniWagnerL2(binary_search_steps=2, steps=10)],
-                         ids=["linf", "l2", "l1", "cw"])
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        LinfPGD(eps=0.2, steps=5),
+        L2PGD(eps=1.0, steps=5),
+        L1PGD(eps=3.0, steps=5),
+        CarliniWagnerL2(binary_search_steps=2, steps=10),
+    ],
+    ids=["linf", "l2", "l1", "cw"],
+)
 def test_an_example_alone_equals_it_within_a_batch(attack, cnn_data):
     model, x, y = cnn_data
     ids = torch.arange(100, 100 + len(x))
     batch = attack(model, x, y, ids=ids)
     for i in (0, 9):
-        alone = attack(model, x[i:i + 1], y[i:i + 1], ids=ids[i:i + 1])
+        alone = attack(model, x[i : i + 1], y[i : i + 1], ids=ids[i : i + 1])
         torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], atol=1e-5, rtol=0)
         assert alone.queries[0] == batch.queries[i]
 
@@ -224,6 +254,7 @@ def test_a_defense_target_is_attacked_through_its_classifier(cnn_data):
 
 
 # ---------------------------------------------------------------- the real classifier, and foolbox 3
+
 
 @pytest.fixture(scope="module")
 def mnist():
@@ -272,8 +303,11 @@ def _foolbox_pairs(fb):
     return {
         "fgsm": (FGSM(eps=0.3), fb.attacks.FGSM(), 0.3),
         "linf-pgd-no-start": (LinfPGD(eps=0.3, random_start=False), fb.attacks.LinfPGD(random_start=False), 0.3),
-        "l2-pgd": (L2PGD(eps=2.0, steps=20, rel_stepsize=0.1),
-                   fb.attacks.L2PGD(steps=20, rel_stepsize=0.1, random_start=True), 2.0),
+        "l2-pgd": (
+            L2PGD(eps=2.0, steps=20, rel_stepsize=0.1),
+            fb.attacks.L2PGD(steps=20, rel_stepsize=0.1, random_start=True),
+            2.0,
+        ),
     }
 
 

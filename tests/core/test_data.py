@@ -23,6 +23,7 @@ def scaled(pixels: np.ndarray) -> torch.Tensor:
 
 # ---------------------------------------------------------------- digits (embedded)
 
+
 @pytest.fixture(scope="module")
 def digits():
     return {split: load_dataset("digits", split) for split in ("train", "test")}
@@ -70,6 +71,7 @@ def test_digits_split_is_identical_across_calls(digits):
 
 # ---------------------------------------------------------------- mnist5k (embedded)
 
+
 @pytest.fixture(scope="module")
 def mnist5k():
     return {split: load_dataset("mnist5k", split) for split in ("train", "test")}
@@ -92,6 +94,7 @@ def test_mnist5k_ids_disjoint_and_complete(mnist5k):
 
 # ---------------------------------------------------------------- IDX files (user directory)
 
+
 def idx_bytes(arr: np.ndarray) -> bytes:
     """An unsigned-byte IDX file: 0x00 0x00 0x08 ndim, big-endian dims, then the raw bytes."""
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
@@ -113,20 +116,25 @@ def fake_mnist(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return pixels, rng.integers(0, 10, size=n).astype(np.uint8)
 
 
-STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
-@pytest.mark.parametrize("name, subdir, gz, split", [
-    ("mnist", "", False, "test"),
-    ("mnist", "", True, "train"),
-    ("mnist", "raw", True, "test"),
-    ("mnist", "MNIST/raw", False, "train"),
-    ("mnist", "MNIST/raw", True, "test"),
-    ("fashion-mnist", "", True, "test"),
-    ("fashion-mnist", "FashionMNIST/raw", False, "train"),
-    ("fashion-mnist", "FashionMNIST/raw", True, "test"),
-])
+@pytest.mark.parametrize(
+    "name, subdir, gz, split",
+    [
+        ("mnist", "", False, "test"),
+        ("mnist", "", True, "train"),
+        ("mnist", "raw", True, "test"),
+        ("mnist", "MNIST/raw", False, "train"),
+        ("mnist", "MNIST/raw", True, "test"),
+        ("fashion-mnist", "", True, "test"),
+        ("fashion-mnist", "FashionMNIST/raw", False, "train"),
+        ("fashion-mnist", "FashionMNIST/raw", True, "test"),
+    ],
+)
 def test_idx_loader_reads_exact_pixels_and_labels(tmp_path, name, subdir, gz, split):
     pixels, labels = fake_mnist(7, seed=len(name) + 10 * len(subdir) + 100 * gz + 1000 * (split == "test"))
     images_stem, labels_stem = STEMS[split]
@@ -145,7 +153,7 @@ def test_idx_loader_reads_exact_pixels_and_labels(tmp_path, name, subdir, gz, sp
 
 def test_idx_loader_rejects_torchvision_folder_of_the_other_dataset(tmp_path):
     pixels, labels = fake_mnist(3, seed=0)
-    for stem, arr in zip(STEMS["test"], (pixels, labels)):
+    for stem, arr in zip(STEMS["test"], (pixels, labels), strict=True):
         write_idx(tmp_path / "FashionMNIST" / "raw", stem, arr, gz=True)
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_dataset("mnist", "test", tmp_path)
@@ -156,7 +164,7 @@ def test_idx_ids_are_unique_across_train_and_test(tmp_path, name):
     """Per-example randomness is keyed by id: test image k must not share training image k's random start."""
     for split, n in (("train", 12), ("test", 7)):
         pixels, labels = fake_mnist(n, seed=n)
-        for stem, arr in zip(STEMS[split], (pixels, labels)):
+        for stem, arr in zip(STEMS[split], (pixels, labels), strict=True):
             write_idx(tmp_path, stem, arr, gz=False)
     train, test = load_dataset(name, "train", tmp_path), load_dataset(name, "test", tmp_path)
     assert not set(train.ids.tolist()) & set(test.ids.tolist())
@@ -179,14 +187,17 @@ def _little_endian_magic(raw: bytes) -> bytes:
 
 @pytest.mark.reliability(kind="bad_input")
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("corrupt, expected", [
-    pytest.param(_bad_magic, "magic", id="signed-byte-magic"),
-    pytest.param(_little_endian_magic, "magic", id="little-endian-magic"),
-    pytest.param(lambda raw: raw[:-5], "header says", id="truncated-payload"),
-    pytest.param(lambda raw: raw[:10], "header says", id="truncated-dims"),
-    pytest.param(lambda raw: raw + b"\x00", "header says", id="trailing-byte"),
-    pytest.param(lambda raw: b"", "magic", id="empty"),
-])
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        pytest.param(_bad_magic, "magic", id="signed-byte-magic"),
+        pytest.param(_little_endian_magic, "magic", id="little-endian-magic"),
+        pytest.param(lambda raw: raw[:-5], "header says", id="truncated-payload"),
+        pytest.param(lambda raw: raw[:10], "header says", id="truncated-dims"),
+        pytest.param(lambda raw: raw + b"\x00", "header says", id="trailing-byte"),
+        pytest.param(lambda raw: b"", "magic", id="empty"),
+    ],
+)
 def test_read_idx_rejects_malformed_files(tmp_path, gz, corrupt, expected):
     pixels, _ = fake_mnist(2, seed=1)
     raw = corrupt(idx_bytes(pixels))
@@ -225,10 +236,13 @@ def test_image_and_label_counts_must_agree(tmp_path):
         load_dataset("mnist", "test", tmp_path)
 
 
-@pytest.mark.parametrize("present, missing", [
-    ((), "t10k-images-idx3-ubyte"),  # empty folder
-    (("t10k-images-idx3-ubyte",), "t10k-labels-idx1-ubyte"),  # labels missing
-])
+@pytest.mark.parametrize(
+    "present, missing",
+    [
+        ((), "t10k-images-idx3-ubyte"),  # empty folder
+        (("t10k-images-idx3-ubyte",), "t10k-labels-idx1-ubyte"),  # labels missing
+    ],
+)
 def test_missing_idx_file_names_what_is_expected(tmp_path, present, missing):
     pixels, labels = fake_mnist(2, seed=5)
     for stem in present:
@@ -274,10 +288,13 @@ def write_cifar(root: Path) -> dict[str, tuple[np.ndarray, list[int]]]:
     return batches
 
 
-@pytest.mark.parametrize("split, files", [
-    ("train", [f"data_batch_{i}" for i in range(1, 6)]),
-    ("test", ["test_batch"]),
-])
+@pytest.mark.parametrize(
+    "split, files",
+    [
+        ("train", [f"data_batch_{i}" for i in range(1, 6)]),
+        ("test", ["test_batch"]),
+    ],
+)
 @pytest.mark.parametrize("point_at", ["parent", "folder"])
 def test_cifar_reads_channel_major_rows(tmp_path, split, files, point_at):
     batches = write_cifar(tmp_path)
@@ -290,7 +307,7 @@ def test_cifar_reads_channel_major_rows(tmp_path, split, files, point_at):
     n = len(labels)
     assert ds.images.shape == (n, 3, 32, 32) and ds.images.dtype == torch.float32
     for channel in range(3):  # row = 1024 red, then 1024 green, then 1024 blue, each row-major 32x32
-        plane = data[:, 1024 * channel: 1024 * (channel + 1)].reshape(n, 32, 32)
+        plane = data[:, 1024 * channel : 1024 * (channel + 1)].reshape(n, 32, 32)
         assert torch.equal(ds.images[:, channel], scaled(plane))
     assert ds.images[0, 1, 2, 5] == data[0, 1024 + 32 * 2 + 5] / np.float32(255)
     assert ds.labels.tolist() == labels
@@ -329,15 +346,22 @@ def test_cifar_refuses_malicious_pickle(tmp_path, payload, where):
 
 
 @pytest.mark.reliability(kind="bad_input")
-@pytest.mark.parametrize("contents, expected", [
-    pytest.param(lambda good: good[: len(good) // 2], "test_batch", id="truncated"),
-    pytest.param(lambda good: b"not a pickle at all", "test_batch", id="not-a-pickle"),
-    pytest.param(lambda good: pickle.dumps([1, 2, 3], protocol=2), "expected a dict", id="a-list"),
-    pytest.param(lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2), "labels",
-                 id="no-labels"),
-    pytest.param(lambda good: pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]},
-                                           protocol=2), "3072", id="wrong-width"),
-])
+@pytest.mark.parametrize(
+    "contents, expected",
+    [
+        pytest.param(lambda good: good[: len(good) // 2], "test_batch", id="truncated"),
+        pytest.param(lambda good: b"not a pickle at all", "test_batch", id="not-a-pickle"),
+        pytest.param(lambda good: pickle.dumps([1, 2, 3], protocol=2), "expected a dict", id="a-list"),
+        pytest.param(
+            lambda good: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}, protocol=2), "labels", id="no-labels"
+        ),
+        pytest.param(
+            lambda good: pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, protocol=2),
+            "3072",
+            id="wrong-width",
+        ),
+    ],
+)
 def test_cifar_malformed_batch_is_a_data_error(tmp_path, contents, expected):
     write_cifar(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
@@ -354,6 +378,7 @@ def test_cifar_missing_batch_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------- registry, synthetic, subset
+
 
 def test_unknown_dataset_lists_every_choice():
     with pytest.raises(DataError, match="imagenet") as err:

@@ -19,7 +19,10 @@ def models():
 
     if not (WEIGHTS / "inverter.json").exists():
         pytest.skip("no shipped digits weights")
-    m = {k: load_model(WEIGHTS / k, kind=k.split("-")[0])[0] for k in ("generator", "inverter", "classifier", "generator-uniform")}
+    m = {
+        k: load_model(WEIGHTS / k, kind=k.split("-")[0])[0]
+        for k in ("generator", "inverter", "classifier", "generator-uniform")
+    }
     return m, load_dataset("digits", "test").subset(24)
 
 
@@ -64,18 +67,29 @@ def test_an_example_gets_the_same_result_alone_as_in_a_batch_of_256(models):
 
     m, _ = models
     t = load_dataset("digits", "test").subset(256)
-    for d in (DefenseGAN(m["generator"], m["classifier"], restarts=3, steps=100),
-              InvGAN(m["generator"], m["inverter"], m["classifier"], steps=100)):
+    for d in (
+        DefenseGAN(m["generator"], m["classifier"], restarts=3, steps=100),
+        InvGAN(m["generator"], m["inverter"], m["classifier"], steps=100),
+    ):
         batch = d.purify(t.images, t.ids)
         batch_pred = m["classifier"](batch.x).argmax(1)
         for i in (0, 101, 255):
-            alone = d.purify(t.images[i:i + 1], t.ids[i:i + 1])
+            alone = d.purify(t.images[i : i + 1], t.ids[i : i + 1])
             torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
             assert m["classifier"](alone.x).argmax(1).item() == batch_pred[i].item()
 
 
-@pytest.mark.parametrize("key, bad", [("prune_every", 0), ("prune_every", 2.5), ("patience", 0), ("patience", True),
-                                      ("early_stop_tol", -1e-4), ("early_stop_tol", float("nan"))])
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("prune_every", 0),
+        ("prune_every", 2.5),
+        ("patience", 0),
+        ("patience", True),
+        ("early_stop_tol", -1e-4),
+        ("early_stop_tol", float("nan")),
+    ],
+)
 def test_pruning_and_early_stopping_parameters_are_refused_naming_them(key, bad):
     with pytest.raises(ValueError, match=key):
         DefenseGAN.check_params({key: bad})
@@ -86,7 +100,9 @@ def test_defensegan_with_pruning_reports_the_restart_steps_it_spent(models):
     m, t = models
     G, f = m["generator"], m["classifier"]
     plain = DefenseGAN(G, f, restarts=4, steps=40).purify(t.images, t.ids)
-    cheap = DefenseGAN(G, f, restarts=4, steps=40, prune_every=10, early_stop_tol=1e-4, patience=5).purify(t.images, t.ids)
+    cheap = DefenseGAN(G, f, restarts=4, steps=40, prune_every=10, early_stop_tol=1e-4, patience=5).purify(
+        t.images, t.ids
+    )
     assert plain.effective_iterations == 160 and plain.iterations.tolist() == [160] * len(t.images)
     assert (cheap.iterations <= 4 * 10 + 2 * 10 + 20).all()  # halving 4 -> 2 -> 1, maybe stopped earlier
     assert cheap.effective_iterations == pytest.approx(cheap.iterations.double().mean().item())

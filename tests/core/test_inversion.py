@@ -36,7 +36,7 @@ def test_each_example_is_independent_of_its_batch(small_G):
     ids = torch.arange(100, 132)
     batch = project(small_G, x, ids=ids, steps=60, restarts=3, seed=7)
     for i in (0, 17, 31):
-        alone = project(small_G, x[i:i + 1], ids=ids[i:i + 1], steps=60, restarts=3, seed=7)
+        alone = project(small_G, x[i : i + 1], ids=ids[i : i + 1], steps=60, restarts=3, seed=7)
         torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
         torch.testing.assert_close(alone.restart_losses[0], batch.restart_losses[i], atol=1e-6, rtol=1e-4)
 
@@ -106,6 +106,7 @@ def test_the_step_generator_is_the_same_function_with_batch_norm_folded(small_G)
 
 # ---------------------------------------------------------------- restart pruning and early stopping
 
+
 def test_halving_keeps_the_restart_that_is_best_at_every_checkpoint(small_G):
     """Where plain R x L's final winner already leads at both checkpoints, pruning returns the same latent."""
     torch.manual_seed(4)
@@ -133,13 +134,14 @@ def test_halving_schedule_counts_restart_steps_with_an_odd_number_of_restarts(sm
 def test_early_stopping_on_a_generated_image_stops_early_and_fits_it(small_G):
     torch.manual_seed(6)
     x = small_G(torch.randn(16, small_G.latent_dim)).detach()
-    p = project(small_G, x, ids=torch.arange(16), steps=400, restarts=2, early_stop_tol=1e-6, patience=10,
-                keep_trace=True)
+    p = project(
+        small_G, x, ids=torch.arange(16), steps=400, restarts=2, early_stop_tol=1e-6, patience=10, keep_trace=True
+    )
     assert p.loss.max() <= 1e-3
     assert (p.iterations < 2 * 400).all() and p.effective_iterations == p.iterations.double().mean().item()
     stopped = p.iterations // 2  # steps taken by each example (2 restarts each)
     for i in (0, 7):  # the trace ends where the example stopped
-        assert torch.isfinite(p.trace[i, :stopped[i]]).all() and torch.isnan(p.trace[i, stopped[i] + 1:]).all()
+        assert torch.isfinite(p.trace[i, : stopped[i]]).all() and torch.isnan(p.trace[i, stopped[i] + 1 :]).all()
 
 
 def test_pruning_and_early_stopping_are_independent_of_the_batch(small_G):
@@ -150,7 +152,7 @@ def test_pruning_and_early_stopping_are_independent_of_the_batch(small_G):
     batch = project(small_G, x, ids=ids, **kw)
     assert len(set(batch.iterations.tolist())) > 1  # examples stopped at different steps
     for i in (0, 2, 9, 29, 31):
-        alone = project(small_G, x[i:i + 1], ids=ids[i:i + 1], **kw)
+        alone = project(small_G, x[i : i + 1], ids=ids[i : i + 1], **kw)
         assert alone.iterations[0] == batch.iterations[i]
         torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
 
@@ -201,4 +203,4 @@ def test_stochastic_clipping_recovers_uniform_latents_better_than_clipping():
         err = ((p.z - z) ** 2).mean(1)
         rates[constraint] = [(err < eps).float().mean().item() for eps in (1e-3, 1e-2, 1e-1)]
     # measured: clip 0.176 / 0.512 / 0.859, stochastic 0.219 / 0.578 / 0.883
-    assert all(s > c for s, c in zip(rates["stochastic_clip"], rates["clip"])), rates
+    assert all(s > c for s, c in zip(rates["stochastic_clip"], rates["clip"], strict=True)), rates

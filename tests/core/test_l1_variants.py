@@ -52,7 +52,9 @@ def test_default_quantile_spreads_each_step_over_the_top_one_percent():
     model = linear_model(n_pixels=400)
     x = torch.full((2, 1, 20, 20), 0.5, dtype=torch.float64)
     y = torch.tensor([1, 2])
-    out, _ = L1PGD(eps=10.0, abs_stepsize=0.8, steps=1, random_start=False).run(lambda t: model(t), x, y, torch.arange(2))
+    out, _ = L1PGD(eps=10.0, abs_stepsize=0.8, steps=1, random_start=False).run(
+        lambda t: model(t), x, y, torch.arange(2)
+    )
     moved = (out - x).flatten(1)
     assert torch.allclose(moved.abs().sum(1), torch.full((2,), 0.8, dtype=torch.float64))
     assert ((moved != 0).sum(1) == 4).all()  # 1 % of 400 coordinates share the step

@@ -36,7 +36,7 @@ def images(shape, n=N):
 def test_spatial_plan_known_answers(size, plan):
     start, ups = _spatial_plan(size)
     assert (start, ups) == plan
-    assert start * 2 ** ups == size
+    assert start * 2**ups == size
 
 
 @pytest.mark.parametrize("shape, latent, width", [((1, 8, 8), 16, 32), ((1, 28, 28), 32, 64), ((3, 32, 32), 64, 64)])
@@ -72,7 +72,7 @@ def test_discriminator_scores_each_example_independently(shape):
     scores = D(x)
     assert scores.shape == (N,)
     # no batch norm (WGAN-GP needs per-example gradients): a score does not depend on the batch
-    alone = torch.cat([D(x[i: i + 1]) for i in range(N)])
+    alone = torch.cat([D(x[i : i + 1]) for i in range(N)])
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-6)
 
 

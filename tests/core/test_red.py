@@ -21,11 +21,17 @@ def _random_dictionary(n=20, per_block=3, num_classes=3, types=2, seed=0, dtype=
     D = torch.randn(n, k, generator=g, dtype=dtype)
     D = D + correlated * torch.randn(n, 1, generator=g, dtype=dtype)  # a shared direction: ill-conditioned DᵀD
     b = torch.arange(k) // per_block
-    return red.AttackDictionary(D=D, classes=b // types, attack_types=b % types,
-                                attack_names=[f"t{j}" for j in range(types)], num_classes=num_classes)
+    return red.AttackDictionary(
+        D=D,
+        classes=b // types,
+        attack_types=b % types,
+        attack_names=[f"t{j}" for j in range(types)],
+        num_classes=num_classes,
+    )
 
 
 # ---------------------------------------------------------------- the prox and λ_max
+
 
 def test_prox_is_block_soft_thresholding_and_minimises_its_objective():
     g = torch.Generator().manual_seed(1)
@@ -65,12 +71,12 @@ def test_lambda_max_is_where_zero_becomes_optimal():
     assert (above.c == 0).all()
     below = red.red_solve(G, x, D=dic, z0=z0, lam_multiplier=0.97, fixed_z=True, steps=300)
     assert (below.c.abs().sum(1) > 0).all()
-    assert (below.objective < 0.5 * (s ** 2).sum(1) - 1e-9).all()  # strictly better than c = 0
+    assert (below.objective < 0.5 * (s**2).sum(1) - 1e-9).all()  # strictly better than c = 0
     # optimality of c = 0 at λ_max, checked directly: no small move lowers ½||s − Dc||² + λ_max h(c)
     for _ in range(50):
         v = 1e-3 * torch.randn(5, dic.D.shape[1], dtype=torch.float64)
         value = 0.5 * ((s - v @ dic.D.T) ** 2).sum(1) + lmax * red.group_norm(v, dic.blocks())
-        assert (value >= 0.5 * (s ** 2).sum(1) - 1e-12).all()
+        assert (value >= 0.5 * (s**2).sum(1) - 1e-12).all()
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -80,8 +86,9 @@ def test_objective_never_increases_with_z_fixed(nesterov):
     G = red_theory.OneLayerGenerator(W)
     x = torch.randn(8, 1, 1, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     z0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    res = red.red_solve(G, x, D=dic, z0=z0, lam_multiplier=0.2, fixed_z=True, steps=400, nesterov=nesterov,
-                        keep_trace=True)
+    res = red.red_solve(
+        G, x, D=dic, z0=z0, lam_multiplier=0.2, fixed_z=True, steps=400, nesterov=nesterov, keep_trace=True
+    )
     assert torch.equal(res.z, z0)
     steps = res.trace.diff(dim=1)
     assert (steps <= 1e-12 * res.trace[:, :1]).all()
@@ -96,8 +103,10 @@ def test_nesterov_converges_at_least_as_fast_as_plain_proximal_gradient():
     x = torch.randn(8, 1, 1, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     z0 = torch.zeros(8, 4, dtype=torch.float64)
     lam = torch.full((8,), 0.5, dtype=torch.float64)
-    runs = {nest: red.red_solve(G, x, D=dic, z0=z0, lam=lam, fixed_z=True, steps=3000, nesterov=nest, keep_trace=True)
-            for nest in (False, True)}
+    runs = {
+        nest: red.red_solve(G, x, D=dic, z0=z0, lam=lam, fixed_z=True, steps=3000, nesterov=nest, keep_trace=True)
+        for nest in (False, True)
+    }
     best = torch.minimum(runs[False].trace.amin(1), runs[True].trace.amin(1))[:, None]
     gap = {nest: (r.trace - best)[:, [25, 50, 100, 200]] for nest, r in runs.items()}
     assert (gap[True] <= gap[False] + 1e-12).all()
@@ -105,6 +114,7 @@ def test_nesterov_converges_at_least_as_fast_as_plain_proximal_gradient():
 
 
 # ---------------------------------------------------------------- theory: realizable instances (Sec. 5.1, App. B.1)
+
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "softplus"])
 def test_converges_linearly_to_the_truth_on_a_realizable_instance(activation):
@@ -138,12 +148,13 @@ def test_mu_is_the_gradient_to_distance_ratio_at_a_known_point():
     zz = z.clone().requires_grad_(True)
     with torch.enable_grad():
         (gz,) = torch.autograd.grad(((inst.x.flatten(1) - G(zz).flatten(1) - c @ D.T) ** 2).sum(), zz)
-    expected = ((gz ** 2).sum(1) + ((2 * r @ D) ** 2).sum(1)).sqrt() / (0.1 * 3 ** 0.5)
+    expected = ((gz**2).sum(1) + ((2 * r @ D) ** 2).sum(1)).sqrt() / (0.1 * 3**0.5)
     mu = red_theory.trajectory_mu(G, inst.x, z[None], c[None], D, inst.z_star, inst.c_star)
     torch.testing.assert_close(mu[:, 0], expected)
 
 
 # ---------------------------------------------------------------- digits: the shipped classifier and generator
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -157,13 +168,23 @@ def digits():
     f = load_model(WEIGHTS / "classifier", kind="classifier")[0]
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     attacks = {name: red.PAPER_MNIST_ATTACKS[name](seed=0) for name in ("linf", "l2")}  # App. B.2 budgets
-    dic = red.build_attack_dictionary(f, train.images, train.labels, attacks, per_class=5, seed=0,
-                                      ids=torch.as_tensor(train.ids))
+    dic = red.build_attack_dictionary(
+        f, train.images, train.labels, attacks, per_class=5, seed=0, ids=torch.as_tensor(train.ids)
+    )
     n = 20
     x, y, ids = test.images[:n], test.labels[:n], torch.as_tensor(test.ids[:n])
     x_adv = torch.cat([attack(f, x, y, ids=ids).x_adv for attack in attacks.values()])
-    return {"G": G, "f": f, "train": train, "test": test, "dic": dic, "x_adv": x_adv, "y": y.repeat(2),
-            "attack": torch.arange(2).repeat_interleave(n), "ids": torch.cat([ids, ids + 10 ** 6])}
+    return {
+        "G": G,
+        "f": f,
+        "train": train,
+        "test": test,
+        "dic": dic,
+        "x_adv": x_adv,
+        "y": y.repeat(2),
+        "attack": torch.arange(2).repeat_interleave(n),
+        "ids": torch.cat([ids, ids + 10**6]),
+    }
 
 
 def test_dictionary_columns_are_the_attacks_in_block_order(digits):
@@ -201,7 +222,7 @@ def test_a_batch_of_64_gives_the_per_example_results(digits):
     z0 = rng.sample_latents("normal", 3, ids, 1, G.latent_dim)[:, 0]
     batch = red.red_solve(G, x, D=dic, z0=z0, steps=500)
     for i in (0, 25, 63):
-        alone = red.red_solve(G, x[i:i + 1], D=dic, z0=z0[i:i + 1], steps=500)
+        alone = red.red_solve(G, x[i : i + 1], D=dic, z0=z0[i : i + 1], steps=500)
         torch.testing.assert_close(alone.z[0], batch.z[i], atol=1e-4, rtol=0)
         torch.testing.assert_close(alone.c[0], batch.c[i], atol=1e-4, rtol=0)
         assert alone.attack_type[0] == batch.attack_type[i]

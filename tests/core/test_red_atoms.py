@@ -17,7 +17,7 @@ def test_normalized_atoms_have_unit_length_and_the_raw_directions():
     raw = build_attack_dictionary(f, images, labels, attacks, per_class=4)
     unit = build_attack_dictionary(f, images, labels, attacks, per_class=4, normalize_atoms=True)
     lengths = raw.D.norm(dim=0)
-    assert (lengths[raw.attack_types == 0].mean() > 2 * lengths[raw.attack_types == 1].mean())  # why it matters
+    assert lengths[raw.attack_types == 0].mean() > 2 * lengths[raw.attack_types == 1].mean()  # why it matters
     assert torch.allclose(unit.D.norm(dim=0), torch.ones(unit.D.shape[1]), atol=1e-5)
     assert torch.allclose(unit.D * lengths, raw.D, atol=1e-5)
     assert torch.equal(unit.classes, raw.classes) and torch.equal(unit.attack_types, raw.attack_types)

@@ -25,7 +25,7 @@ def keys():
     return torch.arange(N_KEYS, dtype=torch.int64)  # consecutive keys: the hardest case for a weak hash
 
 
-@pytest.mark.parametrize("x", [0, 1, 2, 12345, -1, -(2 ** 63), 2 ** 63 - 1, 0x0123456789ABCDEF])
+@pytest.mark.parametrize("x", [0, 1, 2, 12345, -1, -(2**63), 2**63 - 1, 0x0123456789ABCDEF])
 def test_mix_matches_unsigned_reference(x):
     assert rng._mix(torch.tensor([x], dtype=torch.int64)).item() == reference_mix(x & U64)
 
@@ -73,10 +73,13 @@ def test_sample_latents_are_batch_independent(prior):
 
 
 @pytest.mark.parametrize("prior", ["normal", "uniform"])
-@pytest.mark.parametrize("other", [
-    dict(seed=1),  # another seed
-    dict(ids=torch.arange(1, 65)),  # other examples
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(seed=1),  # another seed
+        dict(ids=torch.arange(1, 65)),  # other examples
+    ],
+)
 def test_different_counters_give_different_draws(prior, other):
     base = dict(prior=prior, seed=0, ids=torch.arange(64), restarts=2, dim=8)
     a = rng.sample_latents(**base)

@@ -13,24 +13,27 @@ SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 @pytest.mark.reliability(kind="bad_input")
-@pytest.mark.parametrize("override, message", [
-    ("attacks.fgsm.params.epss=0.2", "epss"),
-    ("defenses.invgan.params.stepz=3", "stepz"),
-    ("attacks.bpda.target=classifier", "goes through a defense"),
-    ("attacks.fgsm.target=invgan", "its target must be 'classifier'"),
-    ("attacks.fgsm.target=nowhere", "not 'classifier', 'each' or a defense"),
-    ("attacks.fgsm.kind=fgsn", "unknown attack kind"),
-    ("defenses.none.kind=magic", "unknown defense kind"),
-    ("shard_size=0", "shard_size"),
-    ("surprise=1", "surprise"),
-    # defense budgets: refused at validation, like attack parameters, not inside a Ray worker
-    ("defenses.invgan.params.steps=-5", r"defenses.invgan\n.*steps=-5: give a whole number"),
-    ("defenses.invgan.params.steps=2.5", "steps=2.5"),
-    ("defenses.invgan.params.lr=0", "lr=0: give a finite step size > 0"),
-    ("defenses.invgan.params.lr=.nan", "lr=nan"),
-    ("defenses.invgan.params.optimizer=adamw", "optimizer='adamw': choose one of adam, sgd, momentum"),
-    ("defenses.dg={kind: defensegan, params: {restarts: 0}}", "restarts=0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("attacks.fgsm.params.epss=0.2", "epss"),
+        ("defenses.invgan.params.stepz=3", "stepz"),
+        ("attacks.bpda.target=classifier", "goes through a defense"),
+        ("attacks.fgsm.target=invgan", "its target must be 'classifier'"),
+        ("attacks.fgsm.target=nowhere", "not 'classifier', 'each' or a defense"),
+        ("attacks.fgsm.kind=fgsn", "unknown attack kind"),
+        ("defenses.none.kind=magic", "unknown defense kind"),
+        ("shard_size=0", "shard_size"),
+        ("surprise=1", "surprise"),
+        # defense budgets: refused at validation, like attack parameters, not inside a Ray worker
+        ("defenses.invgan.params.steps=-5", r"defenses.invgan\n.*steps=-5: give a whole number"),
+        ("defenses.invgan.params.steps=2.5", "steps=2.5"),
+        ("defenses.invgan.params.lr=0", "lr=0: give a finite step size > 0"),
+        ("defenses.invgan.params.lr=.nan", "lr=nan"),
+        ("defenses.invgan.params.optimizer=adamw", "optimizer='adamw': choose one of adam, sgd, momentum"),
+        ("defenses.dg={kind: defensegan, params: {restarts: 0}}", "restarts=0"),
+    ],
+)
 def test_bad_values_fail_naming_the_field(override, message):
     with pytest.raises(ValidationError, match=message):
         load_config(SMOKE, [override])
@@ -45,7 +48,9 @@ def test_rp_needs_an_inverter_defense():
 def test_unrolled_against_no_defense_fails_at_validation(target):
     """Not inside a Ray worker after the models are loaded: the smoke config has a `none` defense."""
     with pytest.raises(ValidationError, match="unrolled differentiates through projection steps"):
-        load_config(SMOKE, ["attacks.u={kind: unrolled, target: %s, base: {kind: pgd_linf, params: {eps: 0.3}}}" % target])
+        load_config(
+            SMOKE, ["attacks.u={kind: unrolled, target: %s, base: {kind: pgd_linf, params: {eps: 0.3}}}" % target]
+        )
 
 
 def test_unrolled_against_a_projection_defense_is_valid():
@@ -80,12 +85,15 @@ def test_shipped_configs_are_found_from_outside_the_checkout(tmp_path, monkeypat
 
 
 @pytest.mark.reliability(kind="bad_input")
-@pytest.mark.parametrize("text, message", [
-    ("- a\n- b\n", "expected a mapping of settings .* got a YAML list"),
-    ("just words\n", "got a YAML str"),
-    ("name: [unclosed\n", "not valid YAML"),
-    ("!!python/object/apply:os.system [\"echo pwned\"]\n", "not valid YAML .*python/object"),  # safe loading only
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n- b\n", "expected a mapping of settings .* got a YAML list"),
+        ("just words\n", "got a YAML str"),
+        ("name: [unclosed\n", "not valid YAML"),
+        ('!!python/object/apply:os.system ["echo pwned"]\n', "not valid YAML .*python/object"),  # safe loading only
+    ],
+)
 def test_a_config_that_is_not_a_yaml_mapping_fails_in_one_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -101,7 +109,7 @@ def test_every_defense_kind_refuses_an_impossible_budget_itself():
 
     from jobs.config import DEFENSES
 
-    for kind, cls in DEFENSES.items():
+    for _kind, cls in DEFENSES.items():
         params = inspect.signature(cls).parameters
         for key, bad in [("steps", -1), ("restarts", 0), ("lr", -0.1), ("optimizer", "rmsprop")]:
             if key in params:

@@ -99,8 +99,10 @@ def test_rerun_computes_only_missing_shards(smoke_run, tmp_path):
     assert (fixed.computed_shards, fixed.skipped_shards) == (1, 3)
     assert len(list((run_dir / "damaged").glob("shard-00001.parquet.*"))) == 1
     key = ["example_id", "attack", "defense"]
-    pd.testing.assert_series_equal(fixed.rows.sort_values(key).prediction.reset_index(drop=True),
-                                   again.rows.sort_values(key).prediction.reset_index(drop=True))
+    pd.testing.assert_series_equal(
+        fixed.rows.sort_values(key).prediction.reset_index(drop=True),
+        again.rows.sort_values(key).prediction.reset_index(drop=True),
+    )
 
 
 def test_a_run_folder_of_another_config_is_refused(smoke_run):
@@ -119,8 +121,9 @@ def test_mlflow_run_holds_metrics_tables_and_figures(smoke_run):
     assert run.data.metrics["accuracy/invgan/clean"] == pytest.approx(res.summary["accuracy"]["invgan"]["clean"])
     assert "auc/invgan/fgsm" in run.data.metrics
     assert run.data.tags["dataset"] == "digits" and run.info.run_name.startswith("smoke-")
-    artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "tables")} | \
-        {a.path for a in client.list_artifacts(res.mlflow_run_id, "figures")}
+    artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "tables")} | {
+        a.path for a in client.list_artifacts(res.mlflow_run_id, "figures")
+    }
     assert {"tables/accuracy.json", "figures/roc.png", "figures/images.png"} <= artifacts
     note = run.data.tags["mlflow.note.content"]
     assert re.search(r"\| none +\| ", note) and "(n=16)" in note  # the accuracy table, readable in the UI
@@ -138,10 +141,24 @@ def test_reruns_keep_and_continue_the_mlflow_run(smoke_run):
 def test_killed_job_resumes_without_recomputing(tmp_path):
     """A real kill: SIGKILL the CLI after its first shard file, rerun, check nothing is lost or repeated."""
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--out", str(tmp_path / "run"),
-           "--no-mlflow", "--set", "shard_size=2", "--set", "resources.num_workers=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "invgan",
+        "eval",
+        "--config",
+        str(SMOKE),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-mlflow",
+        "--set",
+        "shard_size=2",
+        "--set",
+        "resources.num_workers=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     rows_dir, deadline = tmp_path / "run" / "rows", time.monotonic() + 180
     while time.monotonic() < deadline and len(list(rows_dir.glob("shard-*.parquet"))) < 2:
         time.sleep(0.2)
@@ -162,14 +179,24 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
     from jobs.curves import point_defenses, run_curves
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(ROOT / "configs" / "curves.yaml",
-                      ["dataset=digits", "weights=weights/digits", "limit=8", "shard_size=8", "curves.budgets=[0,20,100]"],
-                      mlflow={"tracking_uri": uri})
-    assert list(point_defenses(cfg)) == ["invgan_T0", "defensegan_10x0", "invgan_T20", "defensegan_10x2",
-                                         "invgan_T100", "defensegan_10x10"]
+    cfg = load_config(
+        ROOT / "configs" / "curves.yaml",
+        ["dataset=digits", "weights=weights/digits", "limit=8", "shard_size=8", "curves.budgets=[0,20,100]"],
+        mlflow={"tracking_uri": uri},
+    )
+    assert list(point_defenses(cfg)) == [
+        "invgan_T0",
+        "defensegan_10x0",
+        "invgan_T20",
+        "defensegan_10x2",
+        "invgan_T100",
+        "defensegan_10x10",
+    ]
     table, run_dir, run_id = run_curves(cfg, out=tmp_path / "run", progress=False)
     assert table.groupby("family").effective_iterations.apply(list).to_dict() == {
-        "defensegan": [0, 20, 100], "invgan": [1, 20, 100]}
+        "defensegan": [0, 20, 100],
+        "invgan": [1, 20, 100],
+    }
     assert (table.n == 8).all() and (run_dir / "curves.png").exists()
     # more projection steps fit the clean images better: InvGAN at T=100 at least as accurate as T=0 here
     inv = table[table.family == "invgan"].set_index("effective_iterations")
@@ -179,6 +206,7 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
 
 
 # ---------------------------------------------------------------- in-process: the worker's rows (no Ray)
+
 
 def _all_rows(worker, n: int, shard_size: int) -> pd.DataFrame:
     from jobs.runner import plan_shards
@@ -225,6 +253,7 @@ def test_the_target_defense_row_reuses_the_attack_projection_and_equals_a_fresh_
         def counting(x, ids=None, real=real):
             calls["n"] += 1
             return real(x, ids)
+
         defense.purify = counting
     reused = worker.run_shard(0, 0, 4)
     with_reuse = calls["n"]
@@ -234,6 +263,7 @@ def test_the_target_defense_row_reuses_the_attack_projection_and_equals_a_fresh_
         result, secs = real_attack(*args)
         result.purified = None
         return result, secs
+
     monkeypatch.setattr(evaluate_module, "_attack", without_purified)
     calls["n"] = 0
     fresh = worker.run_shard(0, 0, 4)

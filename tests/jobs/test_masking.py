@@ -21,8 +21,11 @@ BPDA = {"kind": "bpda", "target": "each", "base": PGD}
 
 def rows_from(correct: dict[tuple[str, str], list[bool]]) -> pd.DataFrame:
     """Rows (example_id, attack, defense, correct, attacked) from {(defense, attack): per-example correctness}."""
-    out = [dict(example_id=i, attack=attack, defense=defense, correct=c, attacked=True)
-           for (defense, attack), flags in correct.items() for i, c in enumerate(flags)]
+    out = [
+        dict(example_id=i, attack=attack, defense=defense, correct=c, attacked=True)
+        for (defense, attack), flags in correct.items()
+        for i, c in enumerate(flags)
+    ]
     return pd.DataFrame(out)
 
 
@@ -39,23 +42,44 @@ def test_profiles_read_norm_budget_and_steps_through_wrappers():
 
 def test_each_rule_flags_exactly_the_cells_it_should():
     ten = lambda k: [True] * k + [False] * (10 - k)  # noqa: E731 - accuracy k/10
-    attacks = {"fgsm": FGSM, "pgd": PGD, "bpda": BPDA, "nes": NES,
-               **expand_checks({"pgd": PGD, "bpda": BPDA}, examples=10, eps_factor=3, steps_factor=4)}
-    rows = rows_from({
-        # defense A: PGD weaker than FGSM (a); NES stronger than BPDA (c); BPDA not converged (d); wide ε stays high (b)
-        ("A", "fgsm"): ten(3), ("A", "pgd"): ten(6), ("A", "bpda"): ten(5), ("A", "nes"): ten(2),
-        ("A", "check/bpda/steps_x4"): ten(1), ("A", "check/bpda/eps_0.9"): ten(4),
-        ("A", "check/pgd/steps_x4"): ten(6), ("A", "check/pgd/eps_0.9"): ten(0),
-        # defense B: a healthy ordering: nothing flagged
-        ("B", "fgsm"): ten(5), ("B", "pgd"): ten(1), ("B", "bpda"): ten(1), ("B", "nes"): ten(4),
-        ("B", "check/bpda/steps_x4"): ten(1), ("B", "check/bpda/eps_0.9"): ten(0),
-        ("B", "check/pgd/steps_x4"): ten(1), ("B", "check/pgd/eps_0.9"): ten(0),
-    })
+    attacks = {
+        "fgsm": FGSM,
+        "pgd": PGD,
+        "bpda": BPDA,
+        "nes": NES,
+        **expand_checks({"pgd": PGD, "bpda": BPDA}, examples=10, eps_factor=3, steps_factor=4),
+    }
+    rows = rows_from(
+        {
+            # defense A: PGD weaker than FGSM (a); NES stronger than BPDA (c); BPDA not converged (d);
+            # wide ε stays high (b)
+            ("A", "fgsm"): ten(3),
+            ("A", "pgd"): ten(6),
+            ("A", "bpda"): ten(5),
+            ("A", "nes"): ten(2),
+            ("A", "check/bpda/steps_x4"): ten(1),
+            ("A", "check/bpda/eps_0.9"): ten(4),
+            ("A", "check/pgd/steps_x4"): ten(6),
+            ("A", "check/pgd/eps_0.9"): ten(0),
+            # defense B: a healthy ordering: nothing flagged
+            ("B", "fgsm"): ten(5),
+            ("B", "pgd"): ten(1),
+            ("B", "bpda"): ten(1),
+            ("B", "nes"): ten(4),
+            ("B", "check/bpda/steps_x4"): ten(1),
+            ("B", "check/bpda/eps_0.9"): ten(0),
+            ("B", "check/pgd/steps_x4"): ten(1),
+            ("B", "check/pgd/eps_0.9"): ten(0),
+        }
+    )
     flags = masking_flags(rows, attacks)
     assert flagged(flags) == {
-        ("A", "single_step_stronger", "pgd"), ("A", "single_step_stronger", "bpda"),
-        ("A", "black_box_stronger", "pgd"), ("A", "black_box_stronger", "bpda"),
-        ("A", "not_converged", "bpda"), ("A", "eps_not_zero", "check/bpda/eps_0.9"),
+        ("A", "single_step_stronger", "pgd"),
+        ("A", "single_step_stronger", "bpda"),
+        ("A", "black_box_stronger", "pgd"),
+        ("A", "black_box_stronger", "bpda"),
+        ("A", "not_converged", "bpda"),
+        ("A", "eps_not_zero", "check/bpda/eps_0.9"),
     }
     assert set(flags["check"]) == {"single_step_stronger", "black_box_stronger", "not_converged", "eps_not_zero"}
     assert not flags[flags["defense"] == "B"]["flagged"].any()
@@ -73,9 +97,18 @@ def test_comparisons_are_paired_on_the_examples_both_attacks_ran_on():
 
 
 def test_expand_checks_scales_the_loop_caps_linf_at_the_box_and_skips_what_cannot_be_checked():
-    extra = expand_checks({"fgsm": FGSM, "nes": NES, "bpda": BPDA, "bpda_default": {"kind": "bpda", "target": "each"},
-                           "l2": {"kind": "pgd_l2", "params": {"eps": 2.0}, "limit": 5}},
-                          examples=20, eps_factor=5, steps_factor=2)
+    extra = expand_checks(
+        {
+            "fgsm": FGSM,
+            "nes": NES,
+            "bpda": BPDA,
+            "bpda_default": {"kind": "bpda", "target": "each"},
+            "l2": {"kind": "pgd_l2", "params": {"eps": 2.0}, "limit": 5},
+        },
+        examples=20,
+        eps_factor=5,
+        steps_factor=2,
+    )
     assert set(extra) == {"check/bpda/eps_1", "check/bpda/steps_x2", "check/l2/eps_10", "check/l2/steps_x2"}
     assert extra["check/bpda/eps_1"]["base"]["params"] == {"eps": 1.0, "steps": 40}  # ℓ∞ 1.0: the whole box
     assert extra["check/bpda/steps_x2"]["base"]["params"] == {"eps": 0.3, "steps": 80}
@@ -100,11 +133,16 @@ def test_a_real_masked_gradient_is_caught_by_the_black_box_rule():
 
     test = load_dataset("digits", "test").subset(48)
     x, y, ids = test.images, test.labels, torch.as_tensor(test.ids)
-    attacks = {"fgsm": FGSMAttack(eps=0.3), "pgd": LinfPGD(eps=0.3, steps=20),
-               "nes": NESAttack(samples=20, sigma=0.1, attack=LinfPGD(eps=0.3, steps=20))}
-    specs = {"fgsm": FGSM, "pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}},
-             "nes": {"kind": "nes", "target": "each",
-                     "base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}}}}
+    attacks = {
+        "fgsm": FGSMAttack(eps=0.3),
+        "pgd": LinfPGD(eps=0.3, steps=20),
+        "nes": NESAttack(samples=20, sigma=0.1, attack=LinfPGD(eps=0.3, steps=20)),
+    }
+    specs = {
+        "fgsm": FGSM,
+        "pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}},
+        "nes": {"kind": "nes", "target": "each", "base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 20}}},
+    }
     correct = {}
     for defense, model in (("plain", f), ("quantized", Quantized())):
         for name, attack in attacks.items():
@@ -123,9 +161,15 @@ def test_an_unconverged_attack_in_a_real_evaluation_is_flagged_and_kept_out_of_t
     from jobs.evaluate import EvalWorker, masking_flags, masking_text
 
     smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
-    cfg = load_config(smoke, ["limit=8", "defenses={none: {kind: none}}",
-                              "attacks.bpda.base.params={eps: 0.3, steps: 2, abs_stepsize: 0.01}",
-                              "masking_checks={examples: 8, steps_factor: 20, eps_factor: 3}"])
+    cfg = load_config(
+        smoke,
+        [
+            "limit=8",
+            "defenses={none: {kind: none}}",
+            "attacks.bpda.base.params={eps: 0.3, steps: 2, abs_stepsize: 0.01}",
+            "masking_checks={examples: 8, steps_factor: 20, eps_factor: 3}",
+        ],
+    )
     rows = EvalWorker(cfg.model_dump(mode="json")).run_shard(0, 0, 8)
     assert {"check/bpda/steps_x20", "check/bpda/eps_0.9"} <= set(rows["attack"])
     flags = masking_flags(cfg, rows)

@@ -46,7 +46,9 @@ def test_tables_are_derived_from_the_rows(red_run):
     bsd = rows[(rows.method == "bsd_gan") & (rows.attack_type == "linf")]
     assert tables["attack_accuracy"].loc["bsd_gan", "linf"] == pytest.approx((bsd.attack_pred == 0).mean())
     cnn_clean = rows[(rows.method == "cnn") & (rows.attack_type == "clean")]
-    assert tables["signal_accuracy"].loc["cnn", "clean"] == pytest.approx((cnn_clean.signal_pred == cnn_clean.label).mean())
+    assert tables["signal_accuracy"].loc["cnn", "clean"] == pytest.approx(
+        (cnn_clean.signal_pred == cnn_clean.label).mean()
+    )
     assert again["signal_accuracy"].equals(tables["signal_accuracy"])
     # the CNN is fooled by the attacks that built the dictionary; it is right on clean digits
     assert tables["signal_accuracy"].loc["cnn", "linf"] < tables["signal_accuracy"].loc["cnn", "clean"]
@@ -58,8 +60,12 @@ def test_mlflow_run_holds_tables_and_the_confusion_matrix(red_run):
     cfg, (rows, tables, run_dir, run_id), tmp = red_run
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.metrics["attack_accuracy/bsd_gan/linf"] == pytest.approx(tables["attack_accuracy"].loc["bsd_gan", "linf"])
-    paths = {a.path for a in client.list_artifacts(run_id, "figures")} | {a.path for a in client.list_artifacts(run_id, "tables")}
+    assert run.data.metrics["attack_accuracy/bsd_gan/linf"] == pytest.approx(
+        tables["attack_accuracy"].loc["bsd_gan", "linf"]
+    )
+    paths = {a.path for a in client.list_artifacts(run_id, "figures")} | {
+        a.path for a in client.list_artifacts(run_id, "tables")
+    }
     assert {"figures/attack_confusion.png", "tables/signal_accuracy.json", "tables/attack_accuracy.json"} <= paths
     assert "Attack-type accuracy" in run.data.tags["mlflow.note.content"]
 
@@ -69,8 +75,11 @@ def test_rerun_reuses_the_dictionary_and_the_shards(red_run):
     stamp = (run_dir / "dictionary.safetensors").stat().st_mtime_ns
     rows2, *_ = run_red(cfg, out=run_dir, progress=False, log_mlflow=False)
     assert (run_dir / "dictionary.safetensors").stat().st_mtime_ns == stamp
-    assert rows2.sort_values(["example_id", "attack_type", "method"]).reset_index(drop=True).equals(
-        rows.sort_values(["example_id", "attack_type", "method"]).reset_index(drop=True))
+    assert (
+        rows2.sort_values(["example_id", "attack_type", "method"])
+        .reset_index(drop=True)
+        .equals(rows.sort_values(["example_id", "attack_type", "method"]).reset_index(drop=True))
+    )
 
 
 def test_theory_figures_show_mu_growing_with_m_and_linear_convergence():

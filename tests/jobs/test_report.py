@@ -12,23 +12,50 @@ import pyarrow.parquet as pq
 import pytest
 
 from invgan_core.detection import detection_auc
-from jobs.report import (flatten_config, image_grid, log_results, markdown_table, roc_figure, summarize,
-                         table_frame, write_summary)
+from jobs.report import (
+    flatten_config,
+    image_grid,
+    log_results,
+    markdown_table,
+    roc_figure,
+    summarize,
+    table_frame,
+    write_summary,
+)
 from jobs.tracking import tracked_run
 
 
 def _row(example_id: int, attack: str, defense: str, correct: bool, score: float = np.nan, l2: float = 1.0) -> dict:
     clean = attack == "clean"
-    return dict(example_id=example_id, label=example_id % 10, attack=attack, defense=defense,
-                prediction=example_id % 10 if correct else (example_id + 1) % 10, correct=bool(correct),
-                detection_score=float(score), l2=0.0 if clean else l2, linf=0.0 if clean else l2 / 10,
-                effective_iterations=0 if defense == "none" else 100, seconds=0.5, attacked=not clean,
-                queries=0, shard=example_id // 2)
+    return dict(
+        example_id=example_id,
+        label=example_id % 10,
+        attack=attack,
+        defense=defense,
+        prediction=example_id % 10 if correct else (example_id + 1) % 10,
+        correct=bool(correct),
+        detection_score=float(score),
+        l2=0.0 if clean else l2,
+        linf=0.0 if clean else l2 / 10,
+        effective_iterations=0 if defense == "none" else 100,
+        seconds=0.5,
+        attacked=not clean,
+        queries=0,
+        shard=example_id // 2,
+    )
 
 
 def _frame(records: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(records).astype({"example_id": "int64", "label": "int64", "prediction": "int64",
-                                         "effective_iterations": "int64", "queries": "int64", "shard": "int64"})
+    return pd.DataFrame(records).astype(
+        {
+            "example_id": "int64",
+            "label": "int64",
+            "prediction": "int64",
+            "effective_iterations": "int64",
+            "queries": "int64",
+            "shard": "int64",
+        }
+    )
 
 
 def _table_rows() -> pd.DataFrame:
@@ -137,11 +164,24 @@ def _artifact_json(client, run_id: str, path: str, dst: Path) -> dict:
 
 def _log(tmp_path, rows_dir, summary, uri, config, figures):
     """One pass of a job as jobs/evaluate.py makes it: a tracked run, then its results."""
-    with tracked_run(enabled=True, tracking_uri=uri, experiment="eval-digits", run_name="smoke-abc123",
-                     run_dir=tmp_path / "run", config_dict=config,
-                     tags={"dataset": "digits", "git_commit": "deadbeef"}) as tracker:
-        log_results(tracker.client, tracker.run_id, summary=summary, rows_dir=rows_dir, run_name="smoke-abc123",
-                    figures=figures, tags={"dataset": "digits"})
+    with tracked_run(
+        enabled=True,
+        tracking_uri=uri,
+        experiment="eval-digits",
+        run_name="smoke-abc123",
+        run_dir=tmp_path / "run",
+        config_dict=config,
+        tags={"dataset": "digits", "git_commit": "deadbeef"},
+    ) as tracker:
+        log_results(
+            tracker.client,
+            tracker.run_id,
+            summary=summary,
+            rows_dir=rows_dir,
+            run_name="smoke-abc123",
+            figures=figures,
+            tags={"dataset": "digits"},
+        )
     return tracker.run_id
 
 
@@ -170,8 +210,13 @@ def test_log_results_records_metrics_params_tables_figures_rows_and_resumes(tmp_
     assert run.data.tags["dataset"] == "digits" and run.data.tags["git_commit"] == "deadbeef"
     assert markdown_table(summary) in run.data.tags["mlflow.note.content"]
     files = {f.path for folder in (None, "tables", "figures", "rows") for f in client.list_artifacts(run_id, folder)}
-    assert {"tables/accuracy.json", "tables/auc.json", "figures/roc.png", "figures/images.png",
-            "rows/shard-00000.parquet"} <= files
+    assert {
+        "tables/accuracy.json",
+        "tables/auc.json",
+        "figures/roc.png",
+        "figures/images.png",
+        "rows/shard-00000.parquet",
+    } <= files
     table = _artifact_json(client, run_id, "tables/accuracy.json", tmp_path / "dl")
     assert table["columns"][:2] == ["defense", "clean"] and len(table["data"]) == 2
     assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run_id
@@ -203,10 +248,21 @@ def test_run_is_running_during_the_job_and_ends_with_its_fate(tmp_path: Path, fa
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    kwargs = dict(enabled=True, tracking_uri=uri, experiment="e", run_name="r", run_dir=tmp_path / "run",
-                  config_dict={"name": "r"}, tags={})
-    expected = {"error": (ValueError, "FAILED"), "interrupt": (KeyboardInterrupt, "KILLED"),
-                "sigterm": (KeyboardInterrupt, "KILLED"), "ray_sigterm": (SystemExit, "KILLED")}[fate]
+    kwargs = dict(
+        enabled=True,
+        tracking_uri=uri,
+        experiment="e",
+        run_name="r",
+        run_dir=tmp_path / "run",
+        config_dict={"name": "r"},
+        tags={},
+    )
+    expected = {
+        "error": (ValueError, "FAILED"),
+        "interrupt": (KeyboardInterrupt, "KILLED"),
+        "sigterm": (KeyboardInterrupt, "KILLED"),
+        "ray_sigterm": (SystemExit, "KILLED"),
+    }[fate]
     handler = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's if a test before this one ran ray.init
     with pytest.raises(expected[0]):
         with tracked_run(**kwargs) as tracker:

@@ -27,12 +27,23 @@ def fixture_run(tmp_path_factory):
     run_dir = tmp / "runs" / f"{cfg.name}-{cfg.config_hash()[:12]}"
     write_shard(shard_path(run_dir, 0), rows)
     paper = {
-        "tiny_accuracy": {"config": str(tmp / "tiny.yaml"), "title": "Tiny table", "source": "a paper, Table 9",
-                          "metric": "accuracy",
-                          "columns": {"clean": ["clean"], "fgsm": ["fgsm"], "both": ["fgsm", "bpda"]},
-                          "paper": {"invgan": {"clean": 0.99, "fgsm": 0.78}}, "notes": "Why ours differ: tiny."},
-        "tiny_auc": {"config": str(tmp / "tiny.yaml"), "title": "Tiny AUC", "source": "a paper, Table 10",
-                     "metric": "auc", "columns": {"fgsm": ["fgsm"]}, "paper": {"invgan": {"fgsm": 0.9985}}},
+        "tiny_accuracy": {
+            "config": str(tmp / "tiny.yaml"),
+            "title": "Tiny table",
+            "source": "a paper, Table 9",
+            "metric": "accuracy",
+            "columns": {"clean": ["clean"], "fgsm": ["fgsm"], "both": ["fgsm", "bpda"]},
+            "paper": {"invgan": {"clean": 0.99, "fgsm": 0.78}},
+            "notes": "Why ours differ: tiny.",
+        },
+        "tiny_auc": {
+            "config": str(tmp / "tiny.yaml"),
+            "title": "Tiny AUC",
+            "source": "a paper, Table 10",
+            "metric": "auc",
+            "columns": {"fgsm": ["fgsm"]},
+            "paper": {"invgan": {"fgsm": 0.9985}},
+        },
         "missing": {"config": str(tmp / "never_run.yaml"), "title": "Never run", "source": "-", "columns": {}},
     }
     (tmp / "paper.yaml").write_text(yaml.safe_dump(paper, allow_unicode=True, sort_keys=False))

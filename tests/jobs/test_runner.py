@@ -20,7 +20,11 @@ SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
     cfg = load_config(SMOKE)
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(SMOKE.parents[1])!r})
         from pathlib import Path
@@ -29,7 +33,11 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
         prepare_run_dir(load_config({str(SMOKE)!r}), Path({str(run_dir)!r}))
         print("locked", flush=True)
         time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit, match=rf"is being written by pid {holder.pid} .*choose another --out"):
@@ -53,16 +61,38 @@ def test_two_evaluations_log_to_one_fresh_sqlite_store_at_once(tmp_path):
 
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--set", f"name={n}",
-                               "--set", "shard_size=8", "--set", "resources.num_workers=1"],
-                              cwd=SMOKE.parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for n in ("left", "right")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "invgan",
+                "eval",
+                "--config",
+                str(SMOKE),
+                "--set",
+                f"name={n}",
+                "--set",
+                "shard_size=8",
+                "--set",
+                "resources.num_workers=1",
+            ],
+            cwd=SMOKE.parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in ("left", "right")
+    ]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outputs):
+    for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    ids = {json.loads(next((tmp_path / "runs").glob(f"{n}-*/mlflow_run.json")).read_text())["run_id"]
-           for n in ("left", "right")}
+    ids = {
+        json.loads(next((tmp_path / "runs").glob(f"{n}-*/mlflow_run.json")).read_text())["run_id"]
+        for n in ("left", "right")
+    }
     assert len(ids) == 2 and all(client.get_run(i).info.status == "FINISHED" for i in ids)
 
 
@@ -70,9 +100,26 @@ def _eval(tmp_path, out: str, fault: str) -> subprocess.CompletedProcess:
     import os
 
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1", "INVGAN_INJECT_FAULT": fault}
-    return subprocess.run([sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--no-mlflow", "--out",
-                           str(tmp_path / out), "--set", "resources.num_workers=1"],
-                          cwd=SMOKE.parents[1], env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "invgan",
+            "eval",
+            "--config",
+            str(SMOKE),
+            "--no-mlflow",
+            "--out",
+            str(tmp_path / out),
+            "--set",
+            "resources.num_workers=1",
+        ],
+        cwd=SMOKE.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 @pytest.mark.reliability(kind="fault")
@@ -84,8 +131,10 @@ def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path
 
     proc = _eval(tmp_path, "run", f"{tmp_path}:1,2")  # the first attempts at shards 1 and 2 raise
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "shard 1 failed (OSError: injected fault" in proc.stdout + proc.stderr or \
-        "shard 2 failed (OSError: injected fault" in proc.stdout + proc.stderr
+    assert (
+        "shard 1 failed (OSError: injected fault" in proc.stdout + proc.stderr
+        or "shard 2 failed (OSError: injected fault" in proc.stdout + proc.stderr
+    )
     rows = read_rows(tmp_path / "run", ROW_COLUMNS)
     assert len(rows) == 16 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
     shards = json.loads((tmp_path / "run" / "summary.json").read_text())["shards"]

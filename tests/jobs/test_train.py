@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(kind="classifier", dataset="digits", out=tmp_path / "w", work_dir=tmp_path / "work",
-                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", quiet=True, device="cpu")
+    base = dict(
+        kind="classifier",
+        dataset="digits",
+        out=tmp_path / "w",
+        work_dir=tmp_path / "work",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        quiet=True,
+        device="cpu",
+    )
     return TrainConfig.model_validate(base | kw)
 
 
@@ -65,8 +72,24 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_killed_process_resumes_from_its_last_saved_state(tmp_path):
     """SIGKILL the CLI mid-training; the rerun starts from the saved step and finishes."""
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "invgan", "train", "classifier", "--dataset", "digits", "--steps", "3000",
-           "--checkpoint-every", "25", "--out", str(tmp_path / "w"), "--work-dir", str(tmp_path / "work"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "invgan",
+        "train",
+        "classifier",
+        "--dataset",
+        "digits",
+        "--steps",
+        "3000",
+        "--checkpoint-every",
+        "25",
+        "--out",
+        str(tmp_path / "w"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     progress = tmp_path / "work" / "state" / "progress.json"
     deadline = time.monotonic() + 120
@@ -98,10 +121,18 @@ def _ddp_worker(tmp: str) -> None:
 def test_two_processes_end_with_identical_weights_equal_to_one_process(tmp_path):
     # a fresh interpreter forks the two workers: forking this pytest process, which may hold Ray's or
     # MLflow's threads from earlier tests, can deadlock the children
-    script = ("from accelerate import debug_launcher; from tests.jobs.test_train import _ddp_worker; "
-              f"debug_launcher(_ddp_worker, args=({str(tmp_path)!r},), num_processes=2)")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    script = (
+        "from accelerate import debug_launcher; from tests.jobs.test_train import _ddp_worker; "
+        f"debug_launcher(_ddp_worker, args=({str(tmp_path)!r},), num_processes=2)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "rank1.pt").exists(), "the second process did not run as rank 1"
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -53,12 +53,17 @@ def _one_line(message: str, *needles: str) -> None:
 
 # ---------------------------------------------------------------- config files and --set
 
-@pytest.mark.parametrize("text, needles", [
-    ("", ["is empty", "expected a mapping"]),
-    ("# only a comment\n", ["is empty"]),
-    ("- name\n- smoke\n", ["expected a mapping", "list"]),
-    ("name: !!python/object/apply:os.system [echo pwned]\n", ["not valid YAML"]),
-], ids=["empty", "comments-only", "a-list", "python-tag"])
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("", ["is empty", "expected a mapping"]),
+        ("# only a comment\n", ["is empty"]),
+        ("- name\n- smoke\n", ["expected a mapping", "list"]),
+        ("name: !!python/object/apply:os.system [echo pwned]\n", ["not valid YAML"]),
+    ],
+    ids=["empty", "comments-only", "a-list", "python-tag"],
+)
 def test_a_config_file_that_is_not_a_mapping(tmp_path, text, needles):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -66,21 +71,37 @@ def test_a_config_file_that_is_not_a_mapping(tmp_path, text, needles):
     _one_line(message, str(path), *needles)
 
 
-@pytest.mark.parametrize("config, override, needles", [
-    (ROOT / "configs" / "curves.yaml", "curves.budgets.0=5", ["'budgets' is a list", "--set curves.budgets=[...]"]),
-    (SMOKE, "defenses.invgan.params.steps.0=5", ["'steps' is not a section"]),
-    (SMOKE, "name=[unclosed", ["--set 'name=[unclosed'", "not valid YAML"]),
-    (SMOKE, "attacks.fgsm.params.eps=!!python/name:os.system", ["not valid YAML"]),
-    (SMOKE, "=3", ["empty name in the path"]),
-    (SMOKE, "noequals", ["expected dotted.path=value"]),
-    (SMOKE, "limit=0", ["limit", "greater than 0"]),
-    (SMOKE, "name=../../outside", ["name", "plain folder name"]),
-    (SMOKE, "name=/tmp/absolute", ["name", "plain folder name"]),
-    (SMOKE, "name=.hidden", ["name", "plain folder name"]),
-    (SMOKE, "attacks.fgsm.params.eps=-0.1", ["attacks.fgsm", "eps=-0.1", ">= 0"]),
-    (SMOKE, "attacks.bpda.base.params.steps=0", ["attacks.bpda", "steps=0", "whole number >= 1"]),
-], ids=["set-into-list", "set-into-scalar", "set-bad-yaml", "set-python-tag", "set-empty-path", "set-no-equals",
-        "limit-0", "name-dotdot", "name-absolute", "name-hidden", "eps-negative", "wrapped-steps-0"])
+@pytest.mark.parametrize(
+    "config, override, needles",
+    [
+        (ROOT / "configs" / "curves.yaml", "curves.budgets.0=5", ["'budgets' is a list", "--set curves.budgets=[...]"]),
+        (SMOKE, "defenses.invgan.params.steps.0=5", ["'steps' is not a section"]),
+        (SMOKE, "name=[unclosed", ["--set 'name=[unclosed'", "not valid YAML"]),
+        (SMOKE, "attacks.fgsm.params.eps=!!python/name:os.system", ["not valid YAML"]),
+        (SMOKE, "=3", ["empty name in the path"]),
+        (SMOKE, "noequals", ["expected dotted.path=value"]),
+        (SMOKE, "limit=0", ["limit", "greater than 0"]),
+        (SMOKE, "name=../../outside", ["name", "plain folder name"]),
+        (SMOKE, "name=/tmp/absolute", ["name", "plain folder name"]),
+        (SMOKE, "name=.hidden", ["name", "plain folder name"]),
+        (SMOKE, "attacks.fgsm.params.eps=-0.1", ["attacks.fgsm", "eps=-0.1", ">= 0"]),
+        (SMOKE, "attacks.bpda.base.params.steps=0", ["attacks.bpda", "steps=0", "whole number >= 1"]),
+    ],
+    ids=[
+        "set-into-list",
+        "set-into-scalar",
+        "set-bad-yaml",
+        "set-python-tag",
+        "set-empty-path",
+        "set-no-equals",
+        "limit-0",
+        "name-dotdot",
+        "name-absolute",
+        "name-hidden",
+        "eps-negative",
+        "wrapped-steps-0",
+    ],
+)
 def test_a_bad_override_names_the_field(tmp_path, config, override, needles):
     _, message = _run(tmp_path, "eval", config, "--set", override)
     _one_line(message, *needles)
@@ -98,8 +119,12 @@ def test_red_config_errors_are_one_line_too(tmp_path):
 
 # ---------------------------------------------------------------- attack budgets, table-driven over the registry
 
-BAD_VALUES = {"a whole number >= 1": [0, -3, 2.5], "a finite number > 0": [0, -0.1, math.nan, math.inf],
-              "a finite number >= 0": [-0.1, math.nan, math.inf], "a number in [0, 1]": [-0.1, 1.5]}
+BAD_VALUES = {
+    "a whole number >= 1": [0, -3, 2.5],
+    "a finite number > 0": [0, -0.1, math.nan, math.inf],
+    "a finite number >= 0": [-0.1, math.nan, math.inf],
+    "a number in [0, 1]": [-0.1, 1.5],
+}
 REGISTRY = {**ATTACKS, **WRAPPERS}
 
 
@@ -128,15 +153,22 @@ def test_every_attack_kind_refuses_an_out_of_range_budget_at_validation(kind, na
 
 def test_every_parameter_of_every_attack_kind_has_a_budget_rule():
     """A new attack kind (or a new parameter) without a rule fails here, so the table above covers it."""
-    unknown = {f"{kind}.{name}" for kind, cls in REGISTRY.items() for name in inspect.signature(cls).parameters
-               if name not in BUDGETS and name not in NOT_BUDGETS}
+    unknown = {
+        f"{kind}.{name}"
+        for kind, cls in REGISTRY.items()
+        for name in inspect.signature(cls).parameters
+        if name not in BUDGETS and name not in NOT_BUDGETS
+    }
     assert not unknown, f"add these to jobs.config.BUDGETS or NOT_BUDGETS: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("kind", list(REGISTRY))
 def test_every_attack_kind_accepts_its_defaults_and_its_budget_boundaries(kind):
-    defaults = {n: p.default for n, p in inspect.signature(REGISTRY[kind]).parameters.items()
-                if n in BUDGETS and p.default is not inspect.Parameter.empty and p.default is not None}
+    defaults = {
+        n: p.default
+        for n, p in inspect.signature(REGISTRY[kind]).parameters.items()
+        if n in BUDGETS and p.default is not inspect.Parameter.empty and p.default is not None
+    }
     cfg = load_config(SMOKE, [f"attacks.a={yaml.safe_dump(_spec(kind, defaults), default_flow_style=True).strip()}"])
     assert cfg.attacks["a"].kind == kind
     if "eps" in defaults:  # ε = 0 is a (useless) legal budget: the boundary is not refused
@@ -145,10 +177,12 @@ def test_every_attack_kind_accepts_its_defaults_and_its_budget_boundaries(kind):
 
 # ---------------------------------------------------------------- images and weights
 
+
 def _wrapped(transform):
     def load(split, data_dir=None):
         ds = data_mod.load_digits(split, data_dir)
         return data_mod.Dataset("digits", split, ds.ids, transform(ds.images.clone()), ds.labels, ds.info)
+
     return load
 
 
@@ -156,19 +190,24 @@ def _poke(value):
     def transform(images):
         images[3, 0, 2, 2] = value  # one pixel of the 4th example (id of the 4th test image)
         return images
+
     return transform
 
 
-@pytest.mark.parametrize("transform, needles", [
-    (_poke(float("nan")), ["1 image(s) hold NaN or infinite values", "expected float32 NCHW pixels in [0, 1]"]),
-    (_poke(float("inf")), ["NaN or infinite values"]),
-    (_poke(-float("inf")), ["NaN or infinite values"]),
-    (_poke(1.5), ["1 image(s) hold values outside [0, 1]"]),
-    (lambda im: im * 255, ["values outside [0, 1]"]),  # pixels in 0..255: a common mistake
-    (_poke(-0.2), ["values outside [0, 1]"]),
-    (lambda im: im.repeat(1, 3, 1, 1), ["images are 3x8x8", "the models take 1x8x8"]),
-    (lambda im: im[:, :, :7, :7].contiguous(), ["images are 1x7x7", "the models take 1x8x8"]),
-], ids=["nan", "inf", "-inf", "above-1", "0-255", "below-0", "3-channels", "7x7"])
+@pytest.mark.parametrize(
+    "transform, needles",
+    [
+        (_poke(float("nan")), ["1 image(s) hold NaN or infinite values", "expected float32 NCHW pixels in [0, 1]"]),
+        (_poke(float("inf")), ["NaN or infinite values"]),
+        (_poke(-float("inf")), ["NaN or infinite values"]),
+        (_poke(1.5), ["1 image(s) hold values outside [0, 1]"]),
+        (lambda im: im * 255, ["values outside [0, 1]"]),  # pixels in 0..255: a common mistake
+        (_poke(-0.2), ["values outside [0, 1]"]),
+        (lambda im: im.repeat(1, 3, 1, 1), ["images are 3x8x8", "the models take 1x8x8"]),
+        (lambda im: im[:, :, :7, :7].contiguous(), ["images are 1x7x7", "the models take 1x8x8"]),
+    ],
+    ids=["nan", "inf", "-inf", "above-1", "0-255", "below-0", "3-channels", "7x7"],
+)
 @pytest.mark.parametrize("command", ["eval", "red"])
 def test_images_a_job_cannot_score_are_refused_before_any_work(tmp_path, monkeypatch, transform, needles, command):
     monkeypatch.setitem(data_mod.REGISTRY, "digits-bad", _wrapped(transform))
@@ -177,10 +216,14 @@ def test_images_a_job_cannot_score_are_refused_before_any_work(tmp_path, monkeyp
     _one_line(message, "dataset 'digits-bad' (test split)", *needles)
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("dataset=mnist5k", ["images are 1x28x28", "the models take 1x8x8"]),
-    ("dataset=synthetic-gan", ["images are 1x1x100"]),
-], ids=["mnist5k-on-digits-weights", "synthetic-on-digits-weights"])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("dataset=mnist5k", ["images are 1x28x28", "the models take 1x8x8"]),
+        ("dataset=synthetic-gan", ["images are 1x1x100"]),
+    ],
+    ids=["mnist5k-on-digits-weights", "synthetic-on-digits-weights"],
+)
 def test_a_dataset_of_another_image_size_than_the_weights(tmp_path, override, needles):
     _, message = _run(tmp_path, "eval", SMOKE, "--set", override)
     _one_line(message, *needles)
@@ -197,8 +240,17 @@ def test_an_empty_dataset_is_refused(tmp_path):
     folder.mkdir()
     _idx(folder / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
     _idx(folder / "t10k-labels-idx1-ubyte", np.zeros((0,)))
-    _, message = _run(tmp_path, "eval", SMOKE, "--set", "dataset=mnist", "--set", f"data_dir={folder}",
-                      "--set", "weights=weights/mnist5k")
+    _, message = _run(
+        tmp_path,
+        "eval",
+        SMOKE,
+        "--set",
+        "dataset=mnist",
+        "--set",
+        f"data_dir={folder}",
+        "--set",
+        "weights=weights/mnist5k",
+    )
     _one_line(message, "dataset 'mnist' (test split)", "no examples")
 
 

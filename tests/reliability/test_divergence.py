@@ -52,17 +52,33 @@ def _rows(diverged: dict[tuple[str, str, int], bool]) -> pd.DataFrame:
         for attack in ("clean", "fgsm"):
             for defense in ("none", "invgan"):
                 d = diverged.get((defense, attack, ex), False)
-                rows.append(dict(example_id=ex, label=1, attack=attack, defense=defense, prediction=1 if ex < 3 else 0,
-                                 correct=ex < 3, detection_score=0.1 * ex + (attack != "clean"), l2=0.0, linf=0.0,
-                                 effective_iterations=1, seconds=0.5 * (defense == "invgan"), attack_seconds=0.0,
-                                 attacked=attack != "clean",
-                                 queries=0, shard=0, diverged=d))
+                rows.append(
+                    dict(
+                        example_id=ex,
+                        label=1,
+                        attack=attack,
+                        defense=defense,
+                        prediction=1 if ex < 3 else 0,
+                        correct=ex < 3,
+                        detection_score=0.1 * ex + (attack != "clean"),
+                        l2=0.0,
+                        linf=0.0,
+                        effective_iterations=1,
+                        seconds=0.5 * (defense == "invgan"),
+                        attack_seconds=0.0,
+                        attacked=attack != "clean",
+                        queries=0,
+                        shard=0,
+                        diverged=d,
+                    )
+                )
     return pd.DataFrame(rows)[ROW_COLUMNS]
 
 
 def test_summary_counts_diverged_rows_and_scores_only_the_others(capsys):
-    rows = _rows({("invgan", "fgsm", 0): True, ("invgan", "fgsm", 3): True,
-                  **{("invgan", "clean", e): True for e in range(4)}})
+    rows = _rows(
+        {("invgan", "fgsm", 0): True, ("invgan", "fgsm", 3): True, **{("invgan", "clean", e): True for e in range(4)}}
+    )
     summary = report.summarize(rows)
     assert summary["diverged"] == {"invgan": {"clean": 4, "fgsm": 2}}
     assert summary["n"]["invgan"]["fgsm"] == 2 and summary["accuracy"]["invgan"]["fgsm"] == 1.0  # examples 1, 2
@@ -85,10 +101,28 @@ def test_a_blown_up_projection_is_flagged_counted_and_excluded_end_to_end(tmp_pa
     """The real command on a real config whose projection diverges: exit 0, rows flagged, tables say so."""
     out = tmp_path / "run"
     env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "invgan", "eval", "--config", str(SMOKE), "--out", str(out), "--no-mlflow",
-           "--quiet", "--limit", "6", "--set", "shard_size=6", "--set", "resources.num_workers=1",
-           "--set", "defenses.invgan.params={steps: 3, lr: 1.0e+6, optimizer: sgd}",
-           "--set", "attacks={fgsm: {kind: fgsm, params: {eps: 0.3}}}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "invgan",
+        "eval",
+        "--config",
+        str(SMOKE),
+        "--out",
+        str(out),
+        "--no-mlflow",
+        "--quiet",
+        "--limit",
+        "6",
+        "--set",
+        "shard_size=6",
+        "--set",
+        "resources.num_workers=1",
+        "--set",
+        "defenses.invgan.params={steps: 3, lr: 1.0e+6, optimizer: sgd}",
+        "--set",
+        "attacks={fgsm: {kind: fgsm, params: {eps: 0.3}}}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = pd.read_parquet(next((out / "rows").glob("shard-*.parquet")))

@@ -31,10 +31,28 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 RED_SMOKE = ROOT / "configs" / "red_smoke.yaml"
 RED_KEY = ["example_id", "attack_type", "method"]
 # RED on 6 digits in 3 shards of 2, one worker, short solves and a small dictionary
-RED_TINY = ["--limit", "6", "--set", "shard_size=2", "--set", "resources.num_workers=1", "--set", "steps=25",
-            "--set", "init_restarts=2", "--set", "init_steps=15", "--set", "sbsc_per_class=4",
-            "--set", "dictionary.per_class=3", "--set", "dictionary.attacks.linf.params.steps=10",
-            "--set", "dictionary.attacks.l2.params.steps=10"]
+RED_TINY = [
+    "--limit",
+    "6",
+    "--set",
+    "shard_size=2",
+    "--set",
+    "resources.num_workers=1",
+    "--set",
+    "steps=25",
+    "--set",
+    "init_restarts=2",
+    "--set",
+    "init_steps=15",
+    "--set",
+    "sbsc_per_class=4",
+    "--set",
+    "dictionary.per_class=3",
+    "--set",
+    "dictionary.attacks.linf.params.steps=10",
+    "--set",
+    "dictionary.attacks.l2.params.steps=10",
+]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -51,10 +69,22 @@ def test_a_killed_red_driver_resumes_computing_only_the_missing_shards(tmp_path)
     """SIGKILL `invgan red` (driver and its Ray processes) after its first shard; the rerun keeps the finished
     shard files untouched, computes the others, and the rows equal those of an uninterrupted run."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "invgan", "red", "--config", str(RED_SMOKE), "--out", str(run), "--no-mlflow",
-           "--quiet", *RED_TINY]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "invgan",
+        "red",
+        "--config",
+        str(RED_SMOKE),
+        "--out",
+        str(run),
+        "--no-mlflow",
+        "--quiet",
+        *RED_TINY,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     rows_dir, deadline = run / "rows", time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not list(rows_dir.glob("shard-*.parquet")):
         time.sleep(0.1)
@@ -82,14 +112,22 @@ def test_a_killed_red_driver_resumes_computing_only_the_missing_shards(tmp_path)
     resumed = read_rows(run, [])
     assert len(resumed) == 6 * 3 * 4 and not resumed.duplicated(RED_KEY).any()
     resumed, uninterrupted = _comparable(resumed, RED_KEY), _comparable(uninterrupted, RED_KEY)
-    pd.testing.assert_frame_equal(resumed.drop(columns=["shard", "final_loss"]),
-                                  uninterrupted.drop(columns=["shard", "final_loss"]), check_dtype=False)
-    np.testing.assert_allclose(resumed.final_loss.to_numpy(float, na_value=np.nan),  # NaN: the CNN has no loss
-                               uninterrupted.final_loss.to_numpy(float, na_value=np.nan), rtol=1e-3, equal_nan=True)
+    pd.testing.assert_frame_equal(
+        resumed.drop(columns=["shard", "final_loss"]),
+        uninterrupted.drop(columns=["shard", "final_loss"]),
+        check_dtype=False,
+    )
+    np.testing.assert_allclose(
+        resumed.final_loss.to_numpy(float, na_value=np.nan),  # NaN: the CNN has no loss
+        uninterrupted.final_loss.to_numpy(float, na_value=np.nan),
+        rtol=1e-3,
+        equal_nan=True,
+    )
     assert json.loads((run / "summary.json").read_text())["shards_retried"] == 0
 
 
 # ---------------------------------------------------------------- read-only run folder
+
 
 @contextmanager
 def read_only(folder: Path, populate=None):
@@ -142,10 +180,9 @@ def test_a_run_folder_that_cannot_be_created_is_named_in_one_line(tmp_path):
 
 def test_a_read_only_run_folder_is_named_and_left_as_it_was(tmp_path):
     """Resuming into a run folder that became read-only: one line naming the file it could not write."""
+    from jobs import runner
     from jobs.config import load_config
     from jobs.runner import prepare_run_dir
-
-    from jobs import runner
 
     def prepared(folder: Path) -> None:
         prepare_run_dir(load_config(SMOKE), folder / "run")  # config.json, .lock: as a first run leaves them
@@ -162,6 +199,7 @@ def test_a_read_only_run_folder_is_named_and_left_as_it_was(tmp_path):
 
 
 # ---------------------------------------------------------------- disk full
+
 
 @pytest.fixture(scope="module")
 def ray_instance():
@@ -196,9 +234,16 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
 
     monkeypatch.setattr(runner, "atomic_write_bytes", full_disk_on_second_write)
     run = tmp_path / "run"
-    kwargs = dict(config=SMOKE,
-                  overrides=["shard_size=4", "resources.num_workers=1", "attacks.bpda.base.params.steps=2"],
-                  limit=12, out=run, address=None, tracking_uri=None, log_mlflow=False, progress=False)
+    kwargs = dict(
+        config=SMOKE,
+        overrides=["shard_size=4", "resources.num_workers=1", "attacks.bpda.base.params.steps=2"],
+        limit=12,
+        out=run,
+        address=None,
+        tracking_uri=None,
+        log_mlflow=False,
+        progress=False,
+    )
     with pytest.raises(SystemExit) as stop:
         eval_main(**kwargs)
     message = str(stop.value)

@@ -42,28 +42,49 @@ def _weights(folder: Path) -> Path:
 
 def eval_config(weights: Path, tmp: Path, shard_size: int, workers: int) -> EvalConfig:
     pgd = {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}}
-    return EvalConfig.model_validate({
-        "name": "invariance", "dataset": "digits", "weights": str(weights), "limit": 16, "shard_size": shard_size,
-        "defenses": {"none": {"kind": "none"},
-                     "defensegan": {"kind": "defensegan", "params": {"restarts": 2, "steps": 5}},
-                     "invgan": {"kind": "invgan", "params": {"steps": 5}},
-                     "clipped": {"kind": "clipped", "params": {"steps": 5}}},
-        "attacks": {"pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}},  # random
-                    "bpda": {"kind": "bpda", "target": "each", "limit": 9, "base": pgd},
-                    "rp": {"kind": "rp", "target": "invgan", "limit": 5, "base": pgd}},
-        "resources": {"num_workers": workers, "num_cpus_per_worker": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
-    })
+    return EvalConfig.model_validate(
+        {
+            "name": "invariance",
+            "dataset": "digits",
+            "weights": str(weights),
+            "limit": 16,
+            "shard_size": shard_size,
+            "defenses": {
+                "none": {"kind": "none"},
+                "defensegan": {"kind": "defensegan", "params": {"restarts": 2, "steps": 5}},
+                "invgan": {"kind": "invgan", "params": {"steps": 5}},
+                "clipped": {"kind": "clipped", "params": {"steps": 5}},
+            },
+            "attacks": {
+                "pgd": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 2, "abs_stepsize": 0.1}},  # random
+                "bpda": {"kind": "bpda", "target": "each", "limit": 9, "base": pgd},
+                "rp": {"kind": "rp", "target": "invgan", "limit": 5, "base": pgd},
+            },
+            "resources": {"num_workers": workers, "num_cpus_per_worker": 1},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        }
+    )
 
 
 def red_config(tmp: Path, shard_size: int, workers: int) -> RedConfig:
     raw = yaml.safe_load((ROOT / "configs" / "red_smoke.yaml").read_text())
-    raw |= {"limit": 10, "shard_size": shard_size, "steps": 25, "init_restarts": 2, "init_steps": 15,
-            "sbsc_per_class": 4, "resources": {"num_workers": workers, "num_cpus_per_worker": 1},
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
-    raw["dictionary"] = {"per_class": 3, "attacks": {
-        "linf": {"kind": "pgd_linf", "params": {"eps": 0.3, "abs_stepsize": 0.05, "steps": 10}},
-        "l2": {"kind": "pgd_l2", "params": {"eps": 2.0, "abs_stepsize": 0.3, "steps": 10}}}}
+    raw |= {
+        "limit": 10,
+        "shard_size": shard_size,
+        "steps": 25,
+        "init_restarts": 2,
+        "init_steps": 15,
+        "sbsc_per_class": 4,
+        "resources": {"num_workers": workers, "num_cpus_per_worker": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+    }
+    raw["dictionary"] = {
+        "per_class": 3,
+        "attacks": {
+            "linf": {"kind": "pgd_linf", "params": {"eps": 0.3, "abs_stepsize": 0.05, "steps": 10}},
+            "l2": {"kind": "pgd_l2", "params": {"eps": 2.0, "abs_stepsize": 0.3, "steps": 10}},
+        },
+    }
     return RedConfig.model_validate(raw)
 
 
@@ -104,8 +125,13 @@ def test_eval_rows_are_the_same_for_shard_sizes_1_7_16_and_1_or_2_workers(runs):
     assert len(first) == 16 * 4 * 2 + 9 * 4 + 5 * 4 and not first.duplicated(KEY).any()
     assert first.shard.nunique() == 16 and rows[7].shard.nunique() == 3 and rows[16].shard.nunique() == 1
     for size in (7, 16):
-        _assert_same(first, rows[size], KEY, ["label", "prediction", "correct", "diverged", "queries"],
-                     ["detection_score", "l2", "linf"])
+        _assert_same(
+            first,
+            rows[size],
+            KEY,
+            ["label", "prediction", "correct", "diverged", "queries"],
+            ["detection_score", "l2", "linf"],
+        )
 
 
 def test_red_rows_are_the_same_for_shard_sizes_1_7_16_and_1_or_2_workers(runs):
@@ -124,13 +150,14 @@ def test_latents_agree_to_1e_4_whatever_the_batch(runs, kind):
 
     cfg = runs[("eval", 16)][0]
     models = load_models(cfg)
-    defense = build_defense(cfg.defenses[kind], models["generator"], models.get("inverter"), models["classifier"],
-                            cfg.seed)
+    defense = build_defense(
+        cfg.defenses[kind], models["generator"], models.get("inverter"), models["classifier"], cfg.seed
+    )
     data = load_dataset("digits", "test").subset(16)
     ids = torch.as_tensor(data.ids)
     z = {}
     for size in (1, 7, 16):
-        parts = [defense.purify(data.images[i:i + size], ids[i:i + size]) for i in range(0, 16, size)]
+        parts = [defense.purify(data.images[i : i + size], ids[i : i + size]) for i in range(0, 16, size)]
         z[size] = torch.cat([p.z for p in parts])
         if size == 1:
             predictions = torch.cat([models["classifier"](p.x).argmax(1) for p in parts])
@@ -141,16 +168,25 @@ def test_latents_agree_to_1e_4_whatever_the_batch(runs, kind):
 
 
 def test_rerunning_a_finished_eval_is_a_no_op_that_reports_the_existing_run(runs, capsys):
-    from jobs.evaluate import main as eval_main
     from mlflow.tracking import MlflowClient
+
+    from jobs.evaluate import main as eval_main
 
     cfg, first = runs[("eval", 16)]
     run_dir = first.run_dir
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "rows").glob("*.parquet")}
     config = runs["tmp"] / "finished.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    eval_main(config=config, overrides=[], limit=None, out=run_dir, address=None, tracking_uri=None, log_mlflow=True,
-              progress=False)
+    eval_main(
+        config=config,
+        overrides=[],
+        limit=None,
+        out=run_dir,
+        address=None,
+        tracking_uri=None,
+        log_mlflow=True,
+        progress=False,
+    )
     printed = capsys.readouterr().out
     assert "shards: 0 computed, 1 reused" in printed and f"MLflow run {first.mlflow_run_id}" in printed
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "rows").glob("*.parquet")} == stamps
@@ -162,11 +198,16 @@ def test_rerunning_a_finished_eval_is_a_no_op_that_reports_the_existing_run(runs
 
 def test_rerunning_a_finished_red_run_is_a_no_op_that_reports_the_existing_run(runs):
     cfg, (rows, _, run_dir, run_id) = runs[("red", 16)]
-    stamps = {p.name: p.stat().st_mtime_ns for p in [*(run_dir / "rows").glob("*.parquet"),
-                                                     run_dir / "dictionary.safetensors"]}
+    stamps = {
+        p.name: p.stat().st_mtime_ns
+        for p in [*(run_dir / "rows").glob("*.parquet"), run_dir / "dictionary.safetensors"]
+    }
     rows2, _, run_dir2, run_id2 = run_red(cfg, out=run_dir, progress=False)
     assert run_dir2 == run_dir and run_id2 == run_id
-    assert {p.name: p.stat().st_mtime_ns for p in [*(run_dir / "rows").glob("*.parquet"),
-                                                   run_dir / "dictionary.safetensors"]} == stamps
-    pd.testing.assert_frame_equal(rows2.sort_values(RED_KEY).reset_index(drop=True),
-                                  rows.sort_values(RED_KEY).reset_index(drop=True))
+    assert {
+        p.name: p.stat().st_mtime_ns
+        for p in [*(run_dir / "rows").glob("*.parquet"), run_dir / "dictionary.safetensors"]
+    } == stamps
+    pd.testing.assert_frame_equal(
+        rows2.sort_values(RED_KEY).reset_index(drop=True), rows.sort_values(RED_KEY).reset_index(drop=True)
+    )

@@ -128,22 +128,26 @@ def test_l1_box_projection_matches_a_batch_of_single_projections(n, data):
     eps = data.draw(st.floats(0, 3, allow_nan=False))
     batch = project_l1_box(v, eps, -x0, 1 - x0)
     for i in range(rows):
-        assert torch.allclose(batch[i:i + 1], project_l1_box(v[i:i + 1], eps, -x0[i:i + 1], 1 - x0[i:i + 1]), atol=1e-6)
+        assert torch.allclose(
+            batch[i : i + 1], project_l1_box(v[i : i + 1], eps, -x0[i : i + 1], 1 - x0[i : i + 1]), atol=1e-6
+        )
 
 
 # ---------------------------------------------------------------- RED: block soft-thresholding
+
 
 @st.composite
 def blocks_case(draw):
     sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
     k = sum(sizes)
     rows = draw(st.integers(1, 3))
-    c = torch.tensor(draw(st.lists(st.lists(wide, min_size=k, max_size=k), min_size=rows, max_size=rows)),
-                     dtype=torch.float64)
+    c = torch.tensor(
+        draw(st.lists(st.lists(wide, min_size=k, max_size=k), min_size=rows, max_size=rows)), dtype=torch.float64
+    )
     order = draw(st.permutations(range(k)))  # blocks need not be contiguous columns
     blocks, start = [], 0
     for s in sizes:
-        blocks.append(torch.tensor(order[start:start + s]))
+        blocks.append(torch.tensor(order[start : start + s]))
         start += s
     tau = draw(st.floats(0, 3, allow_nan=False))
     return c, blocks, tau
@@ -209,9 +213,15 @@ def digits_classifier():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("attack", [LinfPGD(eps=0.3, steps=3, abs_stepsize=0.1, seed=5),
-                                    L2PGD(eps=1.0, steps=3, seed=5), L1PGD(eps=3.0, steps=3, seed=5)],
-                         ids=["pgd_linf", "pgd_l2", "pgd_l1"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        LinfPGD(eps=0.3, steps=3, abs_stepsize=0.1, seed=5),
+        L2PGD(eps=1.0, steps=3, seed=5),
+        L1PGD(eps=3.0, steps=3, seed=5),
+    ],
+    ids=["pgd_linf", "pgd_l2", "pgd_l1"],
+)
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_random_start_attack_gives_an_example_the_same_result_in_any_batch(digits_classifier, attack, data):

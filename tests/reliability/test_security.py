@@ -9,7 +9,6 @@ import inspect
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -63,8 +62,14 @@ def unsafe_loads(source: str, path: str = "<source>") -> list[str]:
             allow = _keyword(node, "allow_pickle")
             if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
                 found.append(where + " with allow_pickle")
-        elif head == "yaml" and leaf in {"load", "load_all", "unsafe_load", "unsafe_load_all", "full_load",
-                                         "full_load_all"}:
+        elif head == "yaml" and leaf in {
+            "load",
+            "load_all",
+            "unsafe_load",
+            "unsafe_load_all",
+            "full_load",
+            "full_load_all",
+        }:
             loader = _dotted(_keyword(node, "Loader") or ast.Constant(None))
             if leaf.startswith(("unsafe", "full")) or loader.split(".")[-1] not in {"SafeLoader", "CSafeLoader"}:
                 found.append(where + " (use yaml.safe_load)")
@@ -116,6 +121,7 @@ def test_training_resume_reads_accelerate_state_through_torchs_weights_only_load
 
 # ---------------------------------------------------------------- servers bind 127.0.0.1
 
+
 def _free_port() -> int:
     import socket
 
@@ -137,8 +143,11 @@ def _listening(pid: int, port: int, timeout: float = 90) -> set[str]:
         found = set()
         for p in procs:
             try:
-                found |= {c.laddr.ip for c in p.net_connections(kind="inet")
-                          if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+                found |= {
+                    c.laddr.ip
+                    for c in p.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                }
             except psutil.Error:
                 pass
         if found:
@@ -193,8 +202,9 @@ def test_the_local_cluster_starts_every_ray_service_on_loopback_by_default(tmp_p
 
     started, mlflow_hosts = [], []
     monkeypatch.setattr(local, "_start", lambda cmd, env, log: started.append(cmd) or 10**7 + len(started))
-    monkeypatch.setattr(local, "start_mlflow_server", lambda folder, host, env: mlflow_hosts.append(host) or
-                        (f"http://{host}:1", 10**7))
+    monkeypatch.setattr(
+        local, "start_mlflow_server", lambda folder, host, env: mlflow_hosts.append(host) or (f"http://{host}:1", 10**7)
+    )
     monkeypatch.setattr(local, "_wait_http", lambda *a, **k: None)
     monkeypatch.setattr(local, "_processes", lambda *a, **k: [])
     monkeypatch.setattr(local, "state_dir", lambda: tmp_path / "cluster")
@@ -227,8 +237,10 @@ def test_an_evaluations_own_ray_instance_starts_no_dashboard(monkeypatch):
 
 # ---------------------------------------------------------------- paths from configs
 
-@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "..", ".", "sub/dir", "a\\b", " spaced",
-                                  ".hidden", ""])
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/../../b", "/etc/passwd", "..", ".", "sub/dir", "a\\b", " spaced", ".hidden", ""]
+)
 @pytest.mark.parametrize("model", ["eval", "red"])
 def test_a_config_name_cannot_lead_the_run_folder_out_of_runs(name, model):
     from pydantic import ValidationError

@@ -22,40 +22,58 @@ def _with(**changes) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("space, named", [
-    ({"defenses.invgan.params.lr": {"uniform": {"low": 0.2, "high": 0.01}}}, "defenses.invgan.params.lr"),
-    ({"defenses.invgan.params.lr": {"loguniform": {"low": 0.0, "high": 0.1}}}, "defenses.invgan.params.lr"),
-    ({"defenses.invgan.params.steps": {"randint": {"low": -5, "high": 10}}}, "space.defenses.invgan.params.steps"),
-    ({"defenses.invgan.params.steps": {"randint": {"low": 10, "high": 5}}}, "defenses.invgan.params.steps"),
-    ({"defenses.invgan.params.steps": {"choice": [10, 2.5]}}, "space.defenses.invgan.params.steps"),
-    ({"defenses.invgn.params.steps": {"randint": {"low": 0, "high": 5}}}, "space.defenses.invgn.params.steps"),
-    ({"defenses.invgan.params.stepz": {"randint": {"low": 0, "high": 5}}}, "space.defenses.invgan.params.stepz"),
-    ({"defenses.invgan.params.optimizer": {"choice": ["adam", "adamw"]}}, "space.defenses.invgan.params.optimizer"),
-    ({"seeds": {"choice": [0, 1]}}, "space.seeds"),
-    ({"defenses.invgan.params.lr": {"normal": {"mean": 0.1}}}, "defenses.invgan.params.lr"),
-    ({"defenses.invgan.params.lr": {"choice": []}}, "defenses.invgan.params.lr"),
-])
+@pytest.mark.parametrize(
+    "space, named",
+    [
+        ({"defenses.invgan.params.lr": {"uniform": {"low": 0.2, "high": 0.01}}}, "defenses.invgan.params.lr"),
+        ({"defenses.invgan.params.lr": {"loguniform": {"low": 0.0, "high": 0.1}}}, "defenses.invgan.params.lr"),
+        ({"defenses.invgan.params.steps": {"randint": {"low": -5, "high": 10}}}, "space.defenses.invgan.params.steps"),
+        ({"defenses.invgan.params.steps": {"randint": {"low": 10, "high": 5}}}, "defenses.invgan.params.steps"),
+        ({"defenses.invgan.params.steps": {"choice": [10, 2.5]}}, "space.defenses.invgan.params.steps"),
+        ({"defenses.invgn.params.steps": {"randint": {"low": 0, "high": 5}}}, "space.defenses.invgn.params.steps"),
+        ({"defenses.invgan.params.stepz": {"randint": {"low": 0, "high": 5}}}, "space.defenses.invgan.params.stepz"),
+        ({"defenses.invgan.params.optimizer": {"choice": ["adam", "adamw"]}}, "space.defenses.invgan.params.optimizer"),
+        ({"seeds": {"choice": [0, 1]}}, "space.seeds"),
+        ({"defenses.invgan.params.lr": {"normal": {"mean": 0.1}}}, "defenses.invgan.params.lr"),
+        ({"defenses.invgan.params.lr": {"choice": []}}, "defenses.invgan.params.lr"),
+    ],
+)
 def test_invalid_spaces_fail_naming_the_field(space, named):
     with pytest.raises(ValueError) as err:
         TuneSearch.model_validate(_with(space=space))
     assert named in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"objective": {"metric": "accuracy", "defense": "invgan", "attack": "pgd"}}, "objective.attack"),
-    ({"objective": {"metric": "accuracy", "defense": "defensegan"}}, "objective.defense"),
-    ({"objective": {"metric": "t0_accuracy", "defense": "invgan"}}, "objective.metric"),
-    ({"search": {"num_samples": 0}}, "search.num_samples"),
-    ({"search": {"algorithm": "optuna"}, "space": {"defenses.invgan.params.steps": {"grid": [1, 2]}}},
-     "space.defenses.invgan.params.steps"),
-    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"},
-      "space": {"lambda_adverse": {"uniform": {"low": 0, "high": 1}}}},
-     "space.lambda_adverse"),
-    ({"kind": "inverter", "objective": {"metric": "t0_accuracy"},
-      "space": {"eta": {"uniform": {"low": -1, "high": 1}}}},
-     "space.eta"),
-    ({"name": "../../elsewhere"}, "name"),  # it names runs/tune/<name>: must not lead out of it
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"objective": {"metric": "accuracy", "defense": "invgan", "attack": "pgd"}}, "objective.attack"),
+        ({"objective": {"metric": "accuracy", "defense": "defensegan"}}, "objective.defense"),
+        ({"objective": {"metric": "t0_accuracy", "defense": "invgan"}}, "objective.metric"),
+        ({"search": {"num_samples": 0}}, "search.num_samples"),
+        (
+            {"search": {"algorithm": "optuna"}, "space": {"defenses.invgan.params.steps": {"grid": [1, 2]}}},
+            "space.defenses.invgan.params.steps",
+        ),
+        (
+            {
+                "kind": "inverter",
+                "objective": {"metric": "t0_accuracy"},
+                "space": {"lambda_adverse": {"uniform": {"low": 0, "high": 1}}},
+            },
+            "space.lambda_adverse",
+        ),
+        (
+            {
+                "kind": "inverter",
+                "objective": {"metric": "t0_accuracy"},
+                "space": {"eta": {"uniform": {"low": -1, "high": 1}}},
+            },
+            "space.eta",
+        ),
+        ({"name": "../../elsewhere"}, "name"),  # it names runs/tune/<name>: must not lead out of it
+    ],
+)
 def test_invalid_searches_fail_naming_the_field(changes, named):
     with pytest.raises(ValueError) as err:
         TuneSearch.model_validate(_with(**changes))
@@ -63,8 +81,13 @@ def test_invalid_searches_fail_naming_the_field(changes, named):
 
 
 def test_red_space_checked_against_the_red_config():
-    raw = {"name": "r", "kind": "red", "base": "configs/red_smoke.yaml", "objective": {"metric": "attack_accuracy"},
-           "space": {"steps": {"randint": {"low": -10, "high": 100}}}}
+    raw = {
+        "name": "r",
+        "kind": "red",
+        "base": "configs/red_smoke.yaml",
+        "objective": {"metric": "attack_accuracy"},
+        "space": {"steps": {"randint": {"low": -10, "high": 100}}},
+    }
     with pytest.raises(ValueError, match=r"space\.steps"):
         TuneSearch.model_validate(raw)
     raw["space"] = {"lam_multiplier": {"uniform": {"low": 0.1, "high": 0.7}}}
@@ -93,11 +116,15 @@ def test_shipped_search_configs_validate(path):
 
 def test_trials_overrides_do_not_leak_into_the_base():
     search = load_search(ROOT / "configs" / "tune" / "invgan_defense.yaml")
-    assert search.base_point() == {"defenses.invgan.params.steps": 200, "defenses.invgan.params.lr": 0.05,
-                                   "defenses.invgan.params.optimizer": "adam"}
+    assert search.base_point() == {
+        "defenses.invgan.params.steps": 200,
+        "defenses.invgan.params.lr": 0.05,
+        "defenses.invgan.params.optimizer": "adam",
+    }
 
 
 # ---------------------------------------------------------------- the validation split
+
 
 @pytest.mark.parametrize("name", ["digits", "mnist5k"])
 def test_validation_split_is_carved_from_train_stratified_fixed_and_disjoint_from_test(name):
@@ -127,18 +154,26 @@ def test_best_ignores_stopped_trials_breaks_ties_by_cost_and_names_the_cheapest_
 
     from tuning.search import pick_best
 
-    search = TuneSearch.model_validate(_with(objective={"metric": "accuracy", "defense": "invgan", "attack": "fgsm",
-                                                        "tolerance": 0.02}))
-    table = pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d", "e"],
-        "objective": [0.90, 0.95, 0.90, 0.94, 0.99],
-        "seconds_per_example": [0.5, 0.4, 0.3, 0.1, 0.01],
-        "status": ["complete", "complete", "complete", "complete", "stopped"],
-    })
+    search = TuneSearch.model_validate(
+        _with(objective={"metric": "accuracy", "defense": "invgan", "attack": "fgsm", "tolerance": 0.02})
+    )
+    table = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d", "e"],
+            "objective": [0.90, 0.95, 0.90, 0.94, 0.99],
+            "seconds_per_example": [0.5, 0.4, 0.3, 0.1, 0.01],
+            "status": ["complete", "complete", "complete", "complete", "stopped"],
+        }
+    )
     best, cheapest = pick_best(table, search)
     assert best.trial_id == "b" and cheapest.trial_id == "d"  # e is better but stopped early (fewer examples)
     tied = table.assign(objective=[0.9, 0.9, 0.9, 0.8, 0.99])
     assert pick_best(tied, search)[0].trial_id == "c"  # equal accuracy: the cheaper projection
-    latent = TuneSearch.model_validate(_with(kind="inverter", objective={"metric": "latent_error"},
-                                             space={"lr": {"loguniform": {"low": 1e-4, "high": 1e-3}}}))
+    latent = TuneSearch.model_validate(
+        _with(
+            kind="inverter",
+            objective={"metric": "latent_error"},
+            space={"lr": {"loguniform": {"low": 1e-4, "high": 1e-3}}},
+        )
+    )
     assert latent.mode == "min" and pick_best(table, latent)[0].trial_id == "c"  # 0.90 twice: the cheaper

@@ -27,15 +27,25 @@ def _command(config: Path, out: Path, uri: str) -> list[str]:
 @pytest.mark.reliability(kind="fault")
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     raw = yaml.safe_load((ROOT / "configs" / "tune" / "smoke.yaml").read_text())
-    raw |= {"base": str(ROOT / "configs" / "smoke.yaml"), "scheduler": {"kind": "none"},
-            "search": {"num_samples": 3, "max_concurrent_trials": 1, "seed": 3}}
+    raw |= {
+        "base": str(ROOT / "configs" / "smoke.yaml"),
+        "scheduler": {"kind": "none"},
+        "search": {"num_samples": 3, "max_concurrent_trials": 1, "seed": 3},
+    }
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump(raw))
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    first = subprocess.Popen(_command(config, out, uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=env, start_new_session=True)
+    first = subprocess.Popen(
+        _command(config, out, uri),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     seen, deadline = [], time.monotonic() + 240
     try:
         for line in first.stdout:
@@ -51,8 +61,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(finished_before) >= 1, "".join(seen)
     assert not (out / "summary.json").exists()
 
-    second = subprocess.run(_command(config, out, uri), cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=300)
+    second = subprocess.run(
+        _command(config, out, uri), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming search" in second.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -64,7 +64,7 @@ def test_defense_search_logs_one_child_run_per_trial_with_its_params(defense_sea
         assert child.data.params["defenses.invgan.params.steps"] == str(steps)
         assert float(child.data.params["defenses.invgan.params.lr"]) == pytest.approx(lr)
         history = client.get_metric_history(child.info.run_id, "objective")
-        assert [m.step for m in history] == [8, 16, 24, 32][:table.loc[trial, "reports"]]  # one per shard
+        assert [m.step for m in history] == [8, 16, 24, 32][: table.loc[trial, "reports"]]  # one per shard
         assert child.data.tags["best_trial"] == str(trial == result.best_trial).lower()
     assert parent.data.metrics["best_objective"] == result.best_metric
     assert "figures/objective_vs_params.png" in {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
@@ -77,8 +77,14 @@ def test_defense_search_outputs(defense_search):
     assert {"best_config", "best_metric", "metric", "mode", "trials", "mlflow_parent_run_id"} <= set(summary)
     assert summary["mode"] == "max" and summary["best_config"] == result.best_config
     table = pd.read_parquet(out / "trials.parquet")
-    assert len(table) == 4 and {"trial_id", "defenses.invgan.params.steps", "defenses.invgan.params.lr", "objective",
-                                "seconds", "status"} <= set(table.columns)
+    assert len(table) == 4 and {
+        "trial_id",
+        "defenses.invgan.params.steps",
+        "defenses.invgan.params.lr",
+        "objective",
+        "seconds",
+        "status",
+    } <= set(table.columns)
     complete = table[table.status == "complete"]
     assert result.best_metric == complete.objective.max()
     # the first trial is the base config's own point, the one to beat
@@ -95,8 +101,10 @@ def test_best_yaml_reproduces_the_best_trial_through_invgan_eval(defense_search,
     search, result, _, tmp = defense_search
     out = tmp / "out"
     raw = yaml.safe_load((out / "best.yaml").read_text())
-    assert raw["defenses"]["invgan"]["params"] == {"steps": result.best_config["defenses.invgan.params.steps"],
-                                                   "lr": result.best_config["defenses.invgan.params.lr"]}
+    assert raw["defenses"]["invgan"]["params"] == {
+        "steps": result.best_config["defenses.invgan.params.steps"],
+        "lr": result.best_config["defenses.invgan.params.lr"],
+    }
     sets = re.findall(r"--set (\S+)", result.summary["reproduce"])
     assert "split=validation" in sets
     cfg = load_config(out / "best.yaml", [*sets, "resources.num_workers=1"], mlflow={"tracking_uri": _uri(tmp_path)})
@@ -116,14 +124,21 @@ def test_no_test_id_reaches_a_trial(defense_search):
 def test_inverter_search_saves_a_loadable_inverter_naming_its_lambdas(ray_instance, tmp_path):
     from invgan_core.checkpoint import load_model
 
-    raw = {"name": "inv_smoke", "kind": "inverter", "base": str(ROOT / "configs" / "smoke.yaml"),
-           "space": {"lambda_semantic": {"loguniform": {"low": 10.0, "high": 300.0}},
-                     "eta": {"uniform": {"low": 0.1, "high": 0.5}}},
-           "objective": {"metric": "t0_accuracy"},
-           "inverter": {"steps": 200, "report_every": 100, "batch_size": 32},
-           "search": {"num_samples": 2, "max_concurrent_trials": 2, "include_base": False, "seed": 1},
-           "scheduler": {"kind": "none"}, "validation": {"limit": 64},
-           "mlflow": {"tracking_uri": _uri(tmp_path)}}
+    raw = {
+        "name": "inv_smoke",
+        "kind": "inverter",
+        "base": str(ROOT / "configs" / "smoke.yaml"),
+        "space": {
+            "lambda_semantic": {"loguniform": {"low": 10.0, "high": 300.0}},
+            "eta": {"uniform": {"low": 0.1, "high": 0.5}},
+        },
+        "objective": {"metric": "t0_accuracy"},
+        "inverter": {"steps": 200, "report_every": 100, "batch_size": 32},
+        "search": {"num_samples": 2, "max_concurrent_trials": 2, "include_base": False, "seed": 1},
+        "scheduler": {"kind": "none"},
+        "validation": {"limit": 64},
+        "mlflow": {"tracking_uri": _uri(tmp_path)},
+    }
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = run_search(load_search(path), out=tmp_path / "out", progress=False)
@@ -143,13 +158,21 @@ def test_inverter_search_saves_a_loadable_inverter_naming_its_lambdas(ray_instan
 def test_red_search_measures_attacked_validation_images_with_a_dictionary_from_the_rest(ray_instance, tmp_path):
     from invgan_core.red import load_dictionary
 
-    raw = {"name": "red_smoke_search", "kind": "red", "base": str(ROOT / "configs" / "red_smoke.yaml"),
-           "base_set": {"methods": ["cnn", "bsd_gan"], "init_restarts": 2, "init_steps": 10},
-           "space": {"lam_multiplier": {"uniform": {"low": 0.1, "high": 0.7}},
-                     "steps": {"randint": {"low": 10, "high": 30}}},
-           "objective": {"metric": "attack_accuracy", "method": "bsd_gan"},
-           "search": {"num_samples": 2, "max_concurrent_trials": 2}, "scheduler": {"kind": "none"},
-           "validation": {"limit": 16, "shard_size": 8}, "mlflow": {"tracking_uri": _uri(tmp_path)}}
+    raw = {
+        "name": "red_smoke_search",
+        "kind": "red",
+        "base": str(ROOT / "configs" / "red_smoke.yaml"),
+        "base_set": {"methods": ["cnn", "bsd_gan"], "init_restarts": 2, "init_steps": 10},
+        "space": {
+            "lam_multiplier": {"uniform": {"low": 0.1, "high": 0.7}},
+            "steps": {"randint": {"low": 10, "high": 30}},
+        },
+        "objective": {"metric": "attack_accuracy", "method": "bsd_gan"},
+        "search": {"num_samples": 2, "max_concurrent_trials": 2},
+        "scheduler": {"kind": "none"},
+        "validation": {"limit": 16, "shard_size": 8},
+        "mlflow": {"tracking_uri": _uri(tmp_path)},
+    }
     path = tmp_path / "red.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = run_search(load_search(path), out=tmp_path / "out", progress=False)

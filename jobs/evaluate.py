@@ -375,7 +375,8 @@ def masking_flags(cfg: EvalConfig, rows: pd.DataFrame) -> pd.DataFrame:
 
     m = cfg.masking_checks or MaskingChecks()
     specs = {name: spec.model_dump(mode="json", exclude_none=True) for name, spec in cfg.attacks.items()}
-    return masking.masking_flags(rows, specs, tol=m.tol, floor=m.floor)
+    kinds = {name: spec.kind for name, spec in cfg.defenses.items()}
+    return masking.masking_flags(rows, specs, tol=m.tol, floor=m.floor, defense_kinds=kinds)
 
 
 def example_grid(cfg: EvalConfig, models: dict, n: int = 6):

@@ -122,14 +122,32 @@ def _paired(acc: pd.DataFrame, a: str, b: str) -> tuple[float, float, int] | Non
 
 
 def masking_flags(
-    rows: pd.DataFrame, attacks: dict[str, dict], *, tol: float = 0.02, floor: float = 0.1
+    rows: pd.DataFrame,
+    attacks: dict[str, dict],
+    *,
+    tol: float = 0.02,
+    floor: float = 0.1,
+    defense_kinds: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per check that applies: defense, check, attack, compared_with, acc, acc_other, n, flagged.
 
     `attacks` are the config's attack specs (dicts) including the `check/` ones; `tol` is how much worse
     (in accuracy) a comparison must be before it is flagged, `floor` the accuracy an unbounded attack
-    must get below."""
+    must get below.
+
+    The attack under test must be aimed at the defense (white box): its target is the defense or `each`,
+    or the classifier when the defense is kind `none` (`defense_kinds` maps defense names to kinds; without
+    it every attack counts as aimed at every defense). An attack computed on another target and fed to
+    this defense is a transfer attack: it can be the stronger single step or black box it is compared
+    with, never the attack a flag is about."""
     profiles = {name: profile(spec) for name, spec in attacks.items()}
+
+    def aimed(name: str, defense: str) -> bool:
+        if defense_kinds is None:
+            return True
+        target = attacks[name].get("target", "classifier")
+        return target in ("each", defense) or (target == "classifier" and defense_kinds.get(defense) == "none")
+
     main = [n for n in attacks if not is_check(n)]
     out = []
 
@@ -154,6 +172,8 @@ def masking_flags(
         acc = d_rows.pivot(index="example_id", columns="attack", values="correct")
         for name in main:
             p = profiles[name]
+            if not aimed(name, defense):
+                continue
             for other in main:
                 q = profiles[other]
                 if other == name or p.norm is None or p.norm != q.norm:

@@ -188,3 +188,20 @@ def test_diverged_rows_are_left_out_of_the_checks():
     assert masking_flags(rows, {"fgsm": FGSM, "pgd": PGD}).empty
     rows["diverged"] = False
     assert flagged(masking_flags(rows, {"fgsm": FGSM, "pgd": PGD})) == {("A", "single_step_stronger", "pgd")}
+
+
+def test_only_attacks_aimed_at_the_defense_are_judged():
+    """RP computed through InvGAN and fed to Defense-GAN is a transfer attack there: weaker than FGSM is no flag."""
+    rp = {"kind": "rp", "target": "inv", "base": PGD}
+    rows = rows_from(
+        {
+            ("dg", "fgsm"): [True] * 2 + [False] * 8,
+            ("dg", "rp"): [True] * 9 + [False],
+            ("inv", "fgsm"): [True] * 2 + [False] * 8,
+            ("inv", "rp"): [True] * 9 + [False],
+        }
+    )
+    kinds = {"dg": "defensegan", "inv": "invgan"}
+    flags = masking_flags(rows, {"fgsm": FGSM, "rp": rp}, defense_kinds=kinds)
+    assert flagged(flags) == {("inv", "single_step_stronger", "rp")}
+    assert set(flags["defense"]) == {"inv"}

@@ -156,8 +156,9 @@ class CurvesSpec(_Strict):
 class MaskingChecks(_Strict):
     """Gradient-masking checks (jobs/masking.py). The rows of the config's own attacks give checks (a)
     single step stronger than iterative and (c) black box stronger than white box; for (b) and (d) every
-    white-box iterative attack is run again on the first `examples` examples with ε × `eps_factor` and
-    with `steps_factor` × the steps, as attacks named check/<attack>/..., kept out of the headline tables."""
+    white-box iterative attack is run again on `examples` examples (spread over the split, among its own)
+    with ε × `eps_factor` and with `steps_factor` × the steps, as attacks named check/<attack>/..., kept
+    out of the headline tables."""
 
     examples: int = Field(20, gt=0, description="examples the extra check attacks run on")
     eps_factor: float = Field(3.0, gt=1, description="the ε sweep's wide end (ℓ∞ capped at 1: the whole box)")

@@ -15,8 +15,8 @@ one evaluation already contain, or that a few extra attacks on a few examples re
 
 Every comparison is paired: the two attacks' accuracies on the examples both ran on, per defense.
 (b) and (d) need the extra attacks `expand_checks` derives from the config (named `check/<attack>/...`,
-run on the first `examples` examples); they never enter the headline tables or the worst case, only
-these flags.
+run on `examples` examples spread over the split, a subset of the attack's own); they never enter the
+headline tables or the worst case, only these flags.
 """
 
 from __future__ import annotations

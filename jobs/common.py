@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
@@ -126,3 +128,28 @@ def write_error(err: OSError, folder: Path) -> str | None:
         f"cannot write {path}: {err.strerror or err} (run folder {folder}); finished shards are kept, "
         "nothing is half-written: free space or fix the permissions, then rerun to resume"
     )
+
+
+@contextmanager
+def user_errors(config: Path, run_dir: Path, *, verbose: bool) -> Iterator[None]:
+    """Around a sharded job's run (eval, red): what the user can fix ends in one line instead of a traceback.
+    Weights or data the config names (checked before any Ray work), a run folder that cannot be written
+    (`write_error`), Ctrl-C (finished shards are kept). `verbose` re-raises the first two with the traceback."""
+    from invgan_core.checkpoint import CheckpointError
+    from invgan_core.data import DataError
+
+    try:
+        yield
+    except (CheckpointError, DataError) as err:
+        if verbose:
+            raise
+        raise SystemExit(f"cannot run {config}: {err}") from None
+    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
+        message = write_error(err, run_dir)
+        if message is None or verbose:
+            raise
+        raise SystemExit(message) from None
+    except KeyboardInterrupt:
+        raise SystemExit(
+            f"interrupted; finished shards are kept in {run_dir}: rerun the same command to resume"
+        ) from None

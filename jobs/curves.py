@@ -37,11 +37,13 @@ def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
 
 def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
     """One line per (defense family, effective iterations): clean/attacked accuracy and seconds per example."""
+    from jobs.report import scored
+
     out = []
     for name, (family, iters, _) in points.items():
         mine = rows[rows.defense == name]
-        scored = mine[~mine["diverged"].astype(bool)] if "diverged" in mine.columns else mine  # see report.summarize
-        clean, attacked = scored[~scored.attacked], scored[scored.attacked]
+        counted = scored(mine)  # diverged rows are neither correct nor incorrect
+        clean, attacked = counted[~counted.attacked], counted[counted.attacked]
         out.append(
             {
                 "family": family,

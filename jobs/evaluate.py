@@ -424,26 +424,10 @@ def main(
         from jobs.config import describe_error
 
         raise SystemExit(f"invalid evaluation config: {describe_error(err)}") from None
-    from invgan_core.checkpoint import CheckpointError
-    from invgan_core.data import DataError
+    from jobs.common import user_errors
 
-    try:
+    with user_errors(config, run_folder(cfg, out), verbose=verbose):
         res = evaluate(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
-    except (CheckpointError, DataError) as err:  # weights or data the config names: checked before any Ray work
-        if verbose:
-            raise
-        raise SystemExit(f"cannot run {config}: {err}") from None
-    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
-        from jobs.common import write_error
-
-        message = write_error(err, run_folder(cfg, out))
-        if message is None or verbose:
-            raise
-        raise SystemExit(message) from None
-    except KeyboardInterrupt:
-        raise SystemExit(
-            f"interrupted; finished shards are kept in {run_folder(cfg, out)}: rerun the same command to resume"
-        ) from None
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + report.markdown_table(res.summary, "auc"))

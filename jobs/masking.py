@@ -166,8 +166,9 @@ def masking_flags(
             )
         )
 
-    if "diverged" in rows.columns:  # a diverged row is neither correct nor incorrect (see report.summarize)
-        rows = rows[~rows["diverged"].astype(bool)]
+    from jobs.report import scored
+
+    rows = scored(rows)  # a diverged row is neither correct nor incorrect
     for defense, d_rows in rows[rows["attacked"]].groupby("defense", sort=False):
         acc = d_rows.pivot(index="example_id", columns="attack", values="correct")
         for name in main:

@@ -360,29 +360,13 @@ def main(
         from jobs.config import describe_error
 
         raise SystemExit(f"invalid RED config: {describe_error(err)}") from None
-    from invgan_core.checkpoint import CheckpointError
-    from invgan_core.data import DataError
+    from jobs.common import user_errors
+    from jobs.runner import run_folder
 
-    try:
+    with user_errors(config, run_folder(cfg, out), verbose=verbose):
         rows, tables, run_dir, run_id = run_red(
             cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
         )
-    except (CheckpointError, DataError) as err:  # weights or data the config names
-        if verbose:
-            raise
-        raise SystemExit(f"cannot run {config}: {err}") from None
-    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
-        from jobs.common import write_error
-        from jobs.runner import run_folder
-
-        message = write_error(err, run_folder(cfg, out))
-        if message is None or verbose:
-            raise
-        raise SystemExit(message) from None
-    except KeyboardInterrupt:
-        raise SystemExit(
-            "interrupted; finished shards are kept in the run folder: rerun the same command to resume"
-        ) from None
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))
     print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
     print(f"\nrun folder: {run_dir}")

@@ -68,6 +68,14 @@ def validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def scored(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows that count as correct or incorrect: diverged rows left out (rows from before the
+    `diverged` column all count). Every table, check and curve derived from rows scores these."""
+    if "diverged" not in rows.columns:
+        return rows
+    return rows[~rows["diverged"].fillna(False).astype(bool)]
+
+
 def _attack_order(names) -> list[str]:
     """clean first, worst_case last, the rest in order of first appearance (the config's order)."""
     names = list(dict.fromkeys(names))
@@ -127,7 +135,7 @@ def summarize(rows: pd.DataFrame) -> dict:
     for defense, d_rows in rows.groupby("defense", sort=False):  # the compute spent: diverged rows included
         seconds = d_rows.groupby("attack", sort=False)["seconds"].mean()
         out["seconds_per_example"][defense] = {a: float(seconds[a]) for a in _attack_order(seconds.index)}
-    all_rows, rows = rows, rows[~rows["diverged"]]
+    all_rows, rows = rows, scored(rows)
     for defense in all_rows["defense"].unique():  # a cell whose every row diverged still shows n = 0
         for attack in out["diverged"].get(defense, {}):
             if not ((rows["defense"] == defense) & (rows["attack"] == attack)).any():

@@ -130,6 +130,7 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     from jobs.config import load_config
     from jobs.evaluate import ROW_COLUMNS, masking_flags
     from jobs.masking import flags_summary
+    from jobs.report import scored
     from jobs.runner import read_rows
 
     config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
@@ -142,8 +143,7 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
         return head + (
             f"*Not run yet.* `invgan eval --config {rel}` writes `{run_dir.name}`; then `invgan report`.\n"
         ), None
-    if "diverged" in rows.columns:  # neither correct nor incorrect: left out, as in the eval's own tables
-        rows = rows[~rows["diverged"].astype(bool)]
+    rows = scored(rows)  # diverged rows are neither correct nor incorrect, as in the eval's own tables
     metric = spec.get("metric", "accuracy")
     cells = (auc_cells if metric == "auc" else accuracy_cells)(rows, spec["columns"], spec.get("paper", {}))
     cells = {d: cells[d] for d in cfg.defenses if d in cells}  # the config's order

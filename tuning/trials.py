@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -106,6 +106,26 @@ def _rows_from_checkpoint() -> pd.DataFrame | None:
         return pd.read_parquet(Path(d) / TRIAL_ROWS)
 
 
+def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.DataFrame], dict]) -> None:
+    """A trial's shards in-process (no Ray Data inside a trial), reporting `objective(rows so far)` after each
+    with the rows as checkpoint; shards already in a restored checkpoint are not run again. The last shard
+    also writes the trial's rows to `folder`."""
+    from jobs.runner import plan_shards
+
+    shards = plan_shards(len(worker.data), shard_size)
+    rows = _rows_from_checkpoint()
+    done = set() if rows is None else set(rows["shard"])
+    rows = rows if rows is not None else pd.DataFrame()
+    for shard, start, stop in shards:
+        if shard in done:
+            continue
+        rows = pd.concat([rows, worker.run_shard(shard, start, stop)], ignore_index=True)
+        complete = shard == shards[-1][0]
+        if complete:
+            _write_parquet(folder / TRIAL_ROWS, rows)
+        _report_with_rows({**objective(rows), "examples": stop, "step": stop, "complete": int(complete)}, rows)
+
+
 # ---------------------------------------------------------------- defense-time
 
 
@@ -128,26 +148,12 @@ def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
 def defense_trial(config: dict, *, search: dict, out: str) -> None:
     """Evaluate one point of a defense-time space on the validation split, one report per shard."""
     from jobs.evaluate import EvalWorker
-    from jobs.runner import plan_shards
 
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
     cfg = eval_config_dict(search_, config, for_trial=True)
     worker = EvalWorker(cfg)
-    shards = plan_shards(len(worker.data), cfg["shard_size"])
-    rows = _rows_from_checkpoint()
-    done = set() if rows is None else set(rows["shard"])
-    rows = rows if rows is not None else pd.DataFrame()
-    for shard, start, stop in shards:
-        if shard in done:
-            continue
-        rows = pd.concat([rows, worker.run_shard(shard, start, stop)], ignore_index=True)
-        complete = shard == shards[-1][0]
-        if complete:
-            _write_parquet(folder / TRIAL_ROWS, rows)
-        _report_with_rows(
-            {**defense_objective(search_, rows), "examples": stop, "step": stop, "complete": int(complete)}, rows
-        )
+    _run_shards(worker, cfg["shard_size"], folder, lambda rows: defense_objective(search_, rows))
 
 
 # ---------------------------------------------------------------- inverter training
@@ -275,7 +281,6 @@ def red_trial(config: dict, *, search: dict, out: str) -> None:
     """Algorithm 1 with one point's λ multiplier / z step / iterations on attacked validation images."""
     from invgan_core.red import load_dictionary
     from jobs.red import RedWorker
-    from jobs.runner import plan_shards
 
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
@@ -284,20 +289,7 @@ def red_trial(config: dict, *, search: dict, out: str) -> None:
     with red_on_validation():
         worker = RedWorker(cfg, str(dictionary))
     names = load_dictionary(dictionary)[0].attack_names
-    shards = plan_shards(len(worker.data), cfg["shard_size"])
-    rows = _rows_from_checkpoint()
-    done = set() if rows is None else set(rows["shard"])
-    rows = rows if rows is not None else pd.DataFrame()
-    for shard, start, stop in shards:
-        if shard in done:
-            continue
-        rows = pd.concat([rows, worker.run_shard(shard, start, stop)], ignore_index=True)
-        complete = shard == shards[-1][0]
-        if complete:
-            _write_parquet(folder / TRIAL_ROWS, rows)
-        _report_with_rows(
-            {**red_objective(search_, rows, names), "examples": stop, "step": stop, "complete": int(complete)}, rows
-        )
+    _run_shards(worker, cfg["shard_size"], folder, lambda rows: red_objective(search_, rows, names))
 
 
 TRIALS = {"defense": defense_trial, "inverter": inverter_trial, "red": red_trial}

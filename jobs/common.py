@@ -98,6 +98,19 @@ def check_job_inputs(cfg, data) -> None:
             + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
             + "); a weights folder needs the generator, classifier and inverter of one dataset"
         )
+    for name, spec in getattr(cfg, "defenses", {}).items():  # an ablation's own inverter (DefenseSpec.inverter)
+        stem = spec.inverter_stem() if hasattr(spec, "inverter_stem") else None
+        if stem is None:
+            continue
+        own = read_manifest(stem)
+        if own.get("kind") != "inverter":
+            raise CheckpointError(f"defenses.{name}.inverter: {stem} holds a {own.get('kind')!r}, not an inverter")
+        own_latent, g_latent = own.get("arch", {}).get("latent_dim"), arch.get("generator", {}).get("latent_dim")
+        if own_latent != g_latent:
+            raise CheckpointError(
+                f"defenses.{name}.inverter: {stem}'s latent size {own_latent} differs from the generator's "
+                f"{g_latent}; train the inverter for this generator"
+            )
     latents = {k: arch[k]["latent_dim"] for k in ("generator", "inverter") if "latent_dim" in arch.get(k, {})}
     if len(set(latents.values())) > 1:
         raise CheckpointError(

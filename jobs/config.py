@@ -107,12 +107,24 @@ def examples_in_shard(spec: AttackSpec, start: int, stop: int, n: int) -> list[i
 class DefenseSpec(_Strict):
     kind: str
     params: dict[str, Any] = {}
+    inverter: Optional[Path] = Field(
+        None,
+        description="kind invgan: an inverter other than the weights folder's, as a stem (folder/inverter, "
+        "relative to the project root), for ablations such as InvGAN Table 5; hash-verified like every model",
+    )
+
+    def inverter_stem(self) -> Path | None:
+        if self.inverter is None:
+            return None
+        return self.inverter if self.inverter.is_absolute() else PROJECT_ROOT / self.inverter
 
     @model_validator(mode="after")
     def _known(self) -> "DefenseSpec":
         if self.kind not in DEFENSES:
             raise ValueError(f"unknown defense kind {self.kind!r}; choose one of {', '.join(DEFENSES)}")
         allowed = set(inspect.signature(DEFENSES[self.kind]).parameters) - {"G", "inverter", "classifier", "seed"}
+        if self.inverter is not None and self.kind != "invgan":
+            raise ValueError(f"defense kind {self.kind!r} has no inverter; `inverter` is for kind 'invgan'")
         unknown = set(self.params) - allowed
         if unknown:
             raise ValueError(f"defense kind {self.kind!r}: unknown params {sorted(unknown)}; allowed {sorted(allowed)}")

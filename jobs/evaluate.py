@@ -216,6 +216,11 @@ def build_defense(spec, G, I, f, seed: int):
     if spec.kind == "none":
         return cls(f, **spec.params)
     if spec.kind == "invgan":
+        if spec.inverter is not None:  # an ablation's inverter instead of the weights folder's
+            from invgan_core.checkpoint import load_model
+
+            device = next(G.parameters()).device
+            I = load_model(spec.inverter_stem(), kind="inverter", map_location=device)[0].requires_grad_(False)
         if I is None:
             raise ValueError("defense kind 'invgan' needs an inverter in the weights folder")
         return cls(G, I, f, seed=seed, **spec.params)

@@ -278,3 +278,38 @@ def test_expected_rows_of_all_shards_add_up_to_every_attack_limit():
     n, d = 60, len(cfg.defenses)
     total = sum(expected_rows(cfg, a, min(a + 7, n), n) for a in range(0, n, 7))
     assert total == d * (n + sum(min(s.limit or n, n) for s in cfg.attacks.values()))
+
+
+def test_a_defense_may_use_its_own_inverter_the_ablation_of_table_5(tmp_path):
+    """`defenses.<name>.inverter` swaps in another inverter (InvGAN Table 5: without L_adv): the same file as the
+    folder's gives the same rows; a changed one changes InvGAN at T = 0 (the inverter alone) and nothing else;
+    a kind without an inverter, or a latent size the generator does not take, is refused before any work."""
+    import torch
+
+    from invgan_core.checkpoint import CheckpointError, load_model, save_model
+    from invgan_core.models import build_model
+    from jobs.common import check_job_inputs
+    from jobs.evaluate import EvalWorker
+
+    stem = ROOT / "weights" / "digits" / "inverter"
+    inverter, manifest = load_model(stem, kind="inverter")
+    with torch.no_grad():
+        inverter.head.weight.mul_(0.5)  # a different (worse) inverter of the same architecture
+    save_model(tmp_path / "inverter", inverter, kind="inverter", arch=manifest["arch"])
+    t0 = {"kind": "invgan", "params": {"steps": 0}}
+    defenses = {"none": {"kind": "none"}, "folder": t0, "same": t0 | {"inverter": str(stem)}}
+    defenses["changed"] = t0 | {"inverter": str(tmp_path / "inverter")}
+    cfg = load_config(SMOKE, ["limit=8", f"defenses={json.dumps(defenses)}", "attacks={fgsm: {kind: fgsm}}"])
+    rows = EvalWorker(cfg.model_dump(mode="json")).run_shard(0, 0, 8).set_index(["example_id", "attack"])
+    by = {d: rows[rows.defense == d][["prediction", "detection_score"]] for d in ("folder", "same", "changed")}
+    pd.testing.assert_frame_equal(by["folder"], by["same"])
+    assert not by["folder"]["detection_score"].equals(by["changed"]["detection_score"])
+
+    with pytest.raises(ValueError, match="has no inverter"):
+        load_config(SMOKE, ["defenses={d: {kind: defensegan, inverter: weights/digits/inverter}}"])
+    arch = manifest["arch"] | {"latent_dim": manifest["arch"]["latent_dim"] + 1}
+    wrong = build_model("inverter", arch)
+    save_model(tmp_path / "wrong" / "inverter", wrong, kind="inverter", arch=arch)
+    bad = load_config(SMOKE, [f"defenses={{d: {{kind: invgan, inverter: {tmp_path / 'wrong' / 'inverter'}}}}}"])
+    with pytest.raises(CheckpointError, match="latent size"):
+        check_job_inputs(bad, None)

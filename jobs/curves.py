@@ -35,6 +35,13 @@ def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
     return points
 
 
+def curves_run_config(cfg: EvalConfig) -> EvalConfig:
+    """The eval config `invgan curves` runs: the curve points as defenses, named <name>-curves (its run folder)."""
+    return cfg.model_copy(
+        update={"name": f"{cfg.name}-curves", "defenses": {k: v[2] for k, v in point_defenses(cfg).items()}}
+    )
+
+
 def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
     """One line per (defense family, effective iterations): clean/attacked accuracy and seconds per example."""
     from jobs.report import scored
@@ -99,8 +106,7 @@ def run_curves(
     if cfg.curves is None:
         raise SystemExit("the config has no `curves:` section (see configs/curves.yaml)")
     points = point_defenses(cfg)
-    point_defs = {k: v[2] for k, v in points.items()}
-    point_cfg = cfg.model_copy(update={"name": f"{cfg.name}-curves", "defenses": point_defs})
+    point_cfg = curves_run_config(cfg)
     tags = {
         "dataset": cfg.dataset,
         "kind": "curves",

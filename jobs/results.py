@@ -75,12 +75,50 @@ def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict) ->
     return out
 
 
+def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, size: int) -> dict[str, dict[str, Cell]]:
+    """Reconstruction MSE per pixel, ||x - G(z_T)||² / size, from the rows of the listed attack (e.g. clean) of a
+    run with `detection_space: image` (then a row's detection score is ||x - G(z_T)||)."""
+    out: dict[str, dict[str, Cell]] = {}
+    for defense, d_rows in rows.groupby("defense", sort=False):
+        out[defense] = {}
+        for column, attacks in columns.items():
+            score = d_rows[d_rows["attack"] == attacks[0]]["detection_score"].to_numpy(dtype=float)
+            score = score[np.isfinite(score)]
+            mse = float((score**2).mean() / size) if len(score) else None
+            out[defense][column] = Cell(mse, len(score), paper.get(defense, {}).get(column))
+    return out
+
+
+def paired_comparison(rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]]) -> list[str]:
+    """One line per column: the cheap defense's accuracy against the reference's on the same examples, the
+    difference with twice its standard error, and plainly whether it matches (no worse than 0.02 below)."""
+    lines = []
+    for column, attacks in columns.items():
+        a = combined_correct(rows[rows["defense"] == cheap], attacks)
+        b = combined_correct(rows[rows["defense"] == reference], attacks)
+        if a is None or b is None:
+            continue
+        common = a.index.intersection(b.index)
+        if not len(common):
+            continue
+        d = a[common].astype(float) - b[common].astype(float)
+        diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        verdict = "matches" if diff >= -0.02 else f"falls short by {-diff:.2f}"
+        lines.append(
+            f"- {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
+            f"{diff:+.2f} ± {2 * se:.2f}): **{verdict}**"
+        )
+    return lines
+
+
 def _fmt(v: float | None, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int) -> str:
+def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int | dict[str, int]) -> str:
+    """`digits`: for every column, or per column (e.g. an MSE column beside accuracies)."""
     columns = list(dict.fromkeys(c for row in cells.values() for c in row))
+    places = digits if isinstance(digits, dict) else dict.fromkeys(columns, digits)
     lines = ["| defense | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for defense, row in cells.items():
         parts = []
@@ -89,8 +127,8 @@ def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int) -> str:
             if cell is None or (cell.ours is None and cell.paper is None):
                 parts.append("–")
                 continue
-            ours = f"**{_fmt(cell.ours, digits)}** (n={cell.n})" if cell.ours is not None else "not run"
-            parts.append(ours + (f" · paper {_fmt(cell.paper, digits)}" if cell.paper is not None else ""))
+            ours = f"**{_fmt(cell.ours, places[c])}** (n={cell.n})" if cell.ours is not None else "not run"
+            parts.append(ours + (f" · paper {_fmt(cell.paper, places[c])}" if cell.paper is not None else ""))
         lines.append(f"| {defense} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
@@ -125,8 +163,29 @@ def _compute_seconds(rows: pd.DataFrame, cfg) -> float:
     return float(rows["seconds"].sum() + attacked[each]["attack_seconds"].sum() + shared)
 
 
-def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
-    """One table's markdown (and figure), from its config's run folder under `runs`."""
+def _relative(config_path: Path) -> Path:
+    return config_path.relative_to(PROJECT_ROOT) if config_path.is_relative_to(PROJECT_ROOT) else config_path
+
+
+def _head(spec: dict, rel: Path) -> str:
+    return f"## {spec['title']}\n\nPaper: {spec['source']}. Config: `{rel}`.\n\n"
+
+
+def _not_run(head: str, command: str, run_dir: Path) -> tuple[str, None]:
+    return head + f"*Not run yet.* `{command}` writes `{run_dir.name}`; then `invgan report`.\n", None
+
+
+def _image_size(cfg) -> int:
+    from invgan_core.checkpoint import read_manifest
+
+    return int(np.prod(read_manifest(cfg.weights_dir() / "generator")["arch"]["image_shape"]))
+
+
+def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """An `invgan eval` table (InvGAN Tables 2, 3, 5): defenses x the paper's columns, from the config's run.
+    `metric` (accuracy | auc | mse) is the table's; `column_metrics` overrides it per column; `compare:
+    {cheap, reference}` adds the paired verdict of one defense against another (e.g. InvGAN at 1/10 of
+    Defense-GAN's effective iterations)."""
     from jobs.config import load_config
     from jobs.evaluate import ROW_COLUMNS, masking_flags
     from jobs.masking import flags_summary
@@ -136,21 +195,30 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
     cfg = load_config(config_path)
     run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
-    rel = config_path.relative_to(PROJECT_ROOT) if config_path.is_relative_to(PROJECT_ROOT) else config_path
-    head = f"## {spec['title']}\n\nPaper: {spec['source']}. Config: `{rel}`.\n\n"
+    rel = _relative(config_path)
+    head = _head(spec, rel)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
-        return head + (
-            f"*Not run yet.* `invgan eval --config {rel}` writes `{run_dir.name}`; then `invgan report`.\n"
-        ), None
+        return _not_run(head, f"invgan eval --config {rel}", run_dir)
     rows = scored(rows)  # diverged rows are neither correct nor incorrect, as in the eval's own tables
     metric = spec.get("metric", "accuracy")
-    cells = (auc_cells if metric == "auc" else accuracy_cells)(rows, spec["columns"], spec.get("paper", {}))
-    cells = {d: cells[d] for d in cfg.defenses if d in cells}  # the config's order
+    per_column = {c: spec.get("column_metrics", {}).get(c, metric) for c in spec["columns"]}
+    paper = spec.get("paper", {})
+    cells: dict[str, dict[str, Cell]] = {}
+    for m in dict.fromkeys(per_column.values()):
+        cols = {c: a for c, a in spec["columns"].items() if per_column[c] == m}
+        if m == "mse":
+            part = mse_cells(rows, cols, paper, _image_size(cfg))
+        else:
+            part = (auc_cells if m == "auc" else accuracy_cells)(rows, cols, paper)
+        for d, row in part.items():
+            cells.setdefault(d, {}).update(row)
+    cells = {d: {c: cells[d][c] for c in spec["columns"] if c in cells[d]} for d in cfg.defenses if d in cells}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     flags = flags_summary(masking_flags(cfg, rows))
     done, total = rows["shard"].nunique(), summary.get("shards", {}).get("total", "?")
-    lines = [head + cells_markdown(cells, 4 if metric == "auc" else 2), ""]
+    digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
+    lines = [head + cells_markdown(cells, digits), ""]
     lines.append(
         f"Run `{run_dir.name}` (MLflow run `{summary.get('mlflow_run_id', 'not logged')}`), "
         f"{len(rows['example_id'].unique())} examples of `{cfg.dataset}/{cfg.split}`, "
@@ -163,6 +231,17 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
         )
         + "."
     )
+    if spec.get("compare"):
+        cheap, reference = spec["compare"]["cheap"], spec["compare"]["reference"]
+        iters = rows[~rows["attacked"]].groupby("defense")["effective_iterations"].mean()
+        ratio = iters.get(cheap, np.nan) / iters.get(reference, np.nan)
+        lines.append(
+            f"\n**{cheap}** ({iters.get(cheap, np.nan):.0f} effective iterations per example, {ratio:.2f} of "
+            f"{reference}'s {iters.get(reference, np.nan):.0f}) against **{reference}**, on the same examples "
+            "(matches: no more than 0.02 below):"
+        )
+        accuracy_columns = {c: a for c, a in spec["columns"].items() if per_column[c] == "accuracy"}
+        lines += paired_comparison(rows, cheap, reference, accuracy_columns)
     raised = flags["flagged"]
     lines.append(f"\nGradient-masking checks: {flags['checks']} run, {len(raised)} flagged" + (":" if raised else "."))
     lines += [
@@ -172,8 +251,132 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     ]
     if spec.get("notes"):
         lines.append("\n" + spec["notes"].strip())
-    figure = cells_figure(cells, spec["title"], "ROC AUC" if metric == "auc" else "accuracy")
-    return "\n".join(lines) + "\n", figure
+    plotted = {d: {c: v for c, v in row.items() if per_column[c] == metric} for d, row in cells.items()}
+    ylabel = {"auc": "ROC AUC", "mse": "reconstruction MSE"}.get(metric, "accuracy")
+    return "\n".join(lines) + "\n", cells_figure(plotted, spec["title"], ylabel)
+
+
+def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """An `invgan curves` run (InvGAN Fig. 4): accuracy and seconds per effective iterations, and the
+    smallest InvGAN budget that reaches the reference's accuracy at its largest budget."""
+    from jobs.config import load_config
+    from jobs.curves import curve_figure, curve_table, curves_run_config, point_defenses
+    from jobs.evaluate import ROW_COLUMNS
+    from jobs.runner import read_rows
+
+    config_path = REPRO_DIR / spec["config"]
+    cfg = load_config(config_path)
+    point_cfg = curves_run_config(cfg)
+    run_dir = runs / f"{point_cfg.name}-{point_cfg.config_hash()[:12]}"
+    rel = _relative(config_path)
+    head = _head(spec, rel)
+    rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    if rows.empty:
+        return _not_run(head, f"invgan curves --config {rel}", run_dir)
+    table = curve_table(rows, point_defenses(cfg))
+    lines = [
+        head + "| defense | effective iterations | clean accuracy | attacked accuracy | s per example | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.family} | {r.effective_iterations} | {r.clean_accuracy:.3f} | {r.attacked_accuracy:.3f} | "
+        f"{r.seconds_per_example:.3f} | {r.n} |"
+        for r in table.itertuples()
+    ]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    lines.append(
+        f"\nRun `{run_dir.name}` (eval run `{summary.get('mlflow_run_id', 'not logged')}`), "
+        f"{rows['example_id'].nunique()} examples of `{cfg.dataset}/{cfg.split}`, attacked: "
+        f"{', '.join(cfg.attacks)}. Seconds are wall time per example on one worker (one core)."
+    )
+    lines += ["", *_reaches(table, spec.get("cheap", "invgan"), spec.get("reference", "defensegan"))]
+    if spec.get("notes"):
+        lines.append("\n" + spec["notes"].strip())
+    return "\n".join(lines) + "\n", curve_figure(table, spec["title"])
+
+
+def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005) -> list[str]:
+    """Plain sentences: the fewest effective iterations at which `cheap` reaches `reference`'s accuracy at
+    its largest budget (within `tol`), and that as a fraction of the reference's iterations."""
+    out: list[str] = []
+    ref, mine = table[table.family == reference], table[table.family == cheap]
+    if ref.empty or mine.empty:
+        return out
+    top = ref.loc[ref.effective_iterations.idxmax()]
+    for column, label in (("clean_accuracy", "clean"), ("attacked_accuracy", "attacked")):
+        if not np.isfinite(top[column]):
+            continue
+        ok = mine[mine[column] >= top[column] - tol]
+        if ok.empty:
+            out.append(
+                f"- {label}: {cheap} never reaches {reference}'s {top[column]:.3f} at {top.effective_iterations} "
+                f"iterations (best {mine[column].max():.3f})."
+            )
+            continue
+        first = ok.loc[ok.effective_iterations.idxmin()]
+        out.append(
+            f"- {label}: {cheap} reaches {reference}'s {top[column]:.3f} (at {top.effective_iterations} "
+            f"iterations) within {tol} at **{first.effective_iterations} iterations = "
+            f"{first.effective_iterations / top.effective_iterations:.4f}** of them ({first[column]:.3f})."
+        )
+    return out
+
+
+def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """An `invgan red` run (RED Table 1): signal accuracy and attack-type accuracy per method beside the paper."""
+    from jobs.config import load_config
+    from jobs.red import RED_COLUMNS, RedConfig, confusion_figure, red_tables
+    from jobs.runner import read_rows
+
+    config_path = REPRO_DIR / spec["config"]
+    cfg = load_config(config_path, model=RedConfig)
+    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    rel = _relative(config_path)
+    head = _head(spec, rel)
+    rows = read_rows(run_dir, RED_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    if rows.empty:
+        return _not_run(head, f"invgan red --config {rel}", run_dir)
+    names = list(cfg.dictionary.attacks)
+    tables = red_tables(rows, names)
+    parts = [head]
+    for which, title in (("signal_accuracy", "Signal accuracy"), ("attack_accuracy", "Attack-type accuracy")):
+        t = tables[which]
+        paper = spec.get("paper", {}).get(which, {})
+        cells = {
+            str(m): {
+                str(c): Cell(
+                    None if pd.isna(t.loc[m, c]) else float(t.loc[m, c]),
+                    int(tables["n"].loc[m, c]) if not pd.isna(tables["n"].loc[m, c]) else 0,
+                    paper.get(m, {}).get(c),
+                )
+                for c in t.columns
+            }
+            for m in t.index
+        }
+        parts.append(f"**{title}** (rows: method; columns: the input's attack)\n\n" + cells_markdown(cells, 3) + "\n")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    secs = rows.groupby("method")["seconds"].mean()
+    parts.append(
+        f"Run `{run_dir.name}` (MLflow run `{summary.get('mlflow_run_id', 'not logged')}`), "
+        f"{rows['example_id'].nunique()} test examples of `{cfg.dataset}`, dictionary {cfg.dictionary.per_class} "
+        f"per class x {len(names)} attack types, {cfg.steps} steps. Seconds per input: "
+        + ", ".join(f"{m} {v:.2f}" for m, v in secs.items())
+        + ". Attack-type accuracy of bsd_gan is BSD-GAN-AD's, of sbsc SBSAD's."
+    )
+    if spec.get("notes"):
+        parts.append("\n" + spec["notes"].strip())
+    return "\n".join(parts) + "\n", confusion_figure(rows, names)
+
+
+SECTIONS = {"eval": eval_section, "curves": curves_section, "red": red_section}
+
+
+def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """One table's markdown (and figure), from its config's run folder under `runs`; `kind` picks the job."""
+    kind = spec.get("kind", "eval")
+    if kind not in SECTIONS:
+        raise ValueError(f"{key}: unknown kind {kind!r}; choose one of {', '.join(SECTIONS)}")
+    return SECTIONS[kind](key, spec, runs)
 
 
 def build_report(out: Path, *, runs: Path | None = None, paper_numbers: Path = PAPER_NUMBERS) -> Path:

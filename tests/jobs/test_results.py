@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -81,10 +82,124 @@ def test_a_column_of_several_attacks_is_the_per_example_worst(fixture_run):
 
 
 def test_the_shipped_paper_numbers_name_real_configs_and_columns():
+    from jobs.red import RedConfig
     from jobs.results import PAPER_NUMBERS, REPRO_DIR
 
+    kinds = set()
     for key, spec in yaml.safe_load(PAPER_NUMBERS.read_text()).items():
+        kinds.add(kind := spec.get("kind", "eval"))
+        if kind == "red":
+            red = load_config(REPRO_DIR / spec["config"], model=RedConfig)
+            for which, by_method in spec["paper"].items():
+                assert set(by_method) <= set(red.methods), key
+                for cells in by_method.values():
+                    assert set(cells) <= {"clean", *red.dictionary.attacks}, (key, which)
+            continue
         cfg = load_config(REPRO_DIR / spec["config"])
+        if kind == "curves":
+            assert cfg.curves is not None and {spec["cheap"], spec["reference"]} <= set(cfg.curves.defenses), key
+            continue
         for column, attacks in spec["columns"].items():
             assert set(attacks) <= {"clean", *cfg.attacks}, (key, column)
         assert set(spec["paper"]) <= set(cfg.defenses), key
+        assert set(spec.get("column_metrics", {}).values()) <= {"accuracy", "auc", "mse"}, key
+        if "compare" in spec:
+            assert set(spec["compare"].values()) <= set(cfg.defenses), key
+    assert kinds == {"eval", "curves", "red"}
+
+
+def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
+    """`column_metrics: {mse: mse}` turns a clean row's image-space distance into a per-pixel MSE; `compare`
+    states plainly whether the cheap defense matches the reference on the same examples."""
+    from jobs.results import mse_cells, paired_comparison
+
+    _, rows = fixture_run
+    inv = rows[(rows.defense == "invgan") & (rows.attack == "clean")]
+    cells = mse_cells(rows, {"mse": ["clean"]}, {"invgan": {"mse": 0.1}}, size=64)
+    assert cells["invgan"]["mse"].ours == pytest.approx((inv.detection_score**2).mean() / 64)
+    assert cells["invgan"]["mse"].n == 4 and cells["invgan"]["mse"].paper == 0.1
+    # a known answer: the cheap defense right on 3 of 4, the reference on all 4 -> short by 0.25
+    fake = pd.DataFrame(
+        {
+            "example_id": [0, 1, 2, 3] * 2,
+            "attack": ["clean"] * 8,
+            "defense": ["cheap"] * 4 + ["ref"] * 4,
+            "correct": [True, True, True, False] + [True] * 4,
+        }
+    )
+    (line,) = paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]})
+    assert "0.75 vs 1.00 (n=4; difference -0.25 ± 0.50)" in line and "falls short by 0.25" in line
+    same = fake.assign(correct=True)
+    assert "**matches**" in paired_comparison(same, "cheap", "ref", {"clean": ["clean"]})[0]
+
+
+def test_the_curves_verdict_finds_the_fewest_iterations_that_reach_the_reference():
+    from jobs.results import _reaches
+
+    table = pd.DataFrame(
+        {
+            "family": ["defensegan"] * 3 + ["invgan"] * 3,
+            "effective_iterations": [10, 200, 2000, 1, 25, 200],
+            "clean_accuracy": [0.5, 0.9, 0.95, 0.90, 0.951, 0.96],
+            "attacked_accuracy": [0.3, 0.6, 0.7, 0.5, 0.6, 0.65],
+        }
+    )
+    clean, attacked = _reaches(table, "invgan", "defensegan")
+    assert "at **25 iterations = 0.0125** of them" in clean
+    assert "never reaches defensegan's 0.700" in attacked and "best 0.650" in attacked
+
+
+def test_curves_and_red_sections_from_run_folders(tmp_path):
+    """A curves run (real worker rows) and a RED run (rows with known accuracies) become their sections."""
+    from jobs.curves import curves_run_config
+    from jobs.evaluate import EvalWorker
+    from jobs.red import RED_COLUMNS, RedConfig
+
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()) | {"name": "tiny_curves", "limit": 4}
+    raw |= {"curves": {"budgets": [0, 4], "defenses": ["invgan", "defensegan"], "restarts": 2}}
+    raw["attacks"] = {"fgsm": {"kind": "fgsm"}}
+    (tmp_path / "curves.yaml").write_text(yaml.safe_dump(raw))
+    point_cfg = curves_run_config(load_config(tmp_path / "curves.yaml"))
+    rows = EvalWorker(point_cfg.model_dump(mode="json")).run_shard(0, 0, 4)
+    write_shard(shard_path(tmp_path / "runs" / f"{point_cfg.name}-{point_cfg.config_hash()[:12]}", 0), rows)
+
+    red_raw = yaml.safe_load((ROOT / "configs" / "red_smoke.yaml").read_text()) | {"name": "tiny_red"}
+    (tmp_path / "red.yaml").write_text(yaml.safe_dump(red_raw))
+    red = load_config(tmp_path / "red.yaml", model=RedConfig)
+    # BSD-GAN: right on every signal, attack type right on linf only; CNN wrong on attacked inputs
+    red_rows = [
+        (k, 3, t, 3 if (m == "bsd_gan" or t == "clean") else 5, 0 if m != "cnn" else -1, m, 0.1, 0.0, 0)
+        for k in range(4)
+        for t in ("clean", "linf", "l2")
+        for m in ("cnn", "bsd_gan")
+    ]
+    write_shard(
+        shard_path(tmp_path / "runs" / f"{red.name}-{red.config_hash()[:12]}", 0),
+        pd.DataFrame(red_rows, columns=RED_COLUMNS),
+    )
+    paper = {
+        "curves": {
+            "kind": "curves",
+            "config": str(tmp_path / "curves.yaml"),
+            "title": "Tiny Fig",
+            "source": "-",
+            "cheap": "invgan",
+            "reference": "defensegan",
+        },
+        "red": {
+            "kind": "red",
+            "config": str(tmp_path / "red.yaml"),
+            "title": "Tiny RED",
+            "source": "-",
+            "paper": {"signal_accuracy": {"bsd_gan": {"clean": 0.94}}},
+        },
+    }
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(paper))
+    text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
+    assert "| invgan | 4 |" in text and "| defensegan | 4 |" in text and "- clean: invgan" in text
+    assert "**1.000** (n=4) · paper 0.940" in text  # bsd_gan clean signal accuracy
+    assert "| cnn | **1.000** (n=4) | **0.000** (n=4) | **0.000** (n=4) |" in text
+    assert "| bsd_gan | **1.000** (n=4) | **0.000** (n=4) |" in text  # attack type: linf is index 0 -> right
+    assert (tmp_path / "docs" / "figures" / "curves.png").exists() and (
+        tmp_path / "docs" / "figures" / "red.png"
+    ).exists()

@@ -368,7 +368,101 @@ def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     return "\n".join(parts) + "\n", confusion_figure(rows, names)
 
 
-SECTIONS = {"eval": eval_section, "curves": curves_section, "red": red_section}
+def distortion_curve(rows: pd.DataFrame, eps: np.ndarray) -> np.ndarray:
+    """Accuracy at each ℓ2 budget of a minimum-distortion attack's rows: an example counts as correct at ε if
+    the defense classified its adversarial correctly, or the adversarial needed more than ε (l2 > ε)."""
+    correct, l2 = rows["correct"].to_numpy(dtype=bool), rows["l2"].to_numpy(dtype=float)
+    return (correct[None, :] | (l2[None, :] > eps[:, None])).mean(axis=1)
+
+
+def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """Chen, Xie & Zhu Fig. 1: accuracy vs ℓ2 distortion, per defense, one line per (minimum-distortion) attack."""
+    from jobs.config import load_config
+    from jobs.evaluate import ROW_COLUMNS
+    from jobs.report import scored
+    from jobs.runner import read_rows
+
+    config_path = REPRO_DIR / spec["config"]
+    cfg = load_config(config_path)
+    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    rel = _relative(config_path)
+    head = _head(spec, rel)
+    rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    if rows.empty:
+        return _not_run(head, f"invgan eval --config {rel}", run_dir)
+    rows = scored(rows)
+    budgets = [float(b) for b in spec.get("table_eps", [1.0, 2.0, 3.0])]
+    grid = np.linspace(0, float(spec.get("max_eps", 5.0)), 101)
+    defenses = [d for d in cfg.defenses if d in set(rows["defense"])]
+    lines = [
+        head + "| defense | attack | n | " + " | ".join(f"ℓ2 ≤ {b:g}" for b in budgets) + " | median ℓ2 of successes |"
+    ]
+    lines.append("|---|---|---|" + "---|" * (len(budgets) + 1))
+    fig = Figure(figsize=(4.2 * max(len(defenses), 1), 3.4), layout="constrained")
+    axes = fig.subplots(1, max(len(defenses), 1), squeeze=False)[0]
+    for ax, defense in zip(axes, defenses, strict=False):
+        for attack in spec["attacks"]:
+            sub = rows[(rows["defense"] == defense) & (rows["attack"] == attack)]
+            if sub.empty:
+                continue
+            at = distortion_curve(sub, np.array(budgets))
+            won = sub[~sub["correct"].astype(bool)]["l2"]
+            med = f"{won.median():.2f}" if len(won) else "–"
+            lines.append(f"| {defense} | {attack} | {len(sub)} | " + " | ".join(f"{a:.2f}" for a in at) + f" | {med} |")
+            ax.plot(grid, distortion_curve(sub, grid), label=f"{attack} (n={len(sub)})")
+        ax.set_title(defense)
+        ax.set_xlabel("ℓ2 distortion")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(spec["title"], fontsize=10)
+    lines.append(
+        f"\nRun `{run_dir.name}`, {rows['example_id'].nunique()} examples of `{cfg.dataset}/{cfg.split}`. "
+        "Accuracy at budget ε: the defense classifies the attack's smallest adversarial correctly, or that "
+        "adversarial is farther than ε (an example the attack never fooled counts at every ε)."
+    )
+    if spec.get("notes"):
+        lines.append("\n" + spec["notes"].strip())
+    return "\n".join(lines) + "\n", fig
+
+
+def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """`invgan red-theory`'s numbers (RED Fig. 1, μ vs m, and the linear-convergence rate) and its figures."""
+    import shutil
+
+    folder = runs / spec.get("folder", "red-theory")
+    head = f"## {spec['title']}\n\nPaper: {spec['source']}. Command: `invgan red-theory --out {folder.name}`.\n\n"
+    if not (folder / "theory.json").exists():
+        return head + f"*Not run yet.* `invgan red-theory --out runs/{folder.name}`; then `invgan report`.\n", None
+    numbers = json.loads((folder / "theory.json").read_text())
+    acts = [k.split("/", 1)[1] for k in numbers if k.startswith("mean_mu/")]
+    lines = [head + "| output dimension m | " + " | ".join(f"mean μ ({a})" for a in acts) + " |"]
+    lines.append("|---|" + "---|" * len(acts))
+    for i, m in enumerate(numbers["m"]):
+        lines.append(f"| {m} | " + " | ".join(f"{numbers[f'mean_mu/{a}'][i]:.3g}" for a in acts) + " |")
+    lines.append(
+        f"\nLinear convergence at m = 100: mean rate {numbers['rate_m100']:.4f} per step (||Δz||² + ||Δc||² "
+        f"shrinks by that factor); attack type recovered on {numbers['attack_type_recovered']:.0%} of the instances."
+    )
+    figures = []
+    for name in ("mu_vs_m", "convergence"):
+        if (folder / f"{name}.png").exists():
+            target = Path(spec.get("_figures_dir", ".")) / f"{key}_{name}.png"
+            shutil.copyfile(folder / f"{name}.png", target)
+            figures.append(f"![{name}](figures/{target.name})")
+    if spec.get("notes"):
+        lines.append("\n" + spec["notes"].strip())
+    return "\n".join(lines) + "\n\n" + "\n".join(figures) + "\n", None
+
+
+SECTIONS = {
+    "eval": eval_section,
+    "curves": curves_section,
+    "red": red_section,
+    "distortion": distortion_section,
+    "red_theory": red_theory_section,
+}
 
 
 def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
@@ -395,7 +489,7 @@ def build_report(out: Path, *, runs: Path | None = None, paper_numbers: Path = P
         "`configs/repro/paper_numbers.yaml`.\n",
     ]
     for key, spec in tables.items():
-        text, figure = table_section(key, spec, runs)
+        text, figure = table_section(key, spec | {"_figures_dir": str(figures_dir)}, runs)
         if figure is not None:
             path = figures_dir / f"{key}.png"
             figure.savefig(path, dpi=110)

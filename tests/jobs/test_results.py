@@ -88,6 +88,8 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
     kinds = set()
     for key, spec in yaml.safe_load(PAPER_NUMBERS.read_text()).items():
         kinds.add(kind := spec.get("kind", "eval"))
+        if kind == "red_theory":
+            continue
         if kind == "red":
             red = load_config(REPRO_DIR / spec["config"], model=RedConfig)
             for which, by_method in spec["paper"].items():
@@ -99,13 +101,16 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
         if kind == "curves":
             assert cfg.curves is not None and {spec["cheap"], spec["reference"]} <= set(cfg.curves.defenses), key
             continue
+        if kind == "distortion":
+            assert set(spec["attacks"]) <= set(cfg.attacks), key
+            continue
         for column, attacks in spec["columns"].items():
             assert set(attacks) <= {"clean", *cfg.attacks}, (key, column)
         assert set(spec["paper"]) <= set(cfg.defenses), key
         assert set(spec.get("column_metrics", {}).values()) <= {"accuracy", "auc", "mse"}, key
         if "compare" in spec:
             assert set(spec["compare"].values()) <= set(cfg.defenses), key
-    assert kinds == {"eval", "curves", "red"}
+    assert kinds == {"eval", "curves", "red", "distortion", "red_theory"}
 
 
 def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
@@ -203,3 +208,43 @@ def test_curves_and_red_sections_from_run_folders(tmp_path):
     assert (tmp_path / "docs" / "figures" / "curves.png").exists() and (
         tmp_path / "docs" / "figures" / "red.png"
     ).exists()
+
+
+def test_accuracy_vs_distortion_counts_an_adversarial_only_within_the_budget():
+    """Known answer: fooled at l2 1.0 and 2.5, one never fooled, one misclassified clean (l2 0)."""
+    import numpy as np
+
+    from jobs.results import distortion_curve
+
+    rows = pd.DataFrame({"correct": [False, False, True, False], "l2": [1.0, 2.5, 0.0, 0.0]})
+    eps = np.array([0.0, 0.5, 1.0, 2.0, 3.0])
+    assert distortion_curve(rows, eps).tolist() == [0.75, 0.75, 0.5, 0.5, 0.25]
+
+
+def test_red_theory_section_reads_the_commands_numbers(tmp_path):
+    import json
+
+    folder = tmp_path / "runs" / "red-theory"
+    folder.mkdir(parents=True)
+    numbers = {"m": [30, 100], "mean_mu/leaky_relu": [0.5, 0.7], "mean_mu/softplus": [0.4, 0.6]}
+    (folder / "theory.json").write_text(json.dumps(numbers | {"rate_m100": 0.9876, "attack_type_recovered": 1.0}))
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"rt": {"kind": "red_theory", "title": "RT", "source": "-"}}))
+    text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
+    assert "| 100 | 0.7 | 0.6 |" in text and "mean rate 0.9876 per step" in text and "100% of the instances" in text
+
+
+def test_distortion_section_from_the_fixture_run(fixture_run, tmp_path):
+    import numpy as np
+
+    from jobs.results import distortion_curve
+
+    out, rows = fixture_run
+    runs = out.parent.parent / "runs"
+    spec = {"kind": "distortion", "config": str(out.parent.parent / "tiny.yaml"), "title": "D", "source": "-"}
+    (tmp_path / "paper.yaml").write_text(
+        yaml.safe_dump({"d": spec | {"attacks": ["fgsm", "bpda"], "table_eps": [1.0]}})
+    )
+    text = build_report(tmp_path / "docs", runs=runs, paper_numbers=tmp_path / "paper.yaml").read_text()
+    sub = rows[(rows.defense == "invgan") & (rows.attack == "bpda")]
+    assert f"| invgan | bpda | 4 | {distortion_curve(sub, np.array([1.0]))[0]:.2f} |" in text
+    assert (tmp_path / "docs" / "figures" / "d.png").exists()

@@ -27,6 +27,7 @@ from invgan_core.attacks import (
     FGSM,
     Attack,
     AttackResult,
+    GradientDescent,
     LinfPGD,
     Logits,
     Norm,
@@ -239,7 +240,13 @@ class ThroughDefense(Attack):
     def differentiable(self, target, ids):
         return self.rule(target, ids)
 
+    # the forward pass of `rule` is the defense's own prediction, so an iterate it misclassifies is an
+    # adversarial example of the defense: the loop keeps each example's first (GradientDescent stop_at_success)
+    exact_forward = True
+
     def run(self, f, x, y, ids):
+        if self.exact_forward and isinstance(self.attack, GradientDescent):
+            return self.attack.run(f, x, y, ids, stop_at_success=True)
         return self.attack.run(f, x, y, ids)
 
 
@@ -263,6 +270,8 @@ class BPDA(ThroughDefense):
 class Reparameterization(ThroughDefense):
     """RP: attack f(G(I(x))) (InvGAN Sec. 3.4); needs a defense with an inverter."""
 
+    exact_forward = False  # f(G(I(x))) is the T = 0 path, not the defense's prediction
+
     def rule(self, defense, ids):
         return rp_logits(defense, ids)
 
@@ -272,6 +281,8 @@ class Unrolled(ThroughDefense):
 
     Theorem 1 needs lr·||H|| ≤ 1 for the Hessian H of the per-pixel MSE in z; the default suits the
     shipped generators (check with `tests/core/test_adaptive.py`)."""
+
+    exact_forward = False  # f(G(z_T')) after T' more steps from z*, close to but not the defense's f(G(z*))
 
     def __init__(self, *, unroll_steps: int = 20, unroll_lr: float = 1.0, attack: Attack | None = None):
         super().__init__(attack or SignCW())

@@ -110,12 +110,19 @@ def _purification(target, x: torch.Tensor, ids: torch.Tensor) -> Optional["Purif
 
 def loss_gradient(f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE) -> torch.Tensor:
     """∇_x of the summed per-example loss: row i is the gradient of example i's own loss."""
+    return loss_gradient_and_logits(f, x, y, loss)[0]
+
+
+def loss_gradient_and_logits(
+    f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of `loss_gradient` and the logits f(x) of the same forward pass (detached)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = f(x)
         value = F.cross_entropy(logits, y, reduction="sum") if Loss(loss) is Loss.CE else -margin(logits, y).sum()
         (grad,) = torch.autograd.grad(value, x)
-    return grad
+    return grad, logits.detach()
 
 
 def _keys(seed: int, ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
@@ -181,6 +188,13 @@ class GradientDescent(Attack):
 
     Step size α = abs_stepsize, or rel_stepsize · ε when abs_stepsize is None (as in foolbox).
     `loss` = "margin" ascends the CW margin instead of the cross-entropy (stronger on saturated models).
+    `restarts` > 1 runs again from other random starts (seeded per restart and example).
+
+    `run(..., stop_at_success=True)` returns each example's first iterate (over steps and restarts) that f
+    misclassifies, else the last restart's final iterate. The end-to-end attacks whose forward pass is the
+    defense itself (BPDA, unrolled, NES) ask for it: an iterate the defense misclassifies is an adversarial
+    example whatever the later steps do (sign steps oscillate around the boundary). It is off by default:
+    a transfer attack computed on the classifier should keep its last, most confident iterate.
     """
 
     def __init__(
@@ -193,25 +207,46 @@ class GradientDescent(Attack):
         random_start: bool,
         seed: int = 0,
         loss: Loss | str = Loss.CE,
+        restarts: int = 1,
     ):
         if eps < 0 or steps < 1:
             raise ValueError(f"need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}")
+        if not (isinstance(restarts, int) and restarts >= 1) or (restarts > 1 and not random_start):
+            raise ValueError(f"restarts={restarts!r}: give a whole number >= 1 (more than 1 needs random_start)")
         self.eps, self.rel_stepsize, self.abs_stepsize = eps, rel_stepsize, abs_stepsize
         self.steps, self.random_start, self.seed, self.loss = steps, random_start, seed, Loss(loss)
+        self.restarts = restarts
 
     @property
     def stepsize(self) -> float:
         return self.rel_stepsize * self.eps if self.abs_stepsize is None else self.abs_stepsize
 
-    def run(self, f, x, y, ids):
-        x0 = x
-        if self.random_start:
-            x = self.get_random_start(x0, ids).clamp(0, 1)  # clipping to the box keeps it in the ball
-        for _ in range(self.steps):
-            x = self.project(x + self.stepsize * self.normalize(loss_gradient(f, x, y, self.loss), x), x0)
-        return x, torch.full((len(x0),), self.steps, dtype=torch.int64, device=x0.device)
+    def run(self, f, x, y, ids, *, stop_at_success: bool = False):
+        x0, judge = x, stop_at_success or self.restarts > 1
+        best, fooled = x0.clone(), torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
 
-    def get_random_start(self, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        def keep_first(logits: torch.Tensor, x: torch.Tensor) -> None:  # each example's first fooling iterate
+            nonlocal best, fooled
+            new = (logits.argmax(1) != y) & ~fooled
+            best, fooled = torch.where(_rows(new, x.ndim), x, best), fooled | new
+
+        for restart in range(self.restarts):
+            # clipping to the box keeps a random start in the ball; restart r draws from seed + 7919 r
+            x = self.get_random_start(x0, ids, self.seed + 7919 * restart).clamp(0, 1) if self.random_start else x0
+            for _ in range(self.steps):
+                grad, logits = loss_gradient_and_logits(f, x, y, self.loss)
+                if stop_at_success:
+                    keep_first(logits, x)
+                x = self.project(x + self.stepsize * self.normalize(grad, x), x0)
+            if judge:  # the restart's final iterate
+                with torch.no_grad():
+                    keep_first(f(x), x)
+                if bool(fooled.all()):
+                    break
+        x = torch.where(_rows(fooled, x.ndim), best, x) if judge else x
+        return x, torch.full((len(x0),), self.steps * (restart + 1), dtype=torch.int64, device=x0.device)
+
+    def get_random_start(self, x0: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
         raise NotImplementedError
 
     def normalize(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +261,8 @@ class GradientDescent(Attack):
 class LinfGradientDescent(GradientDescent):
     norm = Norm.LINF
 
-    def get_random_start(self, x0, ids):
-        u = per_example_uniform(self.seed, ids, x0[0].numel()).reshape(x0.shape)
+    def get_random_start(self, x0, ids, seed):
+        u = per_example_uniform(seed, ids, x0[0].numel()).reshape(x0.shape)
         return x0 + self.eps * (2 * u - 1)
 
     def normalize(self, grad, x):
@@ -240,10 +275,10 @@ class LinfGradientDescent(GradientDescent):
 class L2GradientDescent(GradientDescent):
     norm = Norm.L2
 
-    def get_random_start(self, x0, ids):
+    def get_random_start(self, x0, ids, seed):
         """Uniform in the ℓ2 ball: a direction uniform on the (n+2)-sphere, first n coordinates (Voelker 2017)."""
         n = x0[0].numel()
-        g = per_example_normal(self.seed, ids, n + 2)
+        g = per_example_normal(seed, ids, n + 2)
         return x0 + self.eps * (g / g.norm(dim=1, keepdim=True))[:, :n].reshape(x0.shape)
 
     def normalize(self, grad, x):
@@ -294,12 +329,12 @@ class L1GradientDescent(GradientDescent):
             raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         self.quantile = quantile
 
-    def get_random_start(self, x0, ids):
+    def get_random_start(self, x0, ids, seed):
         """Uniform in the ℓ1 ball: spacings of n sorted uniforms, random signs (as foolbox)."""
         n = x0[0].numel()
-        u = per_example_uniform(self.seed, ids, n, stream=0).sort(dim=1).values
+        u = per_example_uniform(seed, ids, n, stream=0).sort(dim=1).values
         spacings = u - torch.cat([torch.zeros_like(u[:, :1]), u[:, :-1]], dim=1)
-        signs = (per_example_uniform(self.seed, ids, n, stream=1) < 0.5).float() * 2 - 1
+        signs = (per_example_uniform(seed, ids, n, stream=1) < 0.5).float() * 2 - 1
         return x0 + self.eps * (signs * spacings).reshape(x0.shape)
 
     def normalize(self, grad, x):
@@ -340,6 +375,7 @@ class LinfPGD(LinfGradientDescent):
         random_start: bool = True,
         seed: int = 0,
         loss: Loss | str = Loss.CE,
+        restarts: int = 1,
     ):
         super().__init__(
             eps=eps,
@@ -349,6 +385,7 @@ class LinfPGD(LinfGradientDescent):
             random_start=random_start,
             seed=seed,
             loss=loss,
+            restarts=restarts,
         )
 
 
@@ -365,6 +402,7 @@ class L2PGD(L2GradientDescent):
         random_start: bool = True,
         seed: int = 0,
         loss: Loss | str = Loss.CE,
+        restarts: int = 1,
     ):
         super().__init__(
             eps=eps,
@@ -374,6 +412,7 @@ class L2PGD(L2GradientDescent):
             random_start=random_start,
             seed=seed,
             loss=loss,
+            restarts=restarts,
         )
 
 
@@ -395,6 +434,7 @@ class L1PGD(L1GradientDescent):
         random_start: bool = True,
         seed: int = 0,
         loss: Loss | str = Loss.CE,
+        restarts: int = 1,
     ):
         super().__init__(
             eps=eps,
@@ -405,6 +445,7 @@ class L1PGD(L1GradientDescent):
             seed=seed,
             quantile=quantile,
             loss=loss,
+            restarts=restarts,
         )
 
 

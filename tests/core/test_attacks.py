@@ -107,10 +107,10 @@ def test_carlini_wagner_returns_adversarials_or_the_input(cnn_data):
 @pytest.mark.parametrize("attack", [LinfPGD(eps=0.3), L2PGD(eps=2.0), L1PGD(eps=5.0)], ids=["linf", "l2", "l1"])
 def test_random_starts_lie_in_the_ball_and_depend_only_on_the_id(attack):
     x0 = torch.full((4, 1, 8, 8), 0.5)
-    start = attack.get_random_start(x0, torch.tensor([7, 8, 9, 10]))
+    start = attack.get_random_start(x0, torch.tensor([7, 8, 9, 10]), attack.seed)
     assert attack.norm.of(start - x0).max() <= attack.eps + 1e-5
     assert (start - x0).abs().amax() > 0
-    alone = attack.get_random_start(x0[:1], torch.tensor([9]))
+    alone = attack.get_random_start(x0[:1], torch.tensor([9]), attack.seed)
     torch.testing.assert_close(alone[0], start[2], atol=0, rtol=0)
     assert not torch.allclose(start[0], start[1])
 
@@ -360,3 +360,46 @@ def test_a_defense_target_carries_the_purification_of_its_success_check(cnn_data
     torch.testing.assert_close(on_defense.purified.x, on_defense.x_adv * 0.5)
     assert torch.equal(on_defense.success, model(on_defense.purified.x).argmax(1) != y)
     assert on_defense.purify_seconds > 0
+
+
+# ---------------------------------------------------------------- first success and restarts
+
+
+def test_stop_at_success_returns_the_iterate_the_model_misclassified(cnn_data):
+    """Known answer: a model that misclassifies only on its 3rd call. With stop_at_success the attack returns
+    exactly the input of that call for every example; without it, the last iterate (which it classifies right)."""
+    model, x, _ = cnn_data
+    y = model(x).argmax(1)  # right on every clean input; the budget below is too small to change that
+    seen: list[torch.Tensor] = []
+
+    def flaky(inp):
+        seen.append(inp.detach().clone())
+        logits = model(inp)
+        if len(seen) == 3:  # every example misclassified on this call only
+            logits = logits + torch.nn.functional.one_hot((y + 1) % 10, 10).float() * 1e4
+        return logits
+
+    attack = LinfPGD(eps=0.002, steps=5, abs_stepsize=0.001)
+    x_adv, _ = attack.run(flaky, x, y, torch.arange(len(x)), stop_at_success=True)
+    torch.testing.assert_close(x_adv, seen[2])
+    seen.clear()
+    plain, _ = attack.run(flaky, x, y, torch.arange(len(x)))
+    assert not torch.equal(plain, x_adv) and len(seen) == 5  # no judging forward without stop_at_success
+    assert bool((model(plain).argmax(1) == y).all())
+
+
+def test_restarts_find_the_union_of_their_random_starts(mnist):
+    """restarts = 2 fools exactly the examples that seed s or seed s + 7919 fools on its own (each restart is
+    that seed's single run), and an example fooled by the first keeps the first's adversarial."""
+    model, x, y = mnist
+    ids = torch.arange(len(x))
+    kw = dict(eps=0.1, steps=5, abs_stepsize=0.02)  # weak, so a single start leaves some examples
+    one = LinfPGD(seed=0, **kw)(model, x, y, ids=ids)
+    other = LinfPGD(seed=7919, **kw)(model, x, y, ids=ids)
+    both = LinfPGD(seed=0, restarts=2, **kw)(model, x, y, ids=ids)
+    assert torch.equal(both.success, one.success | other.success)
+    assert 0 < int(one.success.sum()) < len(x) and bool((other.success & ~one.success).any())
+    torch.testing.assert_close(both.x_adv[one.success], one.x_adv[one.success])
+    assert (both.x_adv - x).abs().amax() <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="random_start"):
+        LinfPGD(random_start=False, restarts=2)

@@ -240,9 +240,11 @@ class ThroughDefense(Attack):
     def differentiable(self, target, ids):
         return self.rule(target, ids)
 
-    # the forward pass of `rule` is the defense's own prediction, so an iterate it misclassifies is an
-    # adversarial example of the defense: the loop keeps each example's first (GradientDescent stop_at_success)
-    exact_forward = True
+    @property
+    def exact_forward(self) -> bool:
+        """Is the forward pass of `rule` the defense's own prediction? Then an iterate it misclassifies is an
+        adversarial example of the defense, and the loop keeps each example's first (stop_at_success)."""
+        return True
 
     def run(self, f, x, y, ids):
         if self.exact_forward and isinstance(self.attack, GradientDescent):
@@ -263,6 +265,10 @@ class BPDA(ThroughDefense):
             raise ValueError(f"warm_steps={warm_steps!r}: give a whole number of projection steps >= 1")
         self.warm_start, self.warm_steps = bool(warm_start), warm_steps
 
+    @property
+    def exact_forward(self) -> bool:
+        return not self.warm_start  # a warm projection is the attacker's approximation, not the defense
+
     def rule(self, defense, ids):
         return bpda_logits(defense, ids, warm_steps=self.warm_steps if self.warm_start else None)
 
@@ -270,7 +276,9 @@ class BPDA(ThroughDefense):
 class Reparameterization(ThroughDefense):
     """RP: attack f(G(I(x))) (InvGAN Sec. 3.4); needs a defense with an inverter."""
 
-    exact_forward = False  # f(G(I(x))) is the T = 0 path, not the defense's prediction
+    @property
+    def exact_forward(self) -> bool:
+        return False  # f(G(I(x))) is the T = 0 path, not the defense's prediction
 
     def rule(self, defense, ids):
         return rp_logits(defense, ids)
@@ -282,7 +290,9 @@ class Unrolled(ThroughDefense):
     Theorem 1 needs lr·||H|| ≤ 1 for the Hessian H of the per-pixel MSE in z; the default suits the
     shipped generators (check with `tests/core/test_adaptive.py`)."""
 
-    exact_forward = False  # f(G(z_T')) after T' more steps from z*, close to but not the defense's f(G(z*))
+    @property
+    def exact_forward(self) -> bool:
+        return False  # f(G(z_T')) after T' more steps from z*, close to but not the defense's f(G(z*))
 
     def __init__(self, *, unroll_steps: int = 20, unroll_lr: float = 1.0, attack: Attack | None = None):
         super().__init__(attack or SignCW())

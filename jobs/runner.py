@@ -455,9 +455,11 @@ def _one_pass(
     size = min(resources.num_workers, len(items))
     # after a loss, take whatever actors the remaining nodes can hold rather than wait for the lost ones
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=size) if elastic else ray.data.ActorPoolStrategy(size=size)
-    ray.data.DataContext.get_current().wait_for_min_actors_s = (
-        -1 if elastic else WAIT_FOR_WORKERS_S
-    )  # before the dataset: it copies the context
+    context = ray.data.DataContext.get_current()  # set before the dataset: it copies the context
+    context.wait_for_min_actors_s = -1 if elastic else WAIT_FOR_WORKERS_S
+    # A shard is one unit of Ray Data work and may legitimately take longer than Ray's no-progress timeout
+    # (30 min: BPDA through Defense-GAN on a loaded machine); lost workers are caught by our own retries.
+    context.execution_no_progress_timeout_s = -1
     with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60 deprecates the kwargs)
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -148,3 +148,45 @@ def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "shard 0 failed twice (FileNotFoundError" in proc.stdout + proc.stderr
     assert "finished shards are kept" in proc.stdout + proc.stderr
+
+
+class _SlowWorker:
+    """A worker whose shards outlast Ray Data's no-progress timeout (set to 1 s below)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def run_shard(self, shard: int, start: int, stop: int):
+        import pandas as pd
+
+        time.sleep(self.seconds)
+        return pd.DataFrame({"example_id": list(range(start, stop)), "shard": shard})
+
+
+@pytest.mark.reliability(kind="fault")
+def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_path):
+    """Ray Data gives up on a dataset that moves no block for `execution_no_progress_timeout_s` (30 min by
+    default); one shard of BPDA through Defense-GAN on a loaded machine takes longer. The runner turns that
+    timeout off (lost workers are caught by its own retries): with the timeout at 1 s, 3-second shards finish."""
+    import ray
+
+    from jobs.config import Resources
+    from jobs.runner import read_rows, run_shards
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
+        run_shards(
+            [(0, 0, 2), (1, 2, 4)],
+            tmp_path,
+            worker=_SlowWorker,
+            worker_kwargs={"seconds": 3.0},
+            resources=Resources(num_workers=1, num_cpus_per_worker=1),
+            expected=lambda a, b: b - a,
+            columns=["example_id", "shard"],
+            desc="slow",
+            progress=False,
+        )
+        assert sorted(read_rows(tmp_path, ["example_id"])["example_id"]) == [0, 1, 2, 3]
+    finally:
+        ray.shutdown()

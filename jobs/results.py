@@ -106,7 +106,7 @@ def paired_comparison(rows: pd.DataFrame, cheap: str, reference: str, columns: d
         verdict = "matches" if diff >= -0.02 else f"falls short by {-diff:.2f}"
         lines.append(
             f"- {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
-            f"{diff:+.2f} ± {2 * se:.2f}): **{verdict}**"
+            f"{diff:+.2f}" + (f" ± {2 * se:.2f}" if np.isfinite(se) else "") + f"): **{verdict}**"
         )
     return lines
 
@@ -175,6 +175,24 @@ def _not_run(head: str, command: str, run_dir: Path) -> tuple[str, None]:
     return head + f"*Not run yet.* `{command}` writes `{run_dir.name}`; then `invgan report`.\n", None
 
 
+def _run_id(run_dir: Path) -> str:
+    from jobs.tracking import recorded_run_id
+
+    return recorded_run_id(run_dir) or "not logged"
+
+
+def _shards(rows: pd.DataFrame, run_dir: Path, cfg) -> tuple[int, int]:
+    """(finished, planned) shards of a run, planned from the config while it is still running."""
+    import math
+
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    total = summary.get("shards", {}).get("total")
+    if total is None and getattr(cfg, "limit", None):
+        total = math.ceil(cfg.limit / cfg.shard_size)
+    done = int(rows["shard"].nunique())
+    return done, int(total) if total is not None else done
+
+
 def _image_size(cfg) -> int:
     from invgan_core.checkpoint import read_manifest
 
@@ -214,13 +232,18 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         for d, row in part.items():
             cells.setdefault(d, {}).update(row)
     cells = {d: {c: cells[d][c] for c in spec["columns"] if c in cells[d]} for d in cfg.defenses if d in cells}
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     flags = flags_summary(masking_flags(cfg, rows))
-    done, total = rows["shard"].nunique(), summary.get("shards", {}).get("total", "?")
+    done, total = _shards(rows, run_dir, cfg)
     digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
-    lines = [head + cells_markdown(cells, digits), ""]
+    partial = (
+        f"**Partial run: {done} of {total} shards.** Rerunning its command resumes it; the cells hold the "
+        "finished shards' examples only.\n\n"
+        if done != total
+        else ""
+    )
+    lines = [head + partial + cells_markdown(cells, digits), ""]
     lines.append(
-        f"Run `{run_dir.name}` (MLflow run `{summary.get('mlflow_run_id', 'not logged')}`), "
+        f"Run `{run_dir.name}` (MLflow run `{_run_id(run_dir)}`), "
         f"{len(rows['example_id'].unique())} examples of `{cfg.dataset}/{cfg.split}`, "
         f"{done} of {total} shards, "
         f"compute {_compute_seconds(rows, cfg) / 3600:.2f} core-hours. Bold: ours; n: examples in the cell"
@@ -283,9 +306,8 @@ def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None
         f"{r.seconds_per_example:.3f} | {r.n} |"
         for r in table.itertuples()
     ]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     lines.append(
-        f"\nRun `{run_dir.name}` (eval run `{summary.get('mlflow_run_id', 'not logged')}`), "
+        f"\nRun `{run_dir.name}` (eval run `{_run_id(run_dir)}`), "
         f"{rows['example_id'].nunique()} examples of `{cfg.dataset}/{cfg.split}`, attacked: "
         f"{', '.join(cfg.attacks)}. Seconds are wall time per example on one worker (one core)."
     )
@@ -354,10 +376,9 @@ def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
             for m in t.index
         }
         parts.append(f"**{title}** (rows: method; columns: the input's attack)\n\n" + cells_markdown(cells, 3) + "\n")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     secs = rows.groupby("method")["seconds"].mean()
     parts.append(
-        f"Run `{run_dir.name}` (MLflow run `{summary.get('mlflow_run_id', 'not logged')}`), "
+        f"Run `{run_dir.name}` (MLflow run `{_run_id(run_dir)}`), "
         f"{rows['example_id'].nunique()} test examples of `{cfg.dataset}`, dictionary {cfg.dictionary.per_class} "
         f"per class x {len(names)} attack types, {cfg.steps} steps. Seconds per input: "
         + ", ".join(f"{m} {v:.2f}" for m, v in secs.items())

@@ -248,3 +248,17 @@ def test_distortion_section_from_the_fixture_run(fixture_run, tmp_path):
     sub = rows[(rows.defense == "invgan") & (rows.attack == "bpda")]
     assert f"| invgan | bpda | 4 | {distortion_curve(sub, np.array([1.0]))[0]:.2f} |" in text
     assert (tmp_path / "docs" / "figures" / "d.png").exists()
+
+
+def test_a_run_still_going_is_reported_as_partial(fixture_run, tmp_path):
+    """A run with some shards written (still running, or stopped) is reported with its finished shards only,
+    and says so above the table."""
+    _, rows = fixture_run
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()) | {"name": "partial", "limit": 8}
+    (tmp_path / "partial.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "partial.yaml")
+    write_shard(shard_path(tmp_path / "runs" / f"{cfg.name}-{cfg.config_hash()[:12]}", 0), rows)
+    spec = {"config": str(tmp_path / "partial.yaml"), "title": "P", "source": "-", "columns": {"clean": ["clean"]}}
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"p": spec}))
+    text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
+    assert "**Partial run: 1 of 2 shards.**" in text and "(n=4)" in text

@@ -208,6 +208,24 @@ def red(
     )
 
 
+@app.command()
+def recovery(
+    config: Path = typer.Option(Path("configs/repro/recovery_digits.yaml"), help="YAML config"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. steps=2000"),
+    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]"),
+    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
+) -> None:
+    """Latent recovery (Lipton & Tripathi Tables 1-2) on a uniform-prior generator: the fraction of latents
+    recovered to ||z - z'||²/d < ε with no, standard and stochastic clipping, and the spread of the latents
+    recovered from one real image.
+
+    Example:  invgan recovery --set trials=200 --set steps=1000 --out /tmp/rec1
+    """
+    from jobs.recovery import main as recovery_main
+
+    recovery_main(config=config, overrides=set_, out=out, log_mlflow=not no_mlflow)
+
+
 @app.command("red-theory")
 def red_theory(
     out: Path = typer.Option(Path("runs/red-theory"), help="folder for the figures and numbers"),

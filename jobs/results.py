@@ -477,12 +477,57 @@ def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
     return "\n".join(lines) + "\n\n" + "\n".join(figures) + "\n", None
 
 
+def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+    """An `invgan recovery` run (Lipton & Tripathi Tables 1-2) beside the paper's numbers."""
+    from jobs.config import load_config
+    from jobs.recovery import RecoveryConfig, recovery_tables
+
+    config_path = REPRO_DIR / spec["config"]
+    cfg = load_config(config_path, model=RecoveryConfig)
+    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    rel = _relative(config_path)
+    head = _head(spec, rel)
+    if not (run_dir / "rows.parquet").exists():
+        return _not_run(head, f"invgan recovery --config {rel}", run_dir)
+    rows = pd.read_parquet(run_dir / "rows.parquet")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tables = recovery_tables(rows, cfg.thresholds, int(summary["latent_dim"]), cfg.seed)
+    paper = spec.get("paper", {})
+    t1 = tables["table1"]
+    cells = {
+        str(c): {
+            col: Cell(float(t1.loc[c, col]), int(t1.loc[c, "n"]), paper.get("table1", {}).get(c, {}).get(col))
+            for col in t1.columns
+            if col != "n"
+        }
+        for c in t1.index
+    }
+    parts = [head + "**Table 1**: fraction of trials with ||z − z'||² / d < ε\n\n" + cells_markdown(cells, 3) + "\n"]
+    t2 = tables["table2"]
+    if len(t2):
+        lines = ["**Table 2**: mean pairwise ||z'_i − z'_j||₂ / d of the recoveries of one real image", ""]
+        lines += ["| clipping | ours | paper |", "|---|---|---|"]
+        for c, v in t2.iloc[:, 0].items():
+            theirs = paper.get("table2", {}).get(str(c))
+            lines.append(f"| {c} | **{v:.3g}** | {'–' if theirs is None else f'{theirs:.3g}'} |")
+        parts.append("\n".join(lines) + "\n")
+    parts.append(
+        f"Run `{run_dir.name}` (MLflow run `{_run_id(run_dir)}`): {cfg.trials} trials of {cfg.steps} {cfg.optimizer} "
+        f"steps (lr {cfg.lr}) on `{cfg.weights}/{cfg.generator}` (d = {summary['latent_dim']}), "
+        f"{summary['seconds'] / 60:.0f} min."
+    )
+    if spec.get("notes"):
+        parts.append("\n" + spec["notes"].strip())
+    return "\n".join(parts) + "\n", None
+
+
 SECTIONS = {
     "eval": eval_section,
     "curves": curves_section,
     "red": red_section,
     "distortion": distortion_section,
     "red_theory": red_theory_section,
+    "recovery": recovery_section,
 }
 
 

@@ -90,6 +90,12 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
         kinds.add(kind := spec.get("kind", "eval"))
         if kind == "red_theory":
             continue
+        if kind == "recovery":
+            from jobs.recovery import RecoveryConfig
+
+            rec = load_config(REPRO_DIR / spec["config"], model=RecoveryConfig)
+            assert set(spec["paper"]["table1"]) <= set(rec.constraints), key
+            continue
         if kind == "red":
             red = load_config(REPRO_DIR / spec["config"], model=RedConfig)
             for which, by_method in spec["paper"].items():
@@ -110,7 +116,7 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
         assert set(spec.get("column_metrics", {}).values()) <= {"accuracy", "auc", "mse"}, key
         if "compare" in spec:
             assert set(spec["compare"].values()) <= set(cfg.defenses), key
-    assert kinds == {"eval", "curves", "red", "distortion", "red_theory"}
+    assert kinds == {"eval", "curves", "red", "distortion", "red_theory", "recovery"}
 
 
 def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):

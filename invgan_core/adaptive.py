@@ -17,6 +17,7 @@ Every rule is an autograd function, so any gradient attack runs through it uncha
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from invgan_core.attacks import (
     LinfPGD,
     Logits,
     Norm,
+    _purification,
     _rows,
     margin,
     per_example_normal,
@@ -333,15 +335,20 @@ class SubstituteReport:
 class Substitute(Attack):
     """Papernot et al. (2017): label a seed set with the target's predictions, train a substitute,
     grow the set by Jacobian augmentation x + λ·sign(∂F_sub[ŷ]/∂x), repeat; then FGSM on the
-    substitute, transferred. InvGAN Table 4 setting: 150 seeds, 6 rounds, λ = 0.1, FGSM ε = 0.3."""
+    substitute, transferred. InvGAN Table 4 setting: 150 seeds, 6 rounds, λ = 0.1, FGSM ε = 0.3.
+
+    `__call__` trains and attacks; an evaluation trains once (`train`, on the driver) and attacks every
+    shard with the trained substitute (`transfer`). `substitute` (a fresh model) and `seed_images` may be
+    given later (`seeds` says how many an evaluation takes)."""
 
     norm = Norm.LINF
 
     def __init__(
         self,
         *,
-        substitute: nn.Module,
-        seed_images: torch.Tensor,
+        substitute: nn.Module | None = None,
+        seed_images: torch.Tensor | None = None,
+        seeds: int = 150,
         rounds: int = 6,
         lam: float = 0.1,
         epochs: int = 10,
@@ -349,20 +356,32 @@ class Substitute(Attack):
         eps: float = 0.3,
         seed: int = 0,
     ):
-        self.substitute, self.seeds, self.rounds, self.lam = substitute, seed_images, rounds, lam
+        self.substitute, self.seed_images, self.rounds, self.lam = substitute, seed_images, rounds, lam
+        self.seeds = len(seed_images) if seed_images is not None else seeds
         self.epochs, self.lr, self.eps, self.seed = epochs, lr, eps, seed
         self.report: SubstituteReport | None = None
+        self.queries_spent = 0
 
-    def train(self, target, device=None) -> nn.Module:
+    def oracle_queries(self) -> int:
+        """Labels the training asks of the target: the seed set doubles every round but the last."""
+        return self.seeds * (2**self.rounds - 1)
+
+    def train(self, target, device=None, *, batch: int = 512) -> nn.Module:
         """A fresh copy of the substitute trained on oracle labels; sets `self.queries_spent`."""
         import copy
 
+        if self.substitute is None or self.seed_images is None:
+            raise ValueError("Substitute.train needs `substitute` (a fresh model) and `seed_images`")
         g = torch.Generator().manual_seed(self.seed)
         sub = copy.deepcopy(self.substitute).to(device).requires_grad_(True)
-        data, queries = self.seeds.to(device).clone(), 0
+        data, queries = self.seed_images.to(device).clone(), 0
         opt = torch.optim.Adam(sub.parameters(), lr=self.lr)
         for r in range(self.rounds):
-            labels = predict(target, data, torch.arange(len(data), device=device) + 10_000_000 * (r + 1))
+            query_ids = torch.arange(len(data), device=device) + 10_000_000 * (r + 1)
+            with torch.no_grad():  # the oracle in chunks: a projection defense batches restarts x images
+                labels = torch.cat(
+                    [predict(target, d, i) for d, i in zip(data.split(batch), query_ids.split(batch), strict=True)]
+                )
             queries += len(data)
             sub.train()
             for _ in range(self.epochs):
@@ -383,12 +402,20 @@ class Substitute(Attack):
         raise NotImplementedError  # __call__ below needs the target itself, not a gradient rule
 
     def __call__(self, target, x, y, *, ids=None) -> AttackResult:
-        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
         sub = self.train(target, x.device)
-        queries = self.queries_spent
+        return self.transfer(sub, target, x, y, ids=ids, queries=self.queries_spent)
+
+    def transfer(self, sub: nn.Module, target, x, y, *, ids=None, queries: int = 0) -> AttackResult:
+        """FGSM on the trained substitute, measured against the target (a defense's purification is kept
+        for its row, as `Attack.__call__` does). `queries`: the oracle labels the training spent."""
+        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+        ids = ids.to(x.device)
         x_adv = FGSM(eps=self.eps)(sub, x, y).x_adv
         with torch.no_grad():
-            labels = predict(target, x_adv, ids)
+            started = time.perf_counter()
+            purified = _purification(target, x_adv, ids)
+            seconds = time.perf_counter() - started if purified is not None else 0.0
+            labels = predict(target, x_adv, ids) if purified is None else target.classifier(purified.x).argmax(1)
             self.report = SubstituteReport(queries, (sub(x_adv).argmax(1) == labels).float().mean().item())
         delta = x_adv - x
         return AttackResult(
@@ -397,4 +424,6 @@ class Substitute(Attack):
             l2=Norm.L2.of(delta),
             linf=Norm.LINF.of(delta),
             queries=torch.full((len(x),), queries, dtype=torch.int64),
+            purified=purified,
+            purify_seconds=seconds,
         )

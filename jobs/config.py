@@ -6,6 +6,7 @@ Attacks name their target (InvGAN Sec. 4.2 and Chen et al.):
 - `classifier`: computed against the bare classifier, fed to every defense (FGSM, PGD, CW);
 - `each`: end to end against each defense in turn, one row per defense attacked (BPDA, unrolled, NES);
 - a defense name: computed through that defense, fed to every defense (RP through `invgan`).
+A black box (`substitute`) takes any of the three as its oracle: it is trained on the oracle's labels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ WRAPPERS = {
     "unrolled": adaptive.Unrolled,
     "nes": adaptive.NES,
 }
+# black boxes trained against an oracle (the classifier, a defense, or `each` defense): the evaluation trains
+# them once on the driver, before the shards (see jobs/evaluate.py: prepare_substitutes)
+BLACK_BOXES = {"substitute": adaptive.Substitute}
 DEFENSES: dict[str, type[defenses.Defense]] = {
     "none": defenses.NoDefense,
     "defensegan": defenses.DefenseGAN,
@@ -71,11 +75,12 @@ class AttackSpec(_Strict):
         if self.kind in WRAPPERS:
             inner = self.base.build(seed) if self.base else None
             return _construct(WRAPPERS[self.kind], self.params | ({"attack": inner} if inner else {}), self.kind, seed)
-        if self.kind not in ATTACKS:
-            raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join([*ATTACKS, *WRAPPERS])}")
+        known = {**ATTACKS, **BLACK_BOXES}
+        if self.kind not in known:
+            raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join([*known, *WRAPPERS])}")
         if self.base is not None:
             raise ValueError(f"attack kind {self.kind!r} takes no `base`")
-        return _construct(ATTACKS[self.kind], self.params, self.kind, seed)
+        return _construct(known[self.kind], self.params, self.kind, seed)
 
 
 _GOLDEN = 2654435769  # round(2^32 / φ): Fibonacci hashing's multiplier
@@ -239,7 +244,7 @@ class EvalConfig(JobConfig):
                     f"({', '.join(self.defenses)})"
                 )
             end_to_end = spec.kind in WRAPPERS
-            if end_to_end == (spec.target == "classifier"):
+            if spec.kind not in BLACK_BOXES and end_to_end == (spec.target == "classifier"):
                 raise ValueError(
                     f"attacks.{name}.target: {spec.kind!r} "
                     + (
@@ -296,6 +301,9 @@ BUDGETS = {
     "unroll_steps": _COUNT,
     "warm_steps": _COUNT,
     "restarts": _COUNT,
+    "seeds": _COUNT,
+    "rounds": _COUNT,
+    "epochs": _COUNT,
     "rel_stepsize": _POSITIVE,
     "abs_stepsize": _POSITIVE,
     "lr": _POSITIVE,
@@ -306,7 +314,7 @@ BUDGETS = {
     "lam": _NON_NEGATIVE,
     "quantile": "a number in [0, 1]",
 }
-NOT_BUDGETS = {"seed", "attack", "loss", "random_start", "abort_early", "warm_start"}
+NOT_BUDGETS = {"seed", "attack", "loss", "random_start", "abort_early", "warm_start", "substitute", "seed_images"}
 
 
 def check_budget(kind: str, params: dict) -> None:

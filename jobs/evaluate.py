@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import pandas as pd
 
 from jobs.common import check_job_inputs, default_tracking_uri
-from jobs.config import EvalConfig, JobConfig, examples_in_shard
+from jobs.config import BLACK_BOXES, EvalConfig, JobConfig, examples_in_shard
 from jobs.runner import (
     ShardStats,
     missing_shards,
@@ -66,7 +66,7 @@ DIVERGED_LATENT = 100.0
 class EvalWorker:
     """Loads the models once; per shard, runs every attack and defense and returns its rows."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, run_dir: str | None = None):
         import torch
 
         from invgan_core.data import load_dataset
@@ -81,6 +81,7 @@ class EvalWorker:
         G, I, f = self.models["generator"], self.models.get("inverter"), self.models["classifier"]
         self.defenses = {name: build_defense(spec, G, I, f, self.cfg.seed) for name, spec in self.cfg.defenses.items()}
         self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.attacks.items()}
+        self.substitutes = load_substitutes(self.cfg, Path(run_dir) if run_dir else None, self.device)
         with torch.no_grad():  # warm up torch's kernels so the first shard's seconds are not inflated
             f(G(G.sample_latent(2)))
 
@@ -99,7 +100,17 @@ class EvalWorker:
             if not at:
                 continue
             xs, ys, ids_s = x[at], y[at], ids[at]
-            if spec.target == "each":  # end to end against each defense: rows for that defense only
+            if spec.kind in BLACK_BOXES:  # trained on the driver against each oracle: FGSM on it, transferred
+                for oracle in substitute_oracles(self.cfg, name):
+                    sub, queries = self.substitutes[(name, oracle)]
+                    target = self.models["classifier"] if oracle == "classifier" else self.defenses[oracle]
+                    result, secs = _transfer(attack, sub, target, xs, ys, ids_s, queries)
+                    for dname in [oracle] if spec.target == "each" else list(self.defenses):
+                        defense = self.defenses[dname]
+                        rows += self._rows(
+                            shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=dname == oracle
+                        )
+            elif spec.target == "each":  # end to end against each defense: rows for that defense only
                 for dname, defense in self.defenses.items():
                     result, secs = _attack(attack, defense, xs, ys, ids_s)
                     rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=True)
@@ -189,6 +200,12 @@ def _attack(attack, target, x, y, ids):
     return result, secs - result.purify_seconds
 
 
+def _transfer(attack, sub, target, x, y, ids, queries):
+    """A trained substitute's attack and seconds, less the target's purification (as in `_attack`)."""
+    result, secs = _timed(lambda: attack.transfer(sub, target, x, y, ids=ids, queries=queries))
+    return result, secs - result.purify_seconds
+
+
 def _timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -225,6 +242,97 @@ def build_defense(spec, G, I, f, seed: int):
             raise ValueError("defense kind 'invgan' needs an inverter in the weights folder")
         return cls(G, I, f, seed=seed, **spec.params)
     return cls(G, f, seed=seed, **spec.params)
+
+
+# ---------------------------------------------------------------- black boxes, trained once on the driver
+
+SUBSTITUTES = "substitutes"  # the run folder's subfolder of trained substitutes: <attack>-<oracle>.{safetensors,json}
+
+
+def substitute_oracles(cfg: EvalConfig, name: str) -> list[str]:
+    """Whose labels attack `name` trains on: 'classifier', its defense, or every defense (`each`)."""
+    target = cfg.attacks[name].target
+    return list(cfg.defenses) if target == "each" else [target]
+
+
+def substitute_seeds(cfg: EvalConfig, full, n: int) -> dict[str, slice]:
+    """Each substitute attack's seed set: the split's last `seeds` images (the split is class-interleaved, so
+    any stretch of it is stratified), which must not be among the n evaluated ones (the first n).
+    ValueError naming the attack and the fix, before any work."""
+    out = {}
+    for name, spec in cfg.attacks.items():
+        if spec.kind in BLACK_BOXES:
+            k = spec.build(cfg.seed).seeds
+            if n + k > len(full):
+                raise ValueError(
+                    f"attacks.{name}: the substitute's {k} seed images are the split's last {k}, which must not "
+                    f"be evaluated; the split has {len(full)} images and {n} are evaluated: set limit <= "
+                    f"{len(full) - k} or fewer seeds (attacks.{name}.params.seeds)"
+                )
+            out[name] = slice(len(full) - k, len(full))
+    return out
+
+
+def prepare_substitutes(cfg: EvalConfig, models: dict, full, n: int, run_dir: Path, device="cpu") -> None:
+    """Train every substitute attack against each of its oracles, once per run (saved in the run folder and
+    reused by every shard and every resume): Papernot et al.'s protocol, on the labels of the oracle."""
+    import sys
+
+    import torch
+
+    from invgan_core.checkpoint import read_manifest, save_model
+    from invgan_core.models import build_model, default_arch
+
+    seeds = substitute_seeds(cfg, full, n)
+    G, I, f = models["generator"], models.get("inverter"), models["classifier"]
+    shape = tuple(read_manifest(cfg.weights_dir() / "classifier")["arch"]["image_shape"])
+    for name, where in seeds.items():
+        for oracle in substitute_oracles(cfg, name):
+            stem = run_dir / SUBSTITUTES / f"{name}-{oracle}"
+            if stem.with_suffix(".json").exists():
+                continue
+            attack = cfg.attacks[name].build(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            arch = default_arch("classifier", shape)  # the target's architecture family, fresh weights
+            attack.substitute = build_model("classifier", arch)
+            attack.seed_images = full.images[where].to(device)
+            target = f if oracle == "classifier" else build_defense(cfg.defenses[oracle], G, I, f, cfg.seed)
+            print(
+                f"training the substitute of {name} on the labels of {oracle} "
+                f"({attack.oracle_queries()} oracle queries) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            started = time.perf_counter()
+            sub = attack.train(target, device)
+            save_model(
+                stem,
+                sub,
+                kind="classifier",
+                arch=arch,
+                oracle=oracle,
+                oracle_queries=attack.queries_spent,
+                seed_ids=[int(full.ids[where.start]), int(full.ids[where.stop - 1])],
+                seconds=round(time.perf_counter() - started, 1),
+            )
+
+
+def load_substitutes(cfg: EvalConfig, run_dir: Path | None, device) -> dict:
+    """{(attack, oracle): (substitute, oracle queries)} from the run folder, hash-verified."""
+    from invgan_core.checkpoint import load_model
+
+    out = {}
+    for name, spec in cfg.attacks.items():
+        if spec.kind not in BLACK_BOXES:
+            continue
+        if run_dir is None:
+            raise ValueError(f"attacks.{name}: a substitute attack needs the run folder its substitute is trained in")
+        for oracle in substitute_oracles(cfg, name):
+            model, manifest = load_model(
+                run_dir / SUBSTITUTES / f"{name}-{oracle}", kind="classifier", map_location=device
+            )
+            out[(name, oracle)] = (model.requires_grad_(False), int(manifest["oracle_queries"]))
+    return out
 
 
 # ---------------------------------------------------------------- the driver
@@ -267,9 +375,11 @@ def evaluate(
 
     quiet_ray_logging(verbose)
     models = load_models(cfg)  # fail on a missing or altered weights file before any Ray work
-    data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit)
+    full = load_dataset(cfg.dataset, cfg.split, cfg.data_dir)
+    data = full.subset(cfg.limit)
     check_job_inputs(cfg, data)  # models that agree and images they can score, before any Ray work
     n = len(data)
+    substitute_seeds(cfg, full, n)  # seed images apart from the evaluated ones
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
     shards = plan_shards(n, cfg.shard_size)
@@ -294,11 +404,12 @@ def evaluate(
     ) as tracker:
         stats = ShardStats()
         if todo:
+            prepare_substitutes(cfg, models, full, n, run_dir)
             stats = run_shards(
                 todo,
                 run_dir,
                 worker=EvalWorker,
-                worker_kwargs={"config": cfg.model_dump(mode="json")},
+                worker_kwargs={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
                 resources=cfg.resources,
                 expected=lambda a, b: expected_rows(cfg, a, b, n),
                 columns=ROW_COLUMNS,

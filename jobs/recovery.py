@@ -139,7 +139,8 @@ def markdown(table: pd.DataFrame, fmt: str) -> str:
     cells = lambda v: str(v) if isinstance(v, (int, np.integer)) else fmt.format(v)  # noqa: E731
     lines = ["| | " + " | ".join(map(str, table.columns)) + " |", "|---|" + "---|" * len(table.columns)]
     lines += [
-        f"| {i} | " + " | ".join(cells(v) for v in row) + " |" for i, row in zip(table.index, table.values, strict=True)
+        f"| {i} | " + " | ".join(cells(v) for v in row) + " |"
+        for i, row in zip(table.index, table.astype(object).values, strict=True)
     ]
     return "\n".join(lines)
 

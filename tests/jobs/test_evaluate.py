@@ -313,3 +313,44 @@ def test_a_defense_may_use_its_own_inverter_the_ablation_of_table_5(tmp_path):
     bad = load_config(SMOKE, [f"defenses={{d: {{kind: invgan, inverter: {tmp_path / 'wrong' / 'inverter'}}}}}"])
     with pytest.raises(CheckpointError, match="latent size"):
         check_job_inputs(bad, None)
+
+
+def test_the_substitute_black_box_is_trained_once_per_oracle_on_unevaluated_seeds_and_transfers(ray_instance, tmp_path):
+    """InvGAN Table 4's attack in `invgan eval`: one substitute per oracle (the classifier, or `each` defense),
+    trained on the driver from the split's last `seeds` images, saved in the run folder, reused on resume."""
+    from invgan_core.checkpoint import read_manifest
+    from invgan_core.data import load_dataset
+
+    attacks = {
+        "sub": {"kind": "substitute", "params": {"rounds": 3, "epochs": 10}},
+        "sub_each": {"kind": "substitute", "target": "each", "params": {"rounds": 2, "epochs": 3, "seeds": 50}},
+    }
+    cfg = load_config(SMOKE, attacks=attacks)
+    res = evaluate(cfg, out=tmp_path / "run", progress=False, log_mlflow=False)
+    folder = res.run_dir / "substitutes"
+    made = {p.stem for p in folder.glob("*.json")}
+    assert made == {"sub-classifier", "sub_each-none", "sub_each-invgan"}
+    test = load_dataset("digits", "test")
+    manifest = read_manifest(folder / "sub-classifier")
+    assert manifest["oracle_queries"] == 150 * (1 + 2 + 4)
+    assert manifest["seed_ids"] == [int(test.ids[-150]), int(test.ids[-1])]  # the last 150: never evaluated
+    assert read_manifest(folder / "sub_each-invgan")["oracle_queries"] == 50 * (1 + 2)
+    rows = res.rows
+    for name, per_defense in (("sub", 16), ("sub_each", 16)):
+        for d in cfg.defenses:
+            assert len(rows[(rows.attack == name) & (rows.defense == d)]) == per_defense
+    assert (rows.loc[rows.attack == "sub", "queries"] == 1050).all()
+    assert (rows.loc[rows.attack == "sub", "linf"] <= 0.3 + 1e-6).all()
+    clean = rows[(rows.attack == "clean") & (rows.defense == "none")].correct.mean()
+    assert rows[(rows.attack == "sub") & (rows.defense == "none")].correct.mean() <= clean - 0.2  # it transfers
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    (res.run_dir / "rows" / "shard-00001.parquet").unlink()
+    again = evaluate(cfg, out=tmp_path / "run", progress=False, log_mlflow=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not trained again
+    a, b = (r.sort_values(KEY).reset_index(drop=True) for r in (rows, again.rows))
+    pd.testing.assert_series_equal(a.prediction, b.prediction)
+
+    with pytest.raises(ValueError, match=r"attacks.sub: the substitute's 150 seed images .* set limit <= 210"):
+        evaluate(load_config(SMOKE, attacks=attacks, limit=300), out=tmp_path / "bad", progress=False, log_mlflow=False)
+    assert not (tmp_path / "bad").exists()

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from invgan.cli import app
 from invgan_core import data as data_mod
-from jobs.config import ATTACKS, BUDGETS, NOT_BUDGETS, WRAPPERS, load_config
+from jobs.config import ATTACKS, BLACK_BOXES, BUDGETS, NOT_BUDGETS, WRAPPERS, load_config
 
 pytestmark = pytest.mark.reliability(kind="bad_input")
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ BAD_VALUES = {
     "a finite number >= 0": [-0.1, math.nan, math.inf],
     "a number in [0, 1]": [-0.1, 1.5],
 }
-REGISTRY = {**ATTACKS, **WRAPPERS}
+REGISTRY = {**ATTACKS, **WRAPPERS, **BLACK_BOXES}
 
 
 def _spec(kind: str, params: dict) -> dict:

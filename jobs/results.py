@@ -453,7 +453,8 @@ def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
     import shutil
 
     folder = runs / spec.get("folder", "red-theory")
-    head = f"## {spec['title']}\n\nPaper: {spec['source']}. Command: `invgan red-theory` (writes `runs/{folder.name}`).\n\n"
+    head = f"## {spec['title']}\n\nPaper: {spec['source']}. "
+    head += f"Command: `invgan red-theory` (writes `runs/{folder.name}`).\n\n"
     if not (folder / "theory.json").exists():
         return head + f"*Not run yet.* `invgan red-theory --out runs/{folder.name}`; then `invgan report`.\n", None
     numbers = json.loads((folder / "theory.json").read_text())

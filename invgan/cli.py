@@ -266,6 +266,9 @@ def verify(
 def report(
     out: Path = typer.Option(Path("docs"), help="folder for results.md and figures/"),
     runs: Optional[Path] = typer.Option(None, help="run folders to read [$INVGAN_RUNS or ./runs]"),
+    readme: Optional[Path] = typer.Option(
+        Path("README.md"), help="README whose headline block (between its markers) gets the headline table"
+    ),
 ) -> None:
     """Regenerate docs/results.md and docs/figures/ from the reproduction runs (configs/repro/).
 
@@ -276,7 +279,7 @@ def report(
     """
     from jobs.results import build_report
 
-    typer.echo(f"wrote {build_report(out, runs=runs)}")
+    typer.echo(f"wrote {build_report(out, runs=runs, readme=readme)}")
 
 
 @app.command()

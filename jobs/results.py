@@ -13,6 +13,7 @@ worst case), computed from the rows like every other number here.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +90,12 @@ def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, si
     return out
 
 
-def paired_comparison(rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]]) -> list[str]:
+def paired_comparison(
+    rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]], *, min_n: int = 20
+) -> list[str]:
     """One line per column: the cheap defense's accuracy against the reference's on the same examples, the
-    difference with twice its standard error, and plainly whether it matches (no worse than 0.02 below)."""
+    difference with twice its standard error, and plainly whether it matches (no worse than 0.02 below),
+    falls short (and whether that is beyond 2 standard errors), or cannot tell (fewer than `min_n` examples)."""
     lines = []
     for column, attacks in columns.items():
         a = combined_correct(rows[rows["defense"] == cheap], attacks)
@@ -103,7 +107,14 @@ def paired_comparison(rows: pd.DataFrame, cheap: str, reference: str, columns: d
             continue
         d = a[common].astype(float) - b[common].astype(float)
         diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        verdict = "matches" if diff >= -0.02 else f"falls short by {-diff:.2f}"
+        if len(d) < min_n:
+            verdict = f"too few examples to tell (n < {min_n})"
+        elif diff >= -0.02:
+            verdict = "matches"
+        elif diff + 2 * se >= -0.02:
+            verdict = f"falls short by {-diff:.2f}, within 2 standard errors of matching"
+        else:
+            verdict = f"falls short by {-diff:.2f}"
         lines.append(
             f"- {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
             f"{diff:+.2f}" + (f" ± {2 * se:.2f}" if np.isfinite(se) else "") + f"): **{verdict}**"
@@ -540,8 +551,35 @@ def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]
     return SECTIONS[kind](key, spec, runs)
 
 
-def build_report(out: Path, *, runs: Path | None = None, paper_numbers: Path = PAPER_NUMBERS) -> Path:
-    """Write out/results.md and out/figures/<table>.png; returns the markdown's path."""
+HEADLINE_START, HEADLINE_END = "<!-- invgan report: headline -->", "<!-- /invgan report -->"
+
+
+def update_headline(readme: Path, text: str) -> bool:
+    """Replace the block between the README's headline markers by `text` (the table marked `headline: true`);
+    False if the README has no such block (nothing is written)."""
+    from invgan_core.checkpoint import atomic_write_bytes
+
+    old = readme.read_text() if readme.exists() else ""
+    start, end = old.find(HEADLINE_START), old.find(HEADLINE_END)
+    if start < 0 or end < start:
+        return False
+    new = old[: start + len(HEADLINE_START)] + "\n" + text.strip() + "\n" + old[end:]
+    if new != old:
+        atomic_write_bytes(readme, new.encode())
+    return True
+
+
+def _as_headline(text: str, key: str) -> str:
+    """A section of results.md for the README: its title one level down, figures linked from docs/."""
+    text = text.replace("](figures/", "](docs/figures/")
+    return re.sub(r"^## ", "### ", text, count=1) + f"\nFull report: [docs/results.md](docs/results.md#{key}).\n"
+
+
+def build_report(
+    out: Path, *, runs: Path | None = None, paper_numbers: Path = PAPER_NUMBERS, readme: Path | None = None
+) -> Path:
+    """Write out/results.md and out/figures/<table>.png; returns the markdown's path. With `readme`, the table
+    marked `headline: true` also replaces the README's headline block (between HEADLINE_START and _END)."""
     from invgan_core.checkpoint import atomic_write_bytes
     from jobs.common import runs_dir
 
@@ -561,7 +599,9 @@ def build_report(out: Path, *, runs: Path | None = None, paper_numbers: Path = P
             path = figures_dir / f"{key}.png"
             figure.savefig(path, dpi=110)
             text += f"\n![{spec['title']}](figures/{key}.png)\n"
-        parts.append(text)
+        parts.append(f'<a id="{key}"></a>\n\n' + text)
+        if readme is not None and spec.get("headline"):
+            update_headline(readme, _as_headline(text, key))
     target = out / "results.md"
     atomic_write_bytes(target, "\n".join(parts).encode())
     return target

@@ -138,10 +138,13 @@ def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
             "correct": [True, True, True, False] + [True] * 4,
         }
     )
-    (line,) = paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]})
-    assert "0.75 vs 1.00 (n=4; difference -0.25 ± 0.50)" in line and "falls short by 0.25" in line
+    (line,) = paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]}, min_n=1)
+    assert "0.75 vs 1.00 (n=4; difference -0.25 ± 0.50)" in line and "falls short by 0.25, within 2 standard" in line
+    assert "too few examples to tell (n < 20)" in paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]})[0]
     same = fake.assign(correct=True)
-    assert "**matches**" in paired_comparison(same, "cheap", "ref", {"clean": ["clean"]})[0]
+    assert "**matches**" in paired_comparison(same, "cheap", "ref", {"clean": ["clean"]}, min_n=1)[0]
+    many = pd.concat([fake.assign(example_id=fake.example_id + 4 * k) for k in range(10)])  # n = 40, -0.25
+    assert paired_comparison(many, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**falls short by 0.25**")
 
 
 def test_the_curves_verdict_finds_the_fewest_iterations_that_reach_the_reference():
@@ -268,3 +271,28 @@ def test_a_run_still_going_is_reported_as_partial(fixture_run, tmp_path):
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"p": spec}))
     text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
     assert "**Partial run: 1 of 2 shards.**" in text and "(n=4)" in text
+
+
+def test_the_headline_table_replaces_the_readme_block_between_its_markers_only(fixture_run):
+    from jobs.results import HEADLINE_END, HEADLINE_START
+
+    out, _ = fixture_run
+    tmp = out.parent.parent
+    paper = yaml.safe_load((tmp / "paper.yaml").read_text())
+    paper["tiny_accuracy"]["headline"] = True
+    (tmp / "headline.yaml").write_text(yaml.safe_dump(paper, allow_unicode=True, sort_keys=False))
+    readme = tmp / "README.md"
+    readme.write_text(f"# project\n\nintro\n\n{HEADLINE_START}\nstale numbers\n{HEADLINE_END}\n\n## after\n")
+    plain = tmp / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    for target in (readme, plain):
+        build_report(tmp / "docs2", runs=tmp / "runs", paper_numbers=tmp / "headline.yaml", readme=target)
+    text = readme.read_text()
+    block = text[text.index(HEADLINE_START) : text.index(HEADLINE_END)]
+    assert text.startswith("# project\n\nintro\n\n") and text.endswith(f"{HEADLINE_END}\n\n## after\n")
+    assert "stale numbers" not in text and "### Tiny table" in block and "(n=" in block
+    assert "## Tiny AUC" not in text and "docs/results.md#tiny_accuracy" in block
+    assert plain.read_text() == "# no markers\n"
+    once = readme.read_text()
+    build_report(tmp / "docs2", runs=tmp / "runs", paper_numbers=tmp / "headline.yaml", readme=readme)
+    assert readme.read_text() == once  # regenerating is idempotent

@@ -126,11 +126,11 @@ def _fmt(v: float | None, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int | dict[str, int]) -> str:
+def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int | dict[str, int], first: str = "defense") -> str:
     """`digits`: for every column, or per column (e.g. an MSE column beside accuracies)."""
     columns = list(dict.fromkeys(c for row in cells.values() for c in row))
     places = digits if isinstance(digits, dict) else dict.fromkeys(columns, digits)
-    lines = ["| defense | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for defense, row in cells.items():
         parts = []
         for c in columns:
@@ -386,7 +386,9 @@ def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
             }
             for m in t.index
         }
-        parts.append(f"**{title}** (rows: method; columns: the input's attack)\n\n" + cells_markdown(cells, 3) + "\n")
+        parts.append(
+            f"**{title}** (rows: method; columns: the input's attack)\n\n" + cells_markdown(cells, 3, "method") + "\n"
+        )
     secs = rows.groupby("method")["seconds"].mean()
     parts.append(
         f"Run `{run_dir.name}` (MLflow run `{_run_id(run_dir)}`), "
@@ -514,7 +516,12 @@ def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | No
         }
         for c in t1.index
     }
-    parts = [head + "**Table 1**: fraction of trials with ||z − z'||² / d < ε\n\n" + cells_markdown(cells, 3) + "\n"]
+    parts = [
+        head
+        + "**Table 1**: fraction of trials with ||z − z'||² / d < ε\n\n"
+        + cells_markdown(cells, 3, "clipping")
+        + "\n"
+    ]
     t2 = tables["table2"]
     if len(t2):
         lines = ["**Table 2**: mean pairwise ||z'_i − z'_j||₂ / d of the recoveries of one real image", ""]

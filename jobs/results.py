@@ -90,6 +90,26 @@ def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, si
     return out
 
 
+def find_run_dir(cfg, runs: Path) -> Path:
+    """The run folder of `cfg` under `runs`: runs/<name>-<hash>, or else a folder of the same name whose
+    recorded config differs only in `data_dir` (the same data read from another path, e.g. `--set
+    data_dir=...` on another machine); the first is what a run would write when there is neither."""
+    exact = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    if exact.exists():
+        return exact
+    skip = {"resources", "mlflow", "data_dir"}
+    want = cfg.model_dump(mode="json", exclude=skip)
+    for folder in sorted(runs.glob(f"{cfg.name}-*")):
+        try:
+            recorded = json.loads((folder / "config.json").read_text())["config"]
+            other = type(cfg).model_validate(recorded)
+        except (OSError, KeyError, ValueError):
+            continue
+        if other.model_dump(mode="json", exclude=skip) == want:
+            return folder
+    return exact
+
+
 def paired_comparison(
     rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]], *, min_n: int = 20
 ) -> list[str]:
@@ -223,7 +243,7 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
 
     config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
     cfg = load_config(config_path)
-    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    run_dir = find_run_dir(cfg, runs)
     rel = _relative(config_path)
     head = _head(spec, rel)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -301,7 +321,7 @@ def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None
     config_path = REPRO_DIR / spec["config"]
     cfg = load_config(config_path)
     point_cfg = curves_run_config(cfg)
-    run_dir = runs / f"{point_cfg.name}-{point_cfg.config_hash()[:12]}"
+    run_dir = find_run_dir(point_cfg, runs)
     rel = _relative(config_path)
     head = _head(spec, rel)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -363,7 +383,7 @@ def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
 
     config_path = REPRO_DIR / spec["config"]
     cfg = load_config(config_path, model=RedConfig)
-    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    run_dir = find_run_dir(cfg, runs)
     rel = _relative(config_path)
     head = _head(spec, rel)
     rows = read_rows(run_dir, RED_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -418,7 +438,7 @@ def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
 
     config_path = REPRO_DIR / spec["config"]
     cfg = load_config(config_path)
-    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    run_dir = find_run_dir(cfg, runs)
     rel = _relative(config_path)
     head = _head(spec, rel)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -498,7 +518,7 @@ def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | No
 
     config_path = REPRO_DIR / spec["config"]
     cfg = load_config(config_path, model=RecoveryConfig)
-    run_dir = runs / f"{cfg.name}-{cfg.config_hash()[:12]}"
+    run_dir = find_run_dir(cfg, runs)
     rel = _relative(config_path)
     head = _head(spec, rel)
     if not (run_dir / "rows.parquet").exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -98,7 +99,7 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
             continue
         if kind == "red":
             red = load_config(REPRO_DIR / spec["config"], model=RedConfig)
-            for which, by_method in spec["paper"].items():
+            for which, by_method in spec.get("paper", {}).items():
                 assert set(by_method) <= set(red.methods), key
                 for cells in by_method.values():
                     assert set(cells) <= {"clean", *red.dictionary.attacks}, (key, which)
@@ -296,3 +297,20 @@ def test_the_headline_table_replaces_the_readme_block_between_its_markers_only(f
     once = readme.read_text()
     build_report(tmp / "docs2", runs=tmp / "runs", paper_numbers=tmp / "headline.yaml", readme=readme)
     assert readme.read_text() == once  # regenerating is idempotent
+
+
+def test_a_run_made_with_another_data_dir_is_found_and_a_different_config_is_not(tmp_path):
+    """`--set data_dir=...` (the same data at another path) changes the run folder's hash; the report still
+    finds that run by its recorded config, but never a run of another limit, attack or defense."""
+    from jobs.results import find_run_dir
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    elsewhere = load_config(ROOT / "configs" / "smoke.yaml", data_dir="/data/elsewhere")
+    other = load_config(ROOT / "configs" / "smoke.yaml", limit=8, data_dir="/data/elsewhere")
+    for c in (elsewhere, other):
+        folder = tmp_path / f"{c.name}-{c.config_hash()[:12]}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"config": c.model_dump(mode="json")}))
+    assert find_run_dir(cfg, tmp_path).name == f"smoke-{elsewhere.config_hash()[:12]}"
+    limited = load_config(ROOT / "configs" / "smoke.yaml", limit=12)
+    assert find_run_dir(limited, tmp_path) == tmp_path / f"smoke-{limited.config_hash()[:12]}"  # none matches

@@ -23,7 +23,7 @@ eval: $(STAMP)
 	$(BIN)/invgan eval
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # Static checks (pyproject.toml: [tool.ruff], [tool.mypy]); part of `make test`, so CI runs them
 lint: $(STAMP)

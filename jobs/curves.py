@@ -97,11 +97,11 @@ def run_curves(
     verbose: bool = False,
 ) -> tuple[pd.DataFrame, Path, str | None]:
     """Evaluate every curve point (clean and the config's attacks), plot, log; returns the table."""
-    from jobs.common import default_tracking_uri, git_commit
+    from jobs.common import git_commit
     from jobs.evaluate import evaluate
     from jobs.report import replace_table
     from jobs.runner import run_folder
-    from jobs.tracking import tracked_run
+    from jobs.tracking import job_run
 
     if cfg.curves is None:
         raise SystemExit("the config has no `curves:` section (see configs/curves.yaml)")
@@ -113,15 +113,7 @@ def run_curves(
         "config_hash": point_cfg.config_hash(),
         "git_commit": git_commit(),
     }
-    with tracked_run(
-        enabled=log_mlflow,
-        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-        experiment=cfg.family,
-        run_name=f"{point_cfg.name}-{point_cfg.config_hash()[:8]}",
-        run_dir=run_folder(point_cfg, out),
-        config_dict=point_cfg.model_dump(mode="json"),
-        tags=tags,
-    ) as tracker:
+    with job_run(point_cfg, run_folder(point_cfg, out), enabled=log_mlflow, tags=tags) as tracker:
         res = evaluate(
             point_cfg,
             out=out,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
-from jobs.common import check_job_inputs, default_tracking_uri
+from jobs.common import check_job_inputs
 from jobs.config import BLACK_BOXES, EvalConfig, JobConfig, examples_in_shard
 from jobs.runner import (
     ShardStats,
@@ -273,9 +273,12 @@ def substitute_seeds(cfg: EvalConfig, full, n: int) -> dict[str, slice]:
     return out
 
 
-def prepare_substitutes(cfg: EvalConfig, models: dict, full, n: int, run_dir: Path, device="cpu") -> None:
+def prepare_substitutes(
+    cfg: EvalConfig, models: dict, full, seeds: dict[str, slice], run_dir: Path, device="cpu"
+) -> None:
     """Train every substitute attack against each of its oracles, once per run (saved in the run folder and
-    reused by every shard and every resume): Papernot et al.'s protocol, on the labels of the oracle."""
+    reused by every shard and every resume): Papernot et al.'s protocol, on the labels of the oracle, from the
+    seed images `substitute_seeds` chose."""
     import sys
 
     import torch
@@ -283,7 +286,6 @@ def prepare_substitutes(cfg: EvalConfig, models: dict, full, n: int, run_dir: Pa
     from invgan_core.checkpoint import read_manifest, save_model
     from invgan_core.models import build_model, default_arch
 
-    seeds = substitute_seeds(cfg, full, n)
     G, I, f = models["generator"], models.get("inverter"), models["classifier"]
     shape = tuple(read_manifest(cfg.weights_dir() / "classifier")["arch"]["image_shape"])
     for name, where in seeds.items():
@@ -371,7 +373,7 @@ def evaluate(
     `on_shard(progress)` is called after every shard (another job's MLflow run, e.g. curves')."""
     from invgan_core.data import load_dataset
     from jobs.common import git_commit
-    from jobs.tracking import tracked_run
+    from jobs.tracking import job_run
 
     quiet_ray_logging(verbose)
     models = load_models(cfg)  # fail on a missing or altered weights file before any Ray work
@@ -379,7 +381,7 @@ def evaluate(
     data = full.subset(cfg.limit)
     check_job_inputs(cfg, data)  # models that agree and images they can score, before any Ray work
     n = len(data)
-    substitute_seeds(cfg, full, n)  # seed images apart from the evaluated ones
+    seeds = substitute_seeds(cfg, full, n)  # seed images apart from the evaluated ones, checked before any work
     run_dir = run_folder(cfg, out)
     prepare_run_dir(cfg, run_dir)
     shards = plan_shards(n, cfg.shard_size)
@@ -393,18 +395,10 @@ def evaluate(
         "kind": "eval",
         **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()},
     }
-    with tracked_run(
-        enabled=log_mlflow,
-        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-        experiment=cfg.family,
-        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
-        run_dir=run_dir,
-        config_dict=cfg.model_dump(mode="json"),
-        tags=tags,
-    ) as tracker:
+    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
         stats = ShardStats()
         if todo:
-            prepare_substitutes(cfg, models, full, n, run_dir)
+            prepare_substitutes(cfg, models, full, seeds, run_dir)
             stats = run_shards(
                 todo,
                 run_dir,

@@ -148,9 +148,9 @@ def markdown(table: pd.DataFrame, fmt: str) -> str:
 def run_recovery(cfg: RecoveryConfig, *, out: Path | None = None, log_mlflow: bool = True):
     from invgan_core.checkpoint import atomic_write_json, load_model
     from invgan_core.data import load_dataset
-    from jobs.common import default_tracking_uri, git_commit
-    from jobs.runner import run_folder
-    from jobs.tracking import tracked_run
+    from jobs.common import git_commit
+    from jobs.runner import run_folder, write_shard
+    from jobs.tracking import job_run
 
     G, manifest = load_model(cfg.weights_dir() / cfg.generator, kind="generator")
     G.requires_grad_(False)
@@ -160,21 +160,12 @@ def run_recovery(cfg: RecoveryConfig, *, out: Path | None = None, log_mlflow: bo
     data = load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.images) if cfg.images else None
     run_dir = run_folder(cfg, out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tracked_run(
-        enabled=log_mlflow,
-        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-        experiment=cfg.family,
-        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
-        run_dir=run_dir,
-        config_dict=cfg.model_dump(mode="json"),
-        tags={"kind": "recovery", "config_hash": cfg.config_hash(), "git_commit": git_commit()},
-    ) as tracker:
+    tags = {"kind": "recovery", "config_hash": cfg.config_hash(), "git_commit": git_commit()}
+    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
         started = time.perf_counter()
         images = data.images if data is not None else torch.empty(0)
         rows = recovery_rows(cfg, G, images, [int(i) for i in data.ids] if data is not None else [])
-        tmp = run_dir / "rows.parquet.tmp"
-        rows.to_parquet(tmp, index=False)
-        tmp.replace(run_dir / "rows.parquet")
+        write_shard(run_dir / "rows.parquet", rows)  # atomic: complete or absent
         tables = recovery_tables(rows, cfg.thresholds, d, cfg.seed)
         summary = {
             "table1": tables["table1"].to_dict(),

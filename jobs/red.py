@@ -250,7 +250,7 @@ def run_red(
 ) -> tuple[pd.DataFrame, dict, Path, str | None]:
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
-    from jobs.common import check_job_inputs, default_tracking_uri, git_commit
+    from jobs.common import check_job_inputs, git_commit
     from jobs.evaluate import load_models
     from jobs.runner import (
         missing_shards,
@@ -261,7 +261,7 @@ def run_red(
         run_folder,
         run_shards,
     )
-    from jobs.tracking import recorded_run_id, tracked_run
+    from jobs.tracking import job_run, recorded_run_id
 
     quiet_ray_logging(verbose)
     load_models(cfg)  # fail early on missing or altered weights
@@ -273,15 +273,7 @@ def run_red(
     todo = missing_shards(run_dir, plan_shards(n, cfg.shard_size))
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
     tags = {"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(), "config_hash": cfg.config_hash()}
-    with tracked_run(
-        enabled=log_mlflow,
-        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
-        experiment=cfg.family,
-        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
-        run_dir=run_dir,
-        config_dict=cfg.model_dump(mode="json"),
-        tags=tags,
-    ) as tracker:
+    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
         dic = build_or_load_dictionary(cfg, run_dir)
         retried = 0
         if todo:

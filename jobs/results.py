@@ -90,6 +90,18 @@ def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, si
     return out
 
 
+def _locate(spec: dict, runs: Path, model=None, run_config=None):
+    """A section's config (of `model`, default EvalConfig), its run folder under `runs` (of `run_config(cfg)`
+    when the job runs a derived config, as `invgan curves` does), the config's path as shown, and the heading."""
+    from jobs.config import load_config
+
+    config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
+    cfg = load_config(config_path, model=model) if model is not None else load_config(config_path)
+    run_dir = find_run_dir(run_config(cfg) if run_config else cfg, runs)
+    rel = _relative(config_path)
+    return cfg, run_dir, rel, _head(spec, rel)
+
+
 def find_run_dir(cfg, runs: Path) -> Path:
     """The run folder of `cfg` under `runs`: runs/<name>-<hash>, or else a folder of the same name whose
     recorded config differs only in `data_dir` (the same data read from another path, e.g. `--set
@@ -235,17 +247,12 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     `metric` (accuracy | auc | mse) is the table's; `column_metrics` overrides it per column; `compare:
     {cheap, reference}` adds the paired verdict of one defense against another (e.g. InvGAN at 1/10 of
     Defense-GAN's effective iterations)."""
-    from jobs.config import load_config
     from jobs.evaluate import ROW_COLUMNS, masking_flags
     from jobs.masking import flags_summary
     from jobs.report import scored
     from jobs.runner import read_rows
 
-    config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
-    cfg = load_config(config_path)
-    run_dir = find_run_dir(cfg, runs)
-    rel = _relative(config_path)
-    head = _head(spec, rel)
+    cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan eval --config {rel}", run_dir)
@@ -313,17 +320,11 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
 def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """An `invgan curves` run (InvGAN Fig. 4): accuracy and seconds per effective iterations, and the
     smallest InvGAN budget that reaches the reference's accuracy at its largest budget."""
-    from jobs.config import load_config
     from jobs.curves import curve_figure, curve_table, curves_run_config, point_defenses
     from jobs.evaluate import ROW_COLUMNS
     from jobs.runner import read_rows
 
-    config_path = REPRO_DIR / spec["config"]
-    cfg = load_config(config_path)
-    point_cfg = curves_run_config(cfg)
-    run_dir = find_run_dir(point_cfg, runs)
-    rel = _relative(config_path)
-    head = _head(spec, rel)
+    cfg, run_dir, rel, head = _locate(spec, runs, run_config=curves_run_config)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan curves --config {rel}", run_dir)
@@ -377,15 +378,10 @@ def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005
 
 def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """An `invgan red` run (RED Table 1): signal accuracy and attack-type accuracy per method beside the paper."""
-    from jobs.config import load_config
     from jobs.red import RED_COLUMNS, RedConfig, confusion_figure, red_tables
     from jobs.runner import read_rows
 
-    config_path = REPRO_DIR / spec["config"]
-    cfg = load_config(config_path, model=RedConfig)
-    run_dir = find_run_dir(cfg, runs)
-    rel = _relative(config_path)
-    head = _head(spec, rel)
+    cfg, run_dir, rel, head = _locate(spec, runs, model=RedConfig)
     rows = read_rows(run_dir, RED_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan red --config {rel}", run_dir)
@@ -431,16 +427,11 @@ def distortion_curve(rows: pd.DataFrame, eps: np.ndarray) -> np.ndarray:
 
 def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """Chen, Xie & Zhu Fig. 1: accuracy vs ℓ2 distortion, per defense, one line per (minimum-distortion) attack."""
-    from jobs.config import load_config
     from jobs.evaluate import ROW_COLUMNS
     from jobs.report import scored
     from jobs.runner import read_rows
 
-    config_path = REPRO_DIR / spec["config"]
-    cfg = load_config(config_path)
-    run_dir = find_run_dir(cfg, runs)
-    rel = _relative(config_path)
-    head = _head(spec, rel)
+    cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan eval --config {rel}", run_dir)
@@ -513,14 +504,9 @@ def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
 
 def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """An `invgan recovery` run (Lipton & Tripathi Tables 1-2) beside the paper's numbers."""
-    from jobs.config import load_config
     from jobs.recovery import RecoveryConfig, recovery_tables
 
-    config_path = REPRO_DIR / spec["config"]
-    cfg = load_config(config_path, model=RecoveryConfig)
-    run_dir = find_run_dir(cfg, runs)
-    rel = _relative(config_path)
-    head = _head(spec, rel)
+    cfg, run_dir, rel, head = _locate(spec, runs, model=RecoveryConfig)
     if not (run_dir / "rows.parquet").exists():
         return _not_run(head, f"invgan recovery --config {rel}", run_dir)
     rows = pd.read_parquet(run_dir / "rows.parquet")

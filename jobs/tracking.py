@@ -104,6 +104,22 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def job_run(cfg, run_dir: Path, *, enabled: bool, tags: dict):
+    """`tracked_run` for a job config (eval, curves, red, recovery): its MLflow store (or the default), its
+    family as the experiment, <name>-<hash> as the run's name and its config as the parameters."""
+    from jobs.common import default_tracking_uri
+
+    return tracked_run(
+        enabled=enabled,
+        tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
+        experiment=cfg.family,
+        run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
+        run_dir=run_dir,
+        config_dict=cfg.model_dump(mode="json"),
+        tags=tags,
+    )
+
+
 @contextmanager
 def tracked_run(
     *, enabled: bool, tracking_uri: str, experiment: str, run_name: str, run_dir: Path, config_dict: dict, tags: dict

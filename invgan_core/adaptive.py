@@ -229,8 +229,22 @@ class SignCW(Attack):
 # ---------------------------------------------------------------- end-to-end attacks
 
 
+class _Bound:
+    """An end-to-end attack's logits for a batch of example ids; `restrict(rows)` makes the same logits for
+    the examples `rows` of that batch (the attack loop drops the examples it has already fooled)."""
+
+    def __init__(self, make, ids: torch.Tensor):
+        self.make, self.ids, self.f = make, ids, make(ids)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+    def restrict(self, rows: torch.Tensor) -> "_Bound":
+        return _Bound(self.make, self.ids[rows])
+
+
 class ThroughDefense(Attack):
-    """Run `attack`'s loop against a defense, following the gradient rule `logits_rule(defense, ids)`."""
+    """Run `attack`'s loop against a defense, following the gradient rule `rule(defense, ids)`."""
 
     def __init__(self, attack: Attack | None = None):
         self.attack = attack or LinfPGD(eps=0.3, steps=40)
@@ -240,7 +254,7 @@ class ThroughDefense(Attack):
         raise NotImplementedError
 
     def differentiable(self, target, ids):
-        return self.rule(target, ids)
+        return _Bound(lambda sub: self.rule(target, sub), ids)
 
     @property
     def exact_forward(self) -> bool:
@@ -307,7 +321,7 @@ class Unrolled(ThroughDefense):
 class NES(ThroughDefense):
     """Score-based black box: NES gradients (n = 50, σ = 0.5 against Defense-GAN, Chen et al. D).
 
-    queries = forward evaluations of the defended model (samples per gradient x gradients)."""
+    queries = evaluations of the defended model: one at each iterate, plus `samples` probes per gradient."""
 
     def __init__(self, *, samples: int = 50, sigma: float = 0.5, seed: int = 0, attack: Attack | None = None):
         super().__init__(attack)
@@ -315,12 +329,22 @@ class NES(ThroughDefense):
             raise ValueError(f"NES needs an even number of samples (antithetic pairs), got {samples}")
         self.samples, self.sigma, self.seed = samples, sigma, seed
 
-    def rule(self, defense, ids):
-        return nes_logits(defense, ids, samples=self.samples, sigma=self.sigma, seed=self.seed, counter=[0])
+    def rule(self, defense, ids, counter: list | None = None):
+        counter = [0] if counter is None else counter
+        return nes_logits(defense, ids, samples=self.samples, sigma=self.sigma, seed=self.seed, counter=counter)
+
+    def differentiable(self, target, ids):
+        counter = [0]  # one count of gradient estimates for the batch and its restrictions: directions never repeat
+        return _Bound(lambda sub: self.rule(target, sub, counter), ids)
 
     def run(self, f, x, y, ids):
-        x_adv, gradients = self.attack.run(f, x, y, ids)
-        return x_adv, gradients * self.samples
+        """queries: every evaluation queries the defense at x once, every gradient adds `samples` probes."""
+        x_adv, evaluations = super().run(f, x, y, ids)  # the forward is the defense's: first success, as BPDA
+        if isinstance(self.attack, GradientDescent):  # evaluations include one final check per finished restart
+            gradients = evaluations - evaluations // (self.attack.steps + 1)
+        else:
+            gradients = evaluations
+        return x_adv, evaluations + gradients * self.samples
 
 
 # ---------------------------------------------------------------- substitute black box

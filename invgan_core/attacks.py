@@ -76,6 +76,13 @@ def logits_fn(target, ids: Optional[torch.Tensor] = None) -> Logits:
     raise TypeError(f"target must be an nn.Module, a defense or a callable returning logits, got {type(target)}")
 
 
+def restrict(f: Logits, rows: torch.Tensor) -> Logits:
+    """f for the examples `rows` of the batch it was made for. An end-to-end attack's logits are bound to
+    their examples' ids (a defense keys its randomness by them) and say how to rebind (`restrict`); any
+    other f (a model, a classifier) treats examples independently and is used as it is."""
+    return f.restrict(rows) if hasattr(f, "restrict") else f
+
+
 class Loss(str, enum.Enum):
     """What a gradient attack ascends. CE is the papers' (and foolbox's) choice; MARGIN is the CW logit
     margin max_{j≠y} Z_j - Z_y, which does not saturate when a confident classifier's softmax does."""
@@ -192,9 +199,17 @@ class GradientDescent(Attack):
 
     `run(..., stop_at_success=True)` returns each example's first iterate (over steps and restarts) that f
     misclassifies, else the last restart's final iterate. The end-to-end attacks whose forward pass is the
-    defense itself (BPDA, unrolled, NES) ask for it: an iterate the defense misclassifies is an adversarial
-    example whatever the later steps do (sign steps oscillate around the boundary). It is off by default:
-    a transfer attack computed on the classifier should keep its last, most confident iterate.
+    defense itself (BPDA, NES) ask for it: an iterate the defense misclassifies is an adversarial example
+    whatever the later steps do (sign steps oscillate around the boundary). It is off by default: a
+    transfer attack computed on the classifier should keep its last, most confident iterate.
+
+    A fooled example stops: later steps (and restarts) compute only the examples still standing, so a
+    defense that falls early costs little. The second value `run` returns counts, per example, the
+    evaluations of f it took: each step evaluates f at the current iterate (forward and backward), and
+    a run that judges (stop_at_success or restarts) evaluates each restart's final iterate once more. An
+    example first fooled at iterate j (0 = the start) of the first restart took j + 1; so a k-step attack
+    would have fooled exactly the examples with success and queries ≤ k + 1 (`accuracy_vs_steps`): the
+    convergence curve of one long run.
     """
 
     def __init__(
@@ -223,28 +238,44 @@ class GradientDescent(Attack):
 
     def run(self, f, x, y, ids, *, stop_at_success: bool = False):
         x0, judge = x, stop_at_success or self.restarts > 1
-        best, fooled = x0.clone(), torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        n, device = len(x0), x0.device
+        out, fooled = x0.clone(), torch.zeros(n, dtype=torch.bool, device=device)
+        spent = torch.zeros(n, dtype=torch.int64, device=device)  # evaluations of f per example
 
-        def keep_first(logits: torch.Tensor, x: torch.Tensor) -> None:  # each example's first fooling iterate
-            nonlocal best, fooled
-            new = (logits.argmax(1) != y) & ~fooled
-            best, fooled = torch.where(_rows(new, x.ndim), x, best), fooled | new
+        def keep_first(logits: torch.Tensor, xs: torch.Tensor, rows: torch.Tensor) -> None:
+            new = (logits.argmax(1) != y[rows]) & ~fooled[rows]
+            out[rows[new]], fooled[rows[new]] = xs[new], True
 
         for restart in range(self.restarts):
+            # a restart (and, with stop_at_success, every step) runs only the examples not yet fooled
+            rows = (~fooled).nonzero().squeeze(1) if judge else torch.arange(n, device=device)
+            if not len(rows):
+                break
+            g, xs0 = restrict(f, rows), x0[rows]
             # clipping to the box keeps a random start in the ball; restart r draws from seed + 7919 r
-            x = self.get_random_start(x0, ids, self.seed + 7919 * restart).clamp(0, 1) if self.random_start else x0
+            xs = xs0
+            if self.random_start:
+                xs = self.get_random_start(xs0, ids[rows], self.seed + 7919 * restart).clamp(0, 1)
             for _ in range(self.steps):
-                grad, logits = loss_gradient_and_logits(f, x, y, self.loss)
+                if stop_at_success and bool(fooled[rows].any()):
+                    keep = ~fooled[rows]
+                    rows, xs, xs0 = rows[keep], xs[keep], xs0[keep]
+                    if not len(rows):
+                        break
+                    g = restrict(f, rows)
+                grad, logits = loss_gradient_and_logits(g, xs, y[rows], self.loss)
+                spent[rows] += 1
                 if stop_at_success:
-                    keep_first(logits, x)
-                x = self.project(x + self.stepsize * self.normalize(grad, x), x0)
-            if judge:  # the restart's final iterate
+                    keep_first(logits, xs, rows)
+                xs = self.project(xs + self.stepsize * self.normalize(grad, xs), xs0)
+            if not len(rows):
+                continue
+            out[rows] = torch.where(_rows(fooled[rows], xs.ndim), out[rows], xs)  # the restart's final iterate
+            if judge:
                 with torch.no_grad():
-                    keep_first(f(x), x)
-                if bool(fooled.all()):
-                    break
-        x = torch.where(_rows(fooled, x.ndim), best, x) if judge else x
-        return x, torch.full((len(x0),), self.steps * (restart + 1), dtype=torch.int64, device=x0.device)
+                    keep_first(g(xs), xs, rows)
+                spent[rows] += 1
+        return out, spent
 
     def get_random_start(self, x0: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
         raise NotImplementedError
@@ -289,6 +320,16 @@ class L2GradientDescent(GradientDescent):
         delta = x - x0
         factor = (self.eps / Norm.L2.of(delta).clamp_min(1e-12)).clamp(max=1)
         return (x0 + delta * _rows(factor, x.ndim)).clamp(0, 1)
+
+
+def accuracy_vs_steps(success, queries, steps) -> list[float]:
+    """Accuracy a k-step run would leave, for each k in `steps`, from one longer first-success run (one
+    restart; `GradientDescent.run` with stop_at_success): an example falls within k steps iff it fell and
+    its queries (evaluations up to its fooling iterate) are ≤ k + 1. Accuracy counts every example, so
+    those the defense already misclassifies count as fallen at step 0."""
+    success = torch.as_tensor(success, dtype=torch.bool)
+    queries = torch.as_tensor(queries, dtype=torch.int64)
+    return [1 - (success & (queries <= k + 1)).float().mean().item() for k in steps]
 
 
 def project_l1_box(v: torch.Tensor, eps, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:

@@ -142,7 +142,12 @@ def test_nes_attack_reports_queries_keeps_its_budget_and_matches_white_box_pgd()
     y = model(x).argmax(1)
     pgd = LinfPGD(eps=0.5, steps=20)
     result = NES(samples=100, sigma=0.05, attack=pgd)(model, x, y)
-    assert (result.queries == 2000).all()  # 100 queries per gradient, 20 gradients
+    # queries at the iterate itself + 100 probes per gradient: 20 steps and a final check for a survivor,
+    # j + 1 evaluations (each with a gradient) for an example first fooled at iterate j < 20
+    survived, q = ~result.success, result.queries
+    assert bool(survived.any()) and (q[survived] == 21 + 20 * 100).all()
+    fell_in_loop = q[~survived] % 101 == 0
+    assert bool(fell_in_loop.any()) and (q[~survived][~fell_in_loop] == 2021).all() and q.max() <= 2021
     assert result.linf.max() <= 0.5 + 1e-6 and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     white_box = pgd(model, x, y).success.float().mean().item()
     assert 0.2 <= white_box and result.success.float().mean().item() >= white_box - 0.1
@@ -266,3 +271,19 @@ def test_bpda_warm_start_does_the_damage_cold_bpda_must_do(digits_models):
 def test_bpda_refuses_a_warm_budget_of_no_steps():
     with pytest.raises(ValueError, match="warm_steps"):
         BPDA(warm_start=True, warm_steps=0)
+
+
+def test_bpda_drops_fallen_examples_without_changing_anyones_result(digits_models):
+    """The loop rebinds the defense to the examples still standing: each example's adversarial, success and
+    queries are those of attacking it alone (Defense-GAN keys its random restarts by example id, so a
+    wrong id after a restriction would change them), and fallen examples cost no more projections."""
+    m, test = digits_models
+    x, y, ids = test.images[:8], test.labels[:8], torch.as_tensor(test.ids[:8])
+    defense = DefenseGAN(m["generator"], m["classifier"], restarts=2, steps=10)
+    attack = BPDA(attack=LinfPGD(eps=0.2, steps=6, abs_stepsize=0.03))
+    together = attack(defense, x, y, ids=ids)
+    assert 0 < int(together.success.sum()) < len(x) and int(together.queries.min()) < 7  # some fall early
+    for i in range(len(x)):
+        alone = attack(defense, x[i : i + 1], y[i : i + 1], ids=ids[i : i + 1])
+        torch.testing.assert_close(alone.x_adv[0], together.x_adv[i])
+        assert (bool(alone.success[0]), int(alone.queries[0])) == (bool(together.success[i]), int(together.queries[i]))

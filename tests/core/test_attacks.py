@@ -20,6 +20,7 @@ from invgan_core.attacks import (
     CarliniWagnerL2,
     LinfPGD,
     Norm,
+    accuracy_vs_steps,
     logits_fn,
     project_l1_box,
 )
@@ -403,3 +404,26 @@ def test_restarts_find_the_union_of_their_random_starts(mnist):
     assert (both.x_adv - x).abs().amax() <= 0.1 + 1e-6
     with pytest.raises(ValueError, match="random_start"):
         LinfPGD(random_start=False, restarts=2)
+
+
+def test_one_first_success_run_gives_the_accuracy_of_every_shorter_run(mnist):
+    """accuracy_vs_steps(success, queries) of one 8-step first-success run equals, for every k ≤ 8, the
+    accuracy a separate k-step run leaves (each judged on its own final iterate); fooled examples stop being
+    evaluated (the batch shrinks) and the queries add up to the evaluations f really made."""
+    model, x, y = mnist
+    ids = torch.arange(len(x))
+    kw = dict(eps=0.1, abs_stepsize=0.01)  # small steps: examples fall at different steps
+    sizes: list[int] = []
+
+    def counting(inp):
+        sizes.append(len(inp))
+        return model(inp)
+
+    long, queries = LinfPGD(steps=8, **kw).run(counting, x, y, ids, stop_at_success=True)
+    success = model(long).argmax(1) != y
+    curve = accuracy_vs_steps(success, queries, range(1, 9))
+    for k in (1, 2, 4, 8):
+        short, _ = LinfPGD(steps=k, **kw).run(model, x, y, ids, stop_at_success=True)
+        assert curve[k - 1] == pytest.approx(1 - (model(short).argmax(1) != y).float().mean().item())
+    assert curve[0] > curve[-1] and sum(sizes) == int(queries.sum())
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < len(x)  # the fallen ones are not evaluated again

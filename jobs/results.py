@@ -242,12 +242,86 @@ def _image_size(cfg) -> int:
     return int(np.prod(read_manifest(cfg.weights_dir() / "generator")["arch"]["image_shape"]))
 
 
+def merged_flags(cfgs: list, rows: pd.DataFrame) -> pd.DataFrame:
+    """The gradient-masking checks over the rows of several configs' runs on the same examples (their attacks
+    compared with each other too, e.g. one run's black box with another's white box)."""
+    from jobs import masking
+    from jobs.config import MaskingChecks
+
+    m = cfgs[0].masking_checks or MaskingChecks()
+    specs = {n: s.model_dump(mode="json", exclude_none=True) for c in cfgs for n, s in c.attacks.items()}
+    kinds = {n: s.kind for c in cfgs for n, s in c.defenses.items()}
+    return masking.masking_flags(rows, specs, tol=m.tol, floor=m.floor, defense_kinds=kinds)
+
+
+def convergence_steps(steps: int) -> list[int]:
+    """0, 1, 2, 5, 10, 20, ... up to the attack's `steps` (and `steps` itself)."""
+    marks = [k * 10**e for e in range(6) for k in (1, 2, 5)]
+    return [0] + [k for k in marks if k < steps] + [steps]
+
+
+def convergence_curves(rows: pd.DataFrame, attack: str, steps: int) -> dict[str, list[float]]:
+    """Per defense, accuracy after k steps (k in `convergence_steps`) of a first-success attack that ran
+    `steps` steps, from its rows' success and queries (`invgan_core.attacks.accuracy_vs_steps`)."""
+    from invgan_core.attacks import accuracy_vs_steps
+
+    out = {}
+    for defense, d_rows in rows[rows["attack"] == attack].groupby("defense", sort=False):
+        success = ~d_rows["correct"].astype(bool).to_numpy()
+        out[defense] = accuracy_vs_steps(
+            success, d_rows["queries"].to_numpy(dtype="int64", copy=True), convergence_steps(steps)
+        )
+    return out
+
+
+def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> str:
+    """The table (and figure, docs/figures/<key>_convergence.png) of accuracy vs steps of the attack named
+    by `convergence`, run with one restart and first success (BPDA): the curve must flatten."""
+    name = spec["convergence"]
+    attack_spec = next((c.attacks[name] for c in cfgs if name in c.attacks), None)
+    if attack_spec is None:
+        raise ValueError(f"convergence: no attack {name!r} in {', '.join(c.name for c in cfgs)}")
+    steps = int(attack_spec.build().attack.steps)
+    curves = convergence_curves(rows, name, steps)
+    if not curves:
+        return f"\nConvergence of `{name}`: not run yet."
+    ks = convergence_steps(steps)
+    n = rows[rows["attack"] == name].groupby("defense").size()
+    lines = [f"\n**Convergence of `{name}`**: accuracy after k steps, from the steps at which each example fell:", ""]
+    lines += ["| defense | n | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    lines += [f"| {d} | {n[d]} | " + " | ".join(f"{a:.2f}" for a in acc) + " |" for d, acc in curves.items()]
+    half = ks.index(max(k for k in ks if k <= steps // 2))
+    verdicts = []
+    for d, acc in curves.items():
+        fell = round((acc[half] - acc[-1]) * n[d])
+        verdicts.append(
+            f"{d} flat over the second half" if fell == 0 else f"{d} still falling ({fell} fell after k={ks[half]})"
+        )
+    lines.append("\n" + "; ".join(verdicts) + ".")
+    fig = Figure(figsize=(5.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for d, acc in curves.items():
+        ax.plot(ks, acc, marker="o", label=f"{d} (n={n[d]})")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("attack steps (0 = the random start)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: accuracy vs steps", fontsize=10)
+    target = Path(spec.get("_figures_dir", ".")) / f"{key}_convergence.png"
+    fig.savefig(target, dpi=110)
+    lines.append(f"\n![{name} convergence](figures/{target.name})")
+    return "\n".join(lines)
+
+
 def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """An `invgan eval` table (InvGAN Tables 2, 3, 5): defenses x the paper's columns, from the config's run.
     `metric` (accuracy | auc | mse) is the table's; `column_metrics` overrides it per column; `compare:
     {cheap, reference}` adds the paired verdict of one defense against another (e.g. InvGAN at 1/10 of
-    Defense-GAN's effective iterations)."""
-    from jobs.evaluate import ROW_COLUMNS, masking_flags
+    Defense-GAN's effective iterations). `also: [configs]` joins the attacks of other configs' runs on the same
+    examples (stronger attacks added later without recomputing the rest); `convergence: <attack>` adds that
+    first-success attack's accuracy after k steps (`convergence_text`)."""
+    from jobs.evaluate import ROW_COLUMNS
     from jobs.masking import flags_summary
     from jobs.report import scored
     from jobs.runner import read_rows
@@ -256,7 +330,16 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan eval --config {rel}", run_dir)
-    rows = scored(rows)  # diverged rows are neither correct nor incorrect, as in the eval's own tables
+    runs_used = [(cfg, run_dir, rel, rows)]
+    for also in spec.get("also", []):  # more attacks on the same examples, from another config's run
+        c2, d2, rel2, _ = _locate({**spec, "config": also}, runs)
+        r2 = read_rows(d2, ROW_COLUMNS) if (d2 / "rows").is_dir() else pd.DataFrame()
+        runs_used.append((c2, d2, rel2, r2))
+        head = head.replace(f"Config: `{rel}`", f"Config: `{rel}`" + f" + `{rel2}`")
+    merged = pd.concat(
+        [rows] + [r[~r["attack"].isin(rows["attack"].unique())] for *_, r in runs_used[1:] if not r.empty]
+    )  # the first run's clean rows (and any attack it has) stay; the others add their own attacks
+    rows = scored(merged)  # diverged rows are neither correct nor incorrect, as in the eval's own tables
     metric = spec.get("metric", "accuracy")
     per_column = {c: spec.get("column_metrics", {}).get(c, metric) for c in spec["columns"]}
     paper = spec.get("paper", {})
@@ -270,21 +353,31 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         for d, row in part.items():
             cells.setdefault(d, {}).update(row)
     cells = {d: {c: cells[d][c] for c in spec["columns"] if c in cells[d]} for d in cfg.defenses if d in cells}
-    flags = flags_summary(masking_flags(cfg, rows))
-    done, total = _shards(rows, run_dir, cfg)
+    flags = flags_summary(merged_flags([c for c, *_ in runs_used], merged))
     digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
-    partial = (
-        f"**Partial run: {done} of {total} shards.** Rerunning its command resumes it; the cells hold the "
-        "finished shards' examples only.\n\n"
-        if done != total
-        else ""
-    )
-    lines = [head + partial + cells_markdown(cells, digits), ""]
-    lines.append(
-        f"Run `{run_dir.name}` (MLflow run `{_run_id(run_dir)}`), "
-        f"{len(rows['example_id'].unique())} examples of `{cfg.dataset}/{cfg.split}`, "
-        f"{done} of {total} shards, "
-        f"compute {_compute_seconds(rows, cfg) / 3600:.2f} core-hours. Bold: ours; n: examples in the cell"
+    partial = []
+    for c, d, rel_c, r in runs_used:
+        if r.empty:
+            partial.append(f"**`{rel_c}` not run yet**: `invgan eval --config {rel_c}` writes `{d.name}`.")
+            continue
+        done, total = _shards(r, d, c)
+        if done != total:
+            partial.append(
+                f"**Partial run: {done} of {total} shards of `{rel_c}`.** Rerunning its command resumes it; "
+                "the cells hold the finished shards' examples only."
+            )
+    lines = [head + "".join(p + "\n\n" for p in partial) + cells_markdown(cells, digits), ""]
+    for c, d, rel_c, r in runs_used:
+        if r.empty:
+            continue
+        done, total = _shards(r, d, c)
+        lines.append(
+            f"Run `{d.name}` (MLflow run `{_run_id(d)}`), {len(r['example_id'].unique())} examples of "
+            f"`{c.dataset}/{c.split}`, {done} of {total} shards, compute {_compute_seconds(r, c) / 3600:.2f} "
+            "core-hours."
+        )
+    lines[-1] += (
+        " Bold: ours; n: examples in the cell"
         + (
             " (several attacks in one column: an example counts as correct only if it survives all)"
             if any(len(a) > 1 for a in spec["columns"].values())
@@ -310,6 +403,8 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         f"{f['acc_other']:.2f} (n={f['n']})"
         for f in raised
     ]
+    if spec.get("convergence"):
+        lines.append(convergence_text(key, spec, rows, [c for c, *_ in runs_used]))
     if spec.get("notes"):
         lines.append("\n" + spec["notes"].strip())
     plotted = {d: {c: v for c, v in row.items() if per_column[c] == metric} for d, row in cells.items()}

@@ -111,8 +111,14 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
         if kind == "distortion":
             assert set(spec["attacks"]) <= set(cfg.attacks), key
             continue
+        attacks_of_runs = {"clean", *cfg.attacks}
+        for also in spec.get("also", []):  # another config's run on the same examples adds its attacks
+            more = load_config(REPRO_DIR / also)
+            assert (more.dataset, more.limit, more.weights) == (cfg.dataset, cfg.limit, cfg.weights), (key, also)
+            attacks_of_runs |= set(more.attacks)
         for column, attacks in spec["columns"].items():
-            assert set(attacks) <= {"clean", *cfg.attacks}, (key, column)
+            assert set(attacks) <= attacks_of_runs, (key, column)
+        assert spec.get("convergence", "clean") in attacks_of_runs, key
         assert set(spec["paper"]) <= set(cfg.defenses), key
         assert set(spec.get("column_metrics", {}).values()) <= {"accuracy", "auc", "mse"}, key
         if "compare" in spec:
@@ -271,7 +277,7 @@ def test_a_run_still_going_is_reported_as_partial(fixture_run, tmp_path):
     spec = {"config": str(tmp_path / "partial.yaml"), "title": "P", "source": "-", "columns": {"clean": ["clean"]}}
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"p": spec}))
     text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
-    assert "**Partial run: 1 of 2 shards.**" in text and "(n=4)" in text
+    assert "**Partial run: 1 of 2 shards of `" in text and "(n=4)" in text
 
 
 def test_the_headline_table_replaces_the_readme_block_between_its_markers_only(fixture_run):
@@ -314,3 +320,47 @@ def test_a_run_made_with_another_data_dir_is_found_and_a_different_config_is_not
     assert find_run_dir(cfg, tmp_path).name == f"smoke-{elsewhere.config_hash()[:12]}"
     limited = load_config(ROOT / "configs" / "smoke.yaml", limit=12)
     assert find_run_dir(limited, tmp_path) == tmp_path / f"smoke-{limited.config_hash()[:12]}"  # none matches
+
+
+def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixture_run, tmp_path):
+    """`also`: another config's run on the same examples adds its attacks (its clean rows do not replace the
+    first run's); `convergence`: accuracy after k steps of a first-success attack, whose last point is the
+    attack's own cell, and a figure."""
+    out, rows = fixture_run
+    tmp = out.parent.parent
+    raw = yaml.safe_load((tmp / "tiny.yaml").read_text())
+    more = raw | {
+        "name": "tiny_more",
+        "attacks": {
+            "bpda8": raw["attacks"]["bpda"]
+            | {"base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 8, "abs_stepsize": 0.02}}}
+        },
+    }
+    (tmp / "more.yaml").write_text(yaml.safe_dump(more, sort_keys=False))
+    cfg = load_config(tmp / "more.yaml")
+    more_rows = EvalWorker(cfg.model_dump(mode="json")).run_shard(0, 0, 4)
+    write_shard(shard_path(tmp / "runs" / f"{cfg.name}-{cfg.config_hash()[:12]}", 0), more_rows)
+    paper = {
+        "joined": {
+            "config": str(tmp / "tiny.yaml"),
+            "also": [str(tmp / "more.yaml")],
+            "convergence": "bpda8",
+            "title": "Joined",
+            "source": "-",
+            "columns": {"clean": ["clean"], "bpda8": ["bpda8"], "worst": ["fgsm", "bpda8"]},
+        }
+    }
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(paper, sort_keys=False))
+    text = build_report(tmp_path / "docs", runs=tmp / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
+    assert "Config: `" in text and "more.yaml`" in text and text.count("Run `tiny_") == 2
+    both = pd.concat([rows, more_rows[more_rows.attack != "clean"]])
+    for d in ("none", "invgan"):
+        dr = both[both.defense == d]
+        bpda8 = dr[dr.attack == "bpda8"]["correct"].mean()
+        worst = combined_correct(dr, ["fgsm", "bpda8"]).mean()
+        line = next(line for line in text.splitlines() if line.startswith(f"| {d} | **"))
+        assert f"**{bpda8:.2f}** (n=4)" in line and line.rstrip(" |").endswith(f"**{worst:.2f}** (n=4)")
+        curve = next(line for line in text.splitlines() if line.startswith(f"| {d} | 4 | "))
+        assert curve.rstrip(" |").endswith(f"{bpda8:.2f}")  # k = 8: the attack's own cell
+    assert "**Convergence of `bpda8`**" in text and "k=0 | k=1 | k=2 | k=5 | k=8 |" in text
+    assert (tmp_path / "docs" / "figures" / "joined_convergence.png").read_bytes()[:4] == b"\x89PNG"

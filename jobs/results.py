@@ -367,7 +367,7 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
                 "the cells hold the finished shards' examples only."
             )
     lines = [head + "".join(p + "\n\n" for p in partial) + cells_markdown(cells, digits), ""]
-    for c, d, rel_c, r in runs_used:
+    for c, d, _, r in runs_used:
         if r.empty:
             continue
         done, total = _shards(r, d, c)

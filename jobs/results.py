@@ -274,6 +274,48 @@ def convergence_curves(rows: pd.DataFrame, attack: str, steps: int) -> dict[str,
     return out
 
 
+def _without_steps(spec: dict) -> tuple[dict, int | None]:
+    """An attack spec with its step count taken out (top level or the wrapped base's), and that count."""
+    spec = json.loads(json.dumps(spec))
+    steps = None
+    for part in (spec, spec.get("base") or {}):
+        steps = part.get("params", {}).pop("steps", steps)
+    return spec, steps
+
+
+def prefixes(name: str, cfgs: list) -> list[tuple[str, int]]:
+    """The joined configs' attacks that are `name` cut short: the same spec (start, step, examples) but
+    fewer steps. Randomness depends on (seed, example id) only, so their rows must repeat `name`'s first
+    steps exactly."""
+    specs = {n: s.model_dump(mode="json", exclude_none=True) for c in cfgs for n, s in c.attacks.items()}
+    long, steps = _without_steps(specs[name])
+    found = []
+    for other, s in specs.items():
+        short, k = _without_steps(s)
+        if other != name and short == long and k is not None and steps is not None and k < steps:
+            found.append((other, k))
+    return found
+
+
+def prefix_agreement(rows: pd.DataFrame, name: str, short: str, k: int) -> str:
+    """Whether the first k steps of the first-success attack `name` repeat the k-step run `short`: per
+    (defense, example), the same verdict at k and, where it fell, the same evaluations to its fall."""
+    cols = ["defense", "example_id", "correct", "queries"]
+    both = rows.loc[rows["attack"] == name, cols].merge(
+        rows.loc[rows["attack"] == short, cols], on=["defense", "example_id"], suffixes=("", "_short")
+    )
+    if both.empty:
+        return ""
+    fell = ~both["correct"].astype(bool) & (both["queries"] <= k + 1)
+    fell_short = ~both["correct_short"].astype(bool)
+    same = (fell == fell_short) & (~fell | (both["queries"] == both["queries_short"]))
+    verdict = "repeats it exactly" if same.all() else f"**differs on {int((~same).sum())}**"
+    return (
+        f"\nIts first {k} steps are `{short}` (same spec but the steps): on the {len(both)} (defense, example) "
+        f"pairs both ran, it {verdict} (same examples fallen by step {k}, at the same step)."
+    )
+
+
 def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> str:
     """The table (and figure, docs/figures/<key>_convergence.png) of accuracy vs steps of the attack named
     by `convergence`, run with one restart and first success (BPDA): the curve must flatten."""
@@ -298,6 +340,7 @@ def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> st
             f"{d} flat over the second half" if fell == 0 else f"{d} still falling ({fell} fell after k={ks[half]})"
         )
     lines.append("\n" + "; ".join(verdicts) + ".")
+    lines += [prefix_agreement(rows, name, short, k) for short, k in prefixes(name, cfgs)]
     fig = Figure(figsize=(5.5, 3.4), layout="constrained")
     ax = fig.subplots()
     for d, acc in curves.items():

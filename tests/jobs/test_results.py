@@ -11,7 +11,7 @@ import yaml
 
 from jobs.config import load_config
 from jobs.evaluate import EvalWorker
-from jobs.results import build_report, combined_correct
+from jobs.results import build_report, combined_correct, prefix_agreement
 from jobs.runner import shard_path, write_shard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,7 +325,8 @@ def test_a_run_made_with_another_data_dir_is_found_and_a_different_config_is_not
 def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixture_run, tmp_path):
     """`also`: another config's run on the same examples adds its attacks (its clean rows do not replace the
     first run's); `convergence`: accuracy after k steps of a first-success attack, whose last point is the
-    attack's own cell, and a figure."""
+    attack's own cell, and a figure; its first 5 steps repeat the 5-step `bpda` of the first run (same
+    spec but the steps), which the report checks per example, and a changed step is caught."""
     out, rows = fixture_run
     tmp = out.parent.parent
     raw = yaml.safe_load((tmp / "tiny.yaml").read_text())
@@ -333,7 +334,7 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
         "name": "tiny_more",
         "attacks": {
             "bpda8": raw["attacks"]["bpda"]
-            | {"base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 8, "abs_stepsize": 0.02}}}
+            | {"base": {"kind": "pgd_linf", "params": {"eps": 0.3, "steps": 8, "abs_stepsize": 0.1}}}
         },
     }
     (tmp / "more.yaml").write_text(yaml.safe_dump(more, sort_keys=False))
@@ -364,3 +365,12 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
         assert curve.rstrip(" |").endswith(f"{bpda8:.2f}")  # k = 8: the attack's own cell
     assert "**Convergence of `bpda8`**" in text and "k=0 | k=1 | k=2 | k=5 | k=8 |" in text
     assert (tmp_path / "docs" / "figures" / "joined_convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "Its first 5 steps are `bpda` (same spec but the steps): on the 8 (defense, example) pairs both ran, it "
+        "repeats it exactly" in text
+    )
+    moved = both.reset_index(drop=True)
+    fell = moved.index[(moved.attack == "bpda") & ~moved.correct.astype(bool)]
+    assert len(fell), "the check needs an example bpda fooled"
+    moved.loc[fell[0], "queries"] += 1  # as if the short run had fooled it one step later
+    assert "**differs on 1**" in prefix_agreement(moved, "bpda8", "bpda", 5)

@@ -316,6 +316,23 @@ def prefix_agreement(rows: pd.DataFrame, name: str, short: str, k: int) -> str:
     )
 
 
+def column_at_half(rows: pd.DataFrame, name: str, column: str, attacks: list[str], k: int) -> str:
+    """A column that scores each example by the worst of several attacks, with the first-success attack
+    `name` cut to its first k steps vs run in full: if the examples it fooled late were already fooled by
+    the column's other attacks, the column has stopped moving even where `name` alone has not."""
+    short = rows[rows["attack"] == name].copy()
+    short["correct"] = short["correct"].astype(bool) | (short["queries"] > k + 1)  # not fallen by step k
+    cut = pd.concat([rows[rows["attack"] != name], short])
+    parts = []
+    for d in rows.loc[rows["attack"] == name, "defense"].unique():
+        at_k, full = (combined_correct(r[r["defense"] == d], attacks) for r in (cut, rows))
+        if at_k is not None and full is not None:
+            parts.append(f"{d} {at_k.mean():.2f} → {full.mean():.2f}")
+    return f"\nColumn `{column}` (worst of {', '.join(attacks)}) with `{name}` cut to k={k} → in full: " + (
+        "; ".join(parts) + "."
+    )
+
+
 def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> str:
     """The table (and figure, docs/figures/<key>_convergence.png) of accuracy vs steps of the attack named
     by `convergence`, run with one restart and first success (BPDA): the curve must flatten."""
@@ -341,6 +358,11 @@ def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> st
         )
     lines.append("\n" + "; ".join(verdicts) + ".")
     lines += [prefix_agreement(rows, name, short, k) for short, k in prefixes(name, cfgs)]
+    lines += [
+        column_at_half(rows, name, column, attacks, ks[half])
+        for column, attacks in spec["columns"].items()
+        if name in attacks and len(attacks) > 1 and column != "worst"
+    ]
     fig = Figure(figsize=(5.5, 3.4), layout="constrained")
     ax = fig.subplots()
     for d, acc in curves.items():
@@ -378,7 +400,7 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         c2, d2, rel2, _ = _locate({**spec, "config": also}, runs)
         r2 = read_rows(d2, ROW_COLUMNS) if (d2 / "rows").is_dir() else pd.DataFrame()
         runs_used.append((c2, d2, rel2, r2))
-        head = head.replace(f"Config: `{rel}`", f"Config: `{rel}`" + f" + `{rel2}`")
+    head = head.replace(f"Config: `{rel}`", "Config: " + " + ".join(f"`{r}`" for _, _, r, _ in runs_used))
     merged = pd.concat(
         [rows] + [r[~r["attack"].isin(rows["attack"].unique())] for *_, r in runs_used[1:] if not r.empty]
     )  # the first run's clean rows (and any attack it has) stay; the others add their own attacks

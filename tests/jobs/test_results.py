@@ -348,7 +348,7 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
             "convergence": "bpda8",
             "title": "Joined",
             "source": "-",
-            "columns": {"clean": ["clean"], "bpda8": ["bpda8"], "worst": ["fgsm", "bpda8"]},
+            "columns": {"clean": ["clean"], "bpda8": ["bpda8"], "bpdas": ["bpda", "bpda8"], "worst": ["fgsm", "bpda8"]},
         }
     }
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(paper, sort_keys=False))
@@ -369,6 +369,15 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
         "Its first 5 steps are `bpda` (same spec but the steps): on the 8 (defense, example) pairs both ran, it "
         "repeats it exactly" in text
     )
+    for d in ("none", "invgan"):  # the two-attack column with bpda8 cut to k = 2 (half its steps), then in full
+        short, long = (
+            both[(both.defense == d) & (both.attack == a)].set_index("example_id") for a in ("bpda", "bpda8")
+        )
+        late = long.correct.astype(bool) | (long.queries > 3)
+        at_2, full = ((short.correct.astype(bool) & c).mean() for c in (late, long.correct.astype(bool)))
+        assert f"{d} {at_2:.2f} → {full:.2f}" in next(
+            line for line in text.splitlines() if line.startswith("Column `bpdas`")
+        )
     moved = both.reset_index(drop=True)
     fell = moved.index[(moved.attack == "bpda") & ~moved.correct.astype(bool)]
     assert len(fell), "the check needs an example bpda fooled"

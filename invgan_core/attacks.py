@@ -322,6 +322,13 @@ class L2GradientDescent(GradientDescent):
         return (x0 + delta * _rows(factor, x.ndim)).clamp(0, 1)
 
 
+def fell_within(success, queries, k: int):
+    """Which examples a first-success run (one restart) had fooled within k steps: its fooling iterate j
+    took j + 1 evaluations (`queries`), so fell by step k ⇔ success and queries ≤ k + 1. Elementwise on
+    tensors, arrays or Series alike."""
+    return success & (queries <= k + 1)
+
+
 def accuracy_vs_steps(success, queries, steps) -> list[float]:
     """Accuracy a k-step run would leave, for each k in `steps`, from one longer first-success run (one
     restart; `GradientDescent.run` with stop_at_success): an example falls within k steps iff it fell and
@@ -329,7 +336,7 @@ def accuracy_vs_steps(success, queries, steps) -> list[float]:
     those the defense already misclassifies count as fallen at step 0."""
     success = torch.as_tensor(success, dtype=torch.bool)
     queries = torch.as_tensor(queries, dtype=torch.int64)
-    return [1 - (success & (queries <= k + 1)).float().mean().item() for k in steps]
+    return [1 - fell_within(success, queries, k).float().mean().item() for k in steps]
 
 
 def project_l1_box(v: torch.Tensor, eps, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:

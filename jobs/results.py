@@ -242,6 +242,11 @@ def _image_size(cfg) -> int:
     return int(np.prod(read_manifest(cfg.weights_dir() / "generator")["arch"]["image_shape"]))
 
 
+def _attack_specs(cfgs: list) -> dict[str, dict]:
+    """Every attack of the joined configs, by name, as the JSON its config validates from."""
+    return {n: s.model_dump(mode="json", exclude_none=True) for c in cfgs for n, s in c.attacks.items()}
+
+
 def merged_flags(cfgs: list, rows: pd.DataFrame) -> pd.DataFrame:
     """The gradient-masking checks over the rows of several configs' runs on the same examples (their attacks
     compared with each other too, e.g. one run's black box with another's white box)."""
@@ -249,7 +254,7 @@ def merged_flags(cfgs: list, rows: pd.DataFrame) -> pd.DataFrame:
     from jobs.config import MaskingChecks
 
     m = cfgs[0].masking_checks or MaskingChecks()
-    specs = {n: s.model_dump(mode="json", exclude_none=True) for c in cfgs for n, s in c.attacks.items()}
+    specs = _attack_specs(cfgs)
     kinds = {n: s.kind for c in cfgs for n, s in c.defenses.items()}
     return masking.masking_flags(rows, specs, tol=m.tol, floor=m.floor, defense_kinds=kinds)
 
@@ -287,7 +292,7 @@ def prefixes(name: str, cfgs: list) -> list[tuple[str, int]]:
     """The joined configs' attacks that are `name` cut short: the same spec (start, step, examples) but
     fewer steps. Randomness depends on (seed, example id) only, so their rows must repeat `name`'s first
     steps exactly."""
-    specs = {n: s.model_dump(mode="json", exclude_none=True) for c in cfgs for n, s in c.attacks.items()}
+    specs = _attack_specs(cfgs)
     long, steps = _without_steps(specs[name])
     found = []
     for other, s in specs.items():
@@ -300,13 +305,15 @@ def prefixes(name: str, cfgs: list) -> list[tuple[str, int]]:
 def prefix_agreement(rows: pd.DataFrame, name: str, short: str, k: int) -> str:
     """Whether the first k steps of the first-success attack `name` repeat the k-step run `short`: per
     (defense, example), the same verdict at k and, where it fell, the same evaluations to its fall."""
+    from invgan_core.attacks import fell_within
+
     cols = ["defense", "example_id", "correct", "queries"]
     both = rows.loc[rows["attack"] == name, cols].merge(
         rows.loc[rows["attack"] == short, cols], on=["defense", "example_id"], suffixes=("", "_short")
     )
     if both.empty:
         return ""
-    fell = ~both["correct"].astype(bool) & (both["queries"] <= k + 1)
+    fell = fell_within(~both["correct"].astype(bool), both["queries"], k)
     fell_short = ~both["correct_short"].astype(bool)
     same = (fell == fell_short) & (~fell | (both["queries"] == both["queries_short"]))
     verdict = "repeats it exactly" if same.all() else f"**differs on {int((~same).sum())}**"
@@ -320,8 +327,10 @@ def column_at_half(rows: pd.DataFrame, name: str, column: str, attacks: list[str
     """A column that scores each example by the worst of several attacks, with the first-success attack
     `name` cut to its first k steps vs run in full: if the examples it fooled late were already fooled by
     the column's other attacks, the column has stopped moving even where `name` alone has not."""
+    from invgan_core.attacks import fell_within
+
     short = rows[rows["attack"] == name].copy()
-    short["correct"] = short["correct"].astype(bool) | (short["queries"] > k + 1)  # not fallen by step k
+    short["correct"] = ~fell_within(~short["correct"].astype(bool), short["queries"], k)  # standing at step k
     cut = pd.concat([rows[rows["attack"] != name], short])
     parts = []
     for d in rows.loc[rows["attack"] == name, "defense"].unique():
@@ -420,7 +429,7 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     cells = {d: {c: cells[d][c] for c in spec["columns"] if c in cells[d]} for d in cfg.defenses if d in cells}
     flags = flags_summary(merged_flags([c for c, *_ in runs_used], merged))
     digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
-    partial = []
+    partial, run_lines = [], []
     for c, d, rel_c, r in runs_used:
         if r.empty:
             partial.append(f"**`{rel_c}` not run yet**: `invgan eval --config {rel_c}` writes `{d.name}`.")
@@ -431,16 +440,12 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
                 f"**Partial run: {done} of {total} shards of `{rel_c}`.** Rerunning its command resumes it; "
                 "the cells hold the finished shards' examples only."
             )
-    lines = [head + "".join(p + "\n\n" for p in partial) + cells_markdown(cells, digits), ""]
-    for c, d, _, r in runs_used:
-        if r.empty:
-            continue
-        done, total = _shards(r, d, c)
-        lines.append(
+        run_lines.append(
             f"Run `{d.name}` (MLflow run `{_run_id(d)}`), {len(r['example_id'].unique())} examples of "
             f"`{c.dataset}/{c.split}`, {done} of {total} shards, compute {_compute_seconds(r, c) / 3600:.2f} "
             "core-hours."
         )
+    lines = [head + "".join(p + "\n\n" for p in partial) + cells_markdown(cells, digits), "", *run_lines]
     lines[-1] += (
         " Bold: ours; n: examples in the cell"
         + (

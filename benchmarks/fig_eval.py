@@ -130,7 +130,7 @@ def _ray(num_cpus: int = 3):
     """A local Ray instance for the figure (2 actors + 1 CPU for Ray Data), or the one already up."""
     import ray
 
-    from jobs.runner import quiet_ray_logging
+    from jobs.sharded import quiet_ray_logging
 
     quiet_ray_logging(False)
     if ray.is_initialized():
@@ -154,7 +154,7 @@ def _in_process(cfg):
     import pandas as pd
 
     from jobs.evaluate import EvalWorker
-    from jobs.runner import plan_shards
+    from jobs.sharded import plan_shards
 
     threads = torch.get_num_threads()
     try:
@@ -247,7 +247,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from jobs.config import load_config
     from jobs.evaluate import EvalWorker
-    from jobs.runner import plan_shards
+    from jobs.sharded import plan_shards
     cfg = load_config({config!r}, {overrides!r})
     worker = EvalWorker(cfg.model_dump(mode="json"))
     rows = sum(len(worker.run_shard(*s)) for s in plan_shards(len(worker.data), cfg.shard_size))

@@ -277,7 +277,7 @@ def report(
 
     A table whose run does not exist yet says which `invgan eval` command makes it.
     """
-    from jobs.results import build_report
+    from jobs.paper_report import build_report
 
     typer.echo(f"wrote {build_report(out, runs=runs, readme=readme)}")
 

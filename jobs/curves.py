@@ -44,7 +44,7 @@ def curves_run_config(cfg: EvalConfig) -> EvalConfig:
 
 def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
     """One line per (defense family, effective iterations): clean/attacked accuracy and seconds per example."""
-    from jobs.report import scored
+    from jobs.run_tables import scored
 
     out = []
     for name, (family, iters, _) in points.items():
@@ -99,8 +99,8 @@ def run_curves(
     """Evaluate every curve point (clean and the config's attacks), plot, log; returns the table."""
     from jobs.common import git_commit
     from jobs.evaluate import evaluate
-    from jobs.report import replace_table
-    from jobs.runner import run_folder
+    from jobs.run_tables import replace_table
+    from jobs.sharded import run_folder
     from jobs.tracking import job_run
 
     if cfg.curves is None:

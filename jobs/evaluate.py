@@ -6,7 +6,7 @@
 
 A shard is `shard_size` consecutive examples of the (limited) split. Every example's randomness
 comes from (seed, example id), so the rows do not depend on the number of workers or shard order.
-The shards run through the shared runner (jobs/runner.py); on a cluster the same command runs as a
+The shards run through the shared runner (jobs/sharded.py); on a cluster the same command runs as a
 Ray job (`invgan submit -- eval ...`).
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
 from jobs.common import check_job_inputs
-from jobs.config import BLACK_BOXES, EvalConfig, JobConfig, examples_in_shard
-from jobs.runner import (
+from jobs.config import BLACK_BOXES, EvalConfig, examples_in_shard
+from jobs.models import build_defense, load_models
+from jobs.sharded import (
     ShardStats,
     missing_shards,
     plan_shards,
@@ -33,9 +33,6 @@ from jobs.runner import (
     weights_hashes,
 )
 from jobs.tracking import recorded_run_id, where_to_open
-
-if TYPE_CHECKING:
-    from invgan_core.defenses import Defense
 
 ROW_COLUMNS = [
     "example_id",
@@ -210,38 +207,6 @@ def _timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
-
-
-def load_models(cfg: JobConfig, device="cpu") -> dict:
-    """G, f and (if shipped) I from the config's weights folder, hash-verified."""
-    from invgan_core.checkpoint import load_model
-
-    root = cfg.weights_dir()
-    models = {}
-    for kind in ("generator", "classifier", "inverter"):
-        if kind == "inverter" and not (root / "inverter.json").exists():
-            continue
-        model, _ = load_model(root / kind, kind=kind, map_location=device)
-        models[kind] = model.requires_grad_(False)
-    return models
-
-
-def build_defense(spec, G, I, f, seed: int):
-    from jobs.config import DEFENSES
-
-    cls: Callable[..., Defense] = DEFENSES[spec.kind]  # constructors differ: G, I, f by kind
-    if spec.kind == "none":
-        return cls(f, **spec.params)
-    if spec.kind == "invgan":
-        if spec.inverter is not None:  # an ablation's inverter instead of the weights folder's
-            from invgan_core.checkpoint import load_model
-
-            device = next(G.parameters()).device
-            I = load_model(spec.inverter_stem(), kind="inverter", map_location=device)[0].requires_grad_(False)
-        if I is None:
-            raise ValueError("defense kind 'invgan' needs an inverter in the weights folder")
-        return cls(G, I, f, seed=seed, **spec.params)
-    return cls(G, f, seed=seed, **spec.params)
 
 
 # ---------------------------------------------------------------- black boxes, trained once on the driver
@@ -429,15 +394,15 @@ def evaluate(
 
 def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: dict, shards_info: dict) -> dict:
     """Summary, figures and the MLflow records, all derived from the rows."""
-    from jobs import masking, report
+    from jobs import masking, run_tables
 
     headline = rows[~rows["attack"].map(masking.is_check)]  # check/ attacks only feed the masking flags
-    summary = report.summarize(headline)
+    summary = run_tables.summarize(headline)
     flags = masking_flags(cfg, rows)
     summary["masking"] = masking.flags_summary(flags)
     if tracker is not None:
-        figures = {"roc": report.roc_figure(headline), "images": example_grid(cfg, models)}
-        report.log_results(
+        figures = {"roc": run_tables.roc_figure(headline), "images": example_grid(cfg, models)}
+        run_tables.log_results(
             tracker.client,
             tracker.run_id,
             summary=summary,
@@ -453,7 +418,7 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: 
         tracker.client.log_text(tracker.run_id, masking.flags_markdown(flags), "masking.md")
     # a rerun without MLflow keeps the link to the run logged before
     run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
-    report.write_summary(
+    run_tables.write_summary(
         run_dir / "summary.json",
         summary,
         {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info},
@@ -494,7 +459,7 @@ def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     import torch
 
     from invgan_core.data import load_dataset
-    from jobs import report
+    from jobs import run_tables
 
     data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(min(n, cfg.limit or n))
     x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)
@@ -506,7 +471,7 @@ def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
         if spec.kind != "none":
             d = build_defense(spec, models["generator"], models.get("inverter"), models["classifier"], cfg.seed)
             projected[dname] = d.purify(x_in, ids).x.numpy()
-    return report.image_grid(x.numpy(), {k: v.numpy() for k, v in attacked.items()}, projected, labels=y.numpy())
+    return run_tables.image_grid(x.numpy(), {k: v.numpy() for k, v in attacked.items()}, projected, labels=y.numpy())
 
 
 def main(
@@ -523,7 +488,7 @@ def main(
     """The `invgan eval` command: validate, run or resume, print the tables and where results are."""
     from pydantic import ValidationError
 
-    from jobs import report
+    from jobs import run_tables
     from jobs.config import load_config
 
     try:
@@ -538,9 +503,9 @@ def main(
 
     with user_errors(config, run_folder(cfg, out), verbose=verbose):
         res = evaluate(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
-    print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + report.markdown_table(res.summary, "accuracy"))
+    print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + run_tables.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
-        print("\nDetection ROC AUC, clean vs attacked\n" + report.markdown_table(res.summary, "auc"))
+        print("\nDetection ROC AUC, clean vs attacked\n" + run_tables.markdown_table(res.summary, "auc"))
     print("\n" + masking_text(res.summary.get("masking")))
     retried = f", {res.retried_shards} run again (see summary.json: shards)" if res.retried_shards else ""
     print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")

@@ -166,7 +166,7 @@ def masking_flags(
             )
         )
 
-    from jobs.report import scored
+    from jobs.run_tables import scored
 
     rows = scored(rows)  # a diverged row is neither correct nor incorrect
     for defense, d_rows in rows[rows["attacked"]].groupby("defense", sort=False):

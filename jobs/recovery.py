@@ -149,7 +149,7 @@ def run_recovery(cfg: RecoveryConfig, *, out: Path | None = None, log_mlflow: bo
     from invgan_core.checkpoint import atomic_write_json, load_model
     from invgan_core.data import load_dataset
     from jobs.common import git_commit
-    from jobs.runner import run_folder, write_shard
+    from jobs.sharded import run_folder, write_shard
     from jobs.tracking import job_run
 
     G, manifest = load_model(cfg.weights_dir() / cfg.generator, kind="generator")

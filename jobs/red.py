@@ -113,7 +113,7 @@ class RedWorker:
 
         from invgan_core.data import load_dataset
         from invgan_core.red import load_dictionary, signal_dictionary
-        from jobs.evaluate import load_models
+        from jobs.models import load_models
 
         self.cfg = RedConfig.model_validate(config)
         res = self.cfg.resources
@@ -251,8 +251,8 @@ def run_red(
     from invgan_core.checkpoint import atomic_write_json
     from invgan_core.data import load_dataset
     from jobs.common import check_job_inputs, git_commit
-    from jobs.evaluate import load_models
-    from jobs.runner import (
+    from jobs.models import load_models
+    from jobs.sharded import (
         missing_shards,
         plan_shards,
         prepare_run_dir,
@@ -353,7 +353,7 @@ def main(
 
         raise SystemExit(f"invalid RED config: {describe_error(err)}") from None
     from jobs.common import user_errors
-    from jobs.runner import run_folder
+    from jobs.sharded import run_folder
 
     with user_errors(config, run_folder(cfg, out), verbose=verbose):
         rows, tables, run_dir, run_id = run_red(

@@ -131,7 +131,7 @@ def tracked_run(
     from mlflow.tracking import MlflowClient
 
     from jobs.common import start_mlflow
-    from jobs.report import log_config_params
+    from jobs.run_tables import log_config_params
 
     exp = start_mlflow(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)

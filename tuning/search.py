@@ -346,7 +346,7 @@ def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, s
 
 def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.DataFrame, summary: dict) -> None:
     """The search's results on its parent run; the best child run tagged."""
-    from jobs.report import replace_table
+    from jobs.run_tables import replace_table
 
     if summary.get("best_metric") is not None:
         client.log_metric(run_id, "best_objective", summary["best_metric"])
@@ -379,8 +379,8 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) the search; returns the trials table and the summary written to <out>."""
     from jobs.common import git_commit
-    from jobs.evaluate import load_models
-    from jobs.runner import quiet_ray_logging, ray_session
+    from jobs.models import load_models
+    from jobs.sharded import quiet_ray_logging, ray_session
     from jobs.tracking import tracked_run
     from tuning.tracking import SearchCallback
 

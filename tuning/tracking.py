@@ -95,7 +95,7 @@ class SearchCallback(tune.Callback):
         runs = self._runs()
         if trial.trial_id not in runs:
             from invgan_core.checkpoint import atomic_write_json
-            from jobs.report import flatten_config
+            from jobs.run_tables import flatten_config
 
             assert self.experiment_id is not None, "a parent run comes with its experiment id"
             run = self.client.create_run(
@@ -120,7 +120,7 @@ class SearchCallback(tune.Callback):
             return
         from mlflow.entities import Metric
 
-        from jobs.report import safe_name
+        from jobs.run_tables import safe_name
 
         run_id = self._runs().get(trial.trial_id) or self.child_run(trial)
         now, step = int(time.time() * 1000), int(result.get("step", 0))

@@ -110,7 +110,7 @@ def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.D
     """A trial's shards in-process (no Ray Data inside a trial), reporting `objective(rows so far)` after each
     with the rows as checkpoint; shards already in a restored checkpoint are not run again. The last shard
     also writes the trial's rows to `folder`."""
-    from jobs.runner import plan_shards
+    from jobs.sharded import plan_shards
 
     shards = plan_shards(len(worker.data), shard_size)
     rows = _rows_from_checkpoint()
@@ -131,10 +131,10 @@ def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.D
 
 def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
     """The objective from eval rows, through the same summary `invgan eval` writes."""
-    from jobs import report
+    from jobs import run_tables
 
     obj = search.objective
-    summary = report.summarize(rows)
+    summary = run_tables.summarize(rows)
     table = summary["accuracy"] if obj.metric == "accuracy" else summary["auc"]
     value = float(table.get(obj.defense, {}).get(obj.attack, float("nan")))
     seconds = float(summary["seconds_per_example"][obj.defense]["clean"])

@@ -21,7 +21,7 @@ import pytest
 from cluster.local import _processes, cluster_pids, down, up
 from jobs.config import load_config
 from jobs.evaluate import ROW_COLUMNS
-from jobs.runner import read_rows
+from jobs.sharded import read_rows
 
 PROJECT = Path(__file__).resolve().parents[2]
 IGNORED = ["seconds", "attack_seconds", "node", "worker"]  # where and how long, not what

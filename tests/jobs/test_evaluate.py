@@ -16,7 +16,7 @@ import pytest
 
 from jobs.config import load_config
 from jobs.evaluate import ROW_COLUMNS, evaluate, expected_rows
-from jobs.runner import WHERE_COLUMNS
+from jobs.sharded import WHERE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -209,7 +209,7 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
 
 
 def _all_rows(worker, n: int, shard_size: int) -> pd.DataFrame:
-    from jobs.runner import plan_shards
+    from jobs.sharded import plan_shards
 
     return pd.concat([worker.run_shard(*s) for s in plan_shards(n, shard_size)], ignore_index=True)
 

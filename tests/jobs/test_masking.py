@@ -156,7 +156,7 @@ def test_a_real_masked_gradient_is_caught_by_the_black_box_rule():
 def test_an_unconverged_attack_in_a_real_evaluation_is_flagged_and_kept_out_of_the_tables():
     """The smoke config with a deliberately short BPDA (2 steps of 0.01 at ε = 0.3): its steps × 20 check
     attack finds what the configured attack missed, so the cell is flagged `not_converged`."""
-    from jobs import report
+    from jobs import run_tables
     from jobs.config import load_config
     from jobs.evaluate import EvalWorker, masking_flags, masking_text
 
@@ -177,7 +177,7 @@ def test_an_unconverged_attack_in_a_real_evaluation_is_flagged_and_kept_out_of_t
     assert ("none", "single_step_stronger", "bpda") in flagged(flags)  # 2 steps of 0.01 are weaker than FGSM
     wide = rows[rows["attack"] == "check/bpda/eps_0.9"]
     assert wide["linf"].max() > 0.3 + 1e-6  # the wide end really spends more than ε (its step scaled with ε)
-    summary = report.summarize(rows[~rows["attack"].str.startswith("check/")])
+    summary = run_tables.summarize(rows[~rows["attack"].str.startswith("check/")])
     assert set(summary["accuracy"]["none"]) == {"clean", "fgsm", "bpda", "worst_case"}
     assert "FLAG none: not_converged — bpda" in masking_text({"checks": len(flags), **flags_summary(flags)})
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jobs.red import RED_COLUMNS, RedConfig, red_tables, run_red
-from jobs.runner import WHERE_COLUMNS
+from jobs.sharded import WHERE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 

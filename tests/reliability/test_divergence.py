@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from invgan_core.defenses import Purified
-from jobs import report
+from jobs import run_tables
 from jobs.evaluate import ROW_COLUMNS, diverged_rows
 
 pytestmark = pytest.mark.reliability(kind="fault")
@@ -79,7 +79,7 @@ def test_summary_counts_diverged_rows_and_scores_only_the_others(capsys):
     rows = _rows(
         {("invgan", "fgsm", 0): True, ("invgan", "fgsm", 3): True, **{("invgan", "clean", e): True for e in range(4)}}
     )
-    summary = report.summarize(rows)
+    summary = run_tables.summarize(rows)
     assert summary["diverged"] == {"invgan": {"clean": 4, "fgsm": 2}}
     assert summary["n"]["invgan"]["fgsm"] == 2 and summary["accuracy"]["invgan"]["fgsm"] == 1.0  # examples 1, 2
     assert summary["n"]["invgan"]["clean"] == 0 and "clean" not in summary["accuracy"]["invgan"]
@@ -87,13 +87,13 @@ def test_summary_counts_diverged_rows_and_scores_only_the_others(capsys):
     assert summary["n"]["none"] == {"clean": 4, "fgsm": 4, "worst_case": 4}
     assert summary["seconds_per_example"]["invgan"] == {"clean": 0.5, "fgsm": 0.5}  # the compute was spent
     assert "6 row(s) diverged" in capsys.readouterr().err
-    table = report.markdown_table(summary, "accuracy")
+    table = run_tables.markdown_table(summary, "accuracy")
     assert "1.00 (n=2, 2 diverged)" in table and "- (4 diverged)" in table and "0.75 (n=4)" in table
 
 
 def test_rows_from_before_the_column_count_as_not_diverged():
     rows = _rows({}).drop(columns="diverged")
-    summary = report.summarize(rows)
+    summary = run_tables.summarize(rows)
     assert summary["diverged"] == {} and summary["n"]["invgan"]["fgsm"] == 4
 
 

@@ -3,7 +3,7 @@ is read-only. Each ends either complete with every row exactly once or in one cl
 with nothing half-written; a rerun resumes.
 
 (The eval driver kill is tests/jobs/test_evaluate.py, the tune one tests/tuning/test_resume.py, a failing
-shard and concurrent writers tests/jobs/test_runner.py, a lost worker node tests/cluster/.)
+shard and concurrent writers tests/jobs/test_sharded.py, a lost worker node tests/cluster/.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from jobs.evaluate import ROW_COLUMNS
-from jobs.runner import read_rows
+from jobs.sharded import read_rows
 
 pytestmark = pytest.mark.reliability(kind="fault")
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,13 +180,13 @@ def test_a_run_folder_that_cannot_be_created_is_named_in_one_line(tmp_path):
 
 def test_a_read_only_run_folder_is_named_and_left_as_it_was(tmp_path):
     """Resuming into a run folder that became read-only: one line naming the file it could not write."""
-    from jobs import runner
+    from jobs import sharded
     from jobs.config import load_config
-    from jobs.runner import prepare_run_dir
+    from jobs.sharded import prepare_run_dir
 
     def prepared(folder: Path) -> None:
         prepare_run_dir(load_config(SMOKE), folder / "run")  # config.json, .lock: as a first run leaves them
-        runner._LOCKS.pop((folder / "run").resolve()).close()  # that run's process has exited: its lock is gone
+        sharded._LOCKS.pop((folder / "run").resolve()).close()  # that run's process has exited: its lock is gone
 
     with read_only(tmp_path / "runs", populate=prepared) as parent:
         run = parent / "run"
@@ -215,7 +215,7 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
     at fsync): one line naming the run folder; the finished shard is intact, no temp file or summary is left;
     a rerun (space freed) computes only the missing shards."""
     from invgan_core import checkpoint
-    from jobs import runner
+    from jobs import sharded
     from jobs.evaluate import main as eval_main
 
     real_write, calls = checkpoint.atomic_write_bytes, []
@@ -232,7 +232,7 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
             m.setattr(os, "fsync", no_space)
             return real_write(path, data)
 
-    monkeypatch.setattr(runner, "atomic_write_bytes", full_disk_on_second_write)
+    monkeypatch.setattr(sharded, "atomic_write_bytes", full_disk_on_second_write)
     run = tmp_path / "run"
     kwargs = dict(
         config=SMOKE,
@@ -253,7 +253,7 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
     done = next((run / "rows").glob("shard-*.parquet"))
     stamp = done.stat().st_mtime_ns
 
-    monkeypatch.setattr(runner, "atomic_write_bytes", real_write)  # space freed
+    monkeypatch.setattr(sharded, "atomic_write_bytes", real_write)  # space freed
     eval_main(**kwargs)
     rows = read_rows(run, ROW_COLUMNS)
     assert len(rows) == 12 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()

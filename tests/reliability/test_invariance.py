@@ -146,7 +146,7 @@ def test_red_rows_are_the_same_for_shard_sizes_1_7_16_and_1_or_2_workers(runs):
 def test_latents_agree_to_1e_4_whatever_the_batch(runs, kind):
     """Each defense's projection of the same 16 images in batches of 1, of 7 and of 16."""
     from invgan_core.data import load_dataset
-    from jobs.evaluate import build_defense, load_models
+    from jobs.models import build_defense, load_models
 
     cfg = runs[("eval", 16)][0]
     models = load_models(cfg)

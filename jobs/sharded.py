@@ -49,6 +49,23 @@ WAIT_FOR_WORKERS_S = int(os.environ.get("INVGAN_WAIT_FOR_WORKERS_S", "600"))
 DEFAULT_WORKER_NICENESS = "0"  # Ray's default (15) lets any other busy process starve the workers
 
 
+# ---------------------------------------------------------------- what every job returns
+
+
+@dataclass
+class JobResult:
+    """What every job (eval, red, curves, recovery, train) returns: where its results are, the rows they derive
+    from (empty for train), a JSON-able summary, the MLflow run and how many shards were computed or reused."""
+
+    run_dir: Path
+    summary: dict
+    mlflow_run_id: str | None = None
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    computed_shards: int = 0
+    skipped_shards: int = 0
+    retried_shards: int = 0
+
+
 # ---------------------------------------------------------------- run folder and shards
 
 

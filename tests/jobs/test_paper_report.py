@@ -11,8 +11,8 @@ import yaml
 
 from jobs.config import load_config
 from jobs.evaluate import EvalWorker
-from jobs.results import build_report, combined_correct, prefix_agreement
-from jobs.runner import shard_path, write_shard
+from jobs.paper_report import build_report, combined_correct, prefix_agreement
+from jobs.sharded import shard_path, write_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,8 +83,8 @@ def test_a_column_of_several_attacks_is_the_per_example_worst(fixture_run):
 
 
 def test_the_shipped_paper_numbers_name_real_configs_and_columns():
+    from jobs.paper_report import PAPER_NUMBERS, REPRO_DIR
     from jobs.red import RedConfig
-    from jobs.results import PAPER_NUMBERS, REPRO_DIR
 
     kinds = set()
     for key, spec in yaml.safe_load(PAPER_NUMBERS.read_text()).items():
@@ -129,7 +129,7 @@ def test_the_shipped_paper_numbers_name_real_configs_and_columns():
 def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
     """`column_metrics: {mse: mse}` turns a clean row's image-space distance into a per-pixel MSE; `compare`
     states plainly whether the cheap defense matches the reference on the same examples."""
-    from jobs.results import mse_cells, paired_comparison
+    from jobs.paper_report import mse_cells, paired_comparison
 
     _, rows = fixture_run
     inv = rows[(rows.defense == "invgan") & (rows.attack == "clean")]
@@ -155,7 +155,7 @@ def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
 
 
 def test_the_curves_verdict_finds_the_fewest_iterations_that_reach_the_reference():
-    from jobs.results import _reaches
+    from jobs.paper_report import _reaches
 
     table = pd.DataFrame(
         {
@@ -230,7 +230,7 @@ def test_accuracy_vs_distortion_counts_an_adversarial_only_within_the_budget():
     """Known answer: fooled at l2 1.0 and 2.5, one never fooled, one misclassified clean (l2 0)."""
     import numpy as np
 
-    from jobs.results import distortion_curve
+    from jobs.paper_report import distortion_curve
 
     rows = pd.DataFrame({"correct": [False, False, True, False], "l2": [1.0, 2.5, 0.0, 0.0]})
     eps = np.array([0.0, 0.5, 1.0, 2.0, 3.0])
@@ -252,7 +252,7 @@ def test_red_theory_section_reads_the_commands_numbers(tmp_path):
 def test_distortion_section_from_the_fixture_run(fixture_run, tmp_path):
     import numpy as np
 
-    from jobs.results import distortion_curve
+    from jobs.paper_report import distortion_curve
 
     out, rows = fixture_run
     runs = out.parent.parent / "runs"
@@ -281,7 +281,7 @@ def test_a_run_still_going_is_reported_as_partial(fixture_run, tmp_path):
 
 
 def test_the_headline_table_replaces_the_readme_block_between_its_markers_only(fixture_run):
-    from jobs.results import HEADLINE_END, HEADLINE_START
+    from jobs.paper_report import HEADLINE_END, HEADLINE_START
 
     out, _ = fixture_run
     tmp = out.parent.parent
@@ -308,7 +308,7 @@ def test_the_headline_table_replaces_the_readme_block_between_its_markers_only(f
 def test_a_run_made_with_another_data_dir_is_found_and_a_different_config_is_not(tmp_path):
     """`--set data_dir=...` (the same data at another path) changes the run folder's hash; the report still
     finds that run by its recorded config, but never a run of another limit, attack or defense."""
-    from jobs.results import find_run_dir
+    from jobs.paper_report import find_run_dir
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")
     elsewhere = load_config(ROOT / "configs" / "smoke.yaml", data_dir="/data/elsewhere")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.runner import prepare_run_dir
+from jobs.sharded import prepare_run_dir
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
@@ -29,7 +29,7 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
         sys.path.insert(0, {str(SMOKE.parents[1])!r})
         from pathlib import Path
         from jobs.config import load_config
-        from jobs.runner import prepare_run_dir
+        from jobs.sharded import prepare_run_dir
         prepare_run_dir(load_config({str(SMOKE)!r}), Path({str(run_dir)!r}))
         print("locked", flush=True)
         time.sleep(60)
@@ -127,7 +127,7 @@ def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path
     import json
 
     from jobs.evaluate import ROW_COLUMNS
-    from jobs.runner import read_rows
+    from jobs.sharded import read_rows
 
     proc = _eval(tmp_path, "run", f"{tmp_path}:1,2")  # the first attempts at shards 1 and 2 raise
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -171,7 +171,7 @@ def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_pat
     import ray
 
     from jobs.config import Resources
-    from jobs.runner import read_rows, run_shards
+    from jobs.sharded import read_rows, run_shards
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:

@@ -397,8 +397,8 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     first-success attack's accuracy after k steps (`convergence_text`)."""
     from jobs.evaluate import ROW_COLUMNS
     from jobs.masking import flags_summary
-    from jobs.report import scored
-    from jobs.runner import read_rows
+    from jobs.run_tables import scored
+    from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -487,7 +487,7 @@ def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None
     smallest InvGAN budget that reaches the reference's accuracy at its largest budget."""
     from jobs.curves import curve_figure, curve_table, curves_run_config, point_defenses
     from jobs.evaluate import ROW_COLUMNS
-    from jobs.runner import read_rows
+    from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs, run_config=curves_run_config)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -544,7 +544,7 @@ def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005
 def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """An `invgan red` run (RED Table 1): signal accuracy and attack-type accuracy per method beside the paper."""
     from jobs.red import RED_COLUMNS, RedConfig, confusion_figure, red_tables
-    from jobs.runner import read_rows
+    from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs, model=RedConfig)
     rows = read_rows(run_dir, RED_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
@@ -593,8 +593,8 @@ def distortion_curve(rows: pd.DataFrame, eps: np.ndarray) -> np.ndarray:
 def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
     """Chen, Xie & Zhu Fig. 1: accuracy vs ℓ2 distortion, per defense, one line per (minimum-distortion) attack."""
     from jobs.evaluate import ROW_COLUMNS
-    from jobs.report import scored
-    from jobs.runner import read_rows
+    from jobs.run_tables import scored
+    from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()

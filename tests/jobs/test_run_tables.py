@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from invgan_core.detection import detection_auc
-from jobs.report import (
+from jobs.run_tables import (
     flatten_config,
     image_grid,
     log_results,

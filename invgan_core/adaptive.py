@@ -11,14 +11,16 @@ loop from `attacks` (PGD by default, or `SignCW`, the sign-step CW loop of Chen 
   antithetic Gaussian queries; a score-based black-box attack.
 - Substitute (Papernot et al. 2017, InvGAN Table 4): train a substitute on the defense's labels with
   Jacobian augmentation, then transfer FGSM.
-Every rule is an autograd function, so any gradient attack runs through it unchanged.
+Every rule is an autograd function, so any gradient attack runs through it unchanged. Every attack,
+the substitute included, is called as `attack(target, x, y, ids=ids) -> AttackResult`.
 """
 
 from __future__ import annotations
 
+import abc
+import copy
 import math
-import time
-from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +29,14 @@ from torch import nn
 from invgan_core.attacks import (
     FGSM,
     Attack,
-    AttackResult,
+    Defended,
     GradientDescent,
     LinfPGD,
     Logits,
     Norm,
-    _purification,
+    Target,
     _rows,
+    as_defense,
     margin,
     per_example_normal,
     predict,
@@ -41,10 +44,13 @@ from invgan_core.attacks import (
 from invgan_core.inversion import per_example_mse, project
 
 
-def _require(defense, *attrs: str, attack: str):
-    missing = [a for a in attrs if getattr(defense, a, None) is None]
+def _require(defense: object, *attrs: str, attack: str) -> list[Any]:
+    """The defense's attributes `attrs` (a generator, an inverter, ...); TypeError naming those it lacks."""
+    values = [getattr(defense, a, None) for a in attrs]
+    missing = [a for a, v in zip(attrs, values, strict=True) if v is None]
     if missing:
         raise TypeError(f"{attack} needs a defense with {', '.join(missing)}; got {type(defense).__name__}")
+    return values
 
 
 # ---------------------------------------------------------------- gradient rules
@@ -96,7 +102,7 @@ class WarmProjection:
         return p.x
 
 
-def bpda_logits(defense, ids: torch.Tensor, *, warm_steps: int | None = None) -> Logits:
+def bpda_logits(defense: Defended, ids: Optional[torch.Tensor], *, warm_steps: int | None = None) -> Logits:
     """f(purify(x)) with the identity as the projection's backward; `warm_steps` warm-starts the
     attacker's projections (`WarmProjection`)."""
     _require(defense, "classifier", attack="BPDA")
@@ -110,16 +116,15 @@ def bpda_logits(defense, ids: torch.Tensor, *, warm_steps: int | None = None) ->
     return f
 
 
-def rp_logits(defense, ids: torch.Tensor) -> Logits:
+def rp_logits(defense: Defended, ids: Optional[torch.Tensor]) -> Logits:
     """f(G(I(x))): differentiable end to end (InvGAN's reparameterization attack)."""
-    _require(defense, "G", "inverter", "classifier", attack="Reparameterization")
-    return lambda x: defense.classifier(defense.G(defense.inverter(x)))
+    G, inverter, classifier = _require(defense, "G", "inverter", "classifier", attack="Reparameterization")
+    return lambda x: classifier(G(inverter(x)))
 
 
-def unrolled_logits(defense, ids: torch.Tensor, *, steps: int, lr: float) -> Logits:
+def unrolled_logits(defense: Defended, ids: Optional[torch.Tensor], *, steps: int, lr: float) -> Logits:
     """f(G(z_T')) with z_0 = z* from the defense and z_{t+1} = z_t - lr ∇_z ||G(z_t) - x||²/n, graph kept."""
-    _require(defense, "G", "classifier", attack="Unrolled")
-    G = defense.G
+    G, _ = _require(defense, "G", "classifier", attack="Unrolled")
 
     def f(x):
         with torch.no_grad():
@@ -169,11 +174,13 @@ class _NESBackward(torch.autograd.Function):
         return vjp / (half * ctx.sigma), None, None, None, None, None, None
 
 
-def nes_logits(defense, ids: torch.Tensor, *, samples: int, sigma: float, seed: int, counter: list) -> Logits:
+def nes_logits(target: Target, ids: torch.Tensor, *, samples: int, sigma: float, seed: int, counter: list) -> Logits:
     """Defended logits whose gradient is estimated from queries only (score-based black box)."""
 
     def query(x, probe_ids):
-        return defense.classifier(defense.purify(x, probe_ids).x) if hasattr(defense, "purify") else defense(x)
+        if isinstance(target, Defended):
+            return target.classifier(target.purify(x, probe_ids).x)
+        return target(x)
 
     return lambda x: _NESBackward.apply(x, query, samples, sigma, seed, ids, counter)
 
@@ -250,11 +257,13 @@ class ThroughDefense(Attack):
         self.attack = attack or LinfPGD(eps=0.3, steps=40)
         self.norm = self.attack.norm
 
-    def rule(self, defense, ids) -> Logits:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def rule(self, defense: Defended, ids: torch.Tensor) -> Logits:
+        """The defended logits x ↦ f(purify(x)) for the examples `ids`, with the attack's gradient rule."""
 
-    def differentiable(self, target, ids):
-        return _Bound(lambda sub: self.rule(target, sub), ids)
+    def differentiable(self, target: Target, ids: torch.Tensor) -> Logits:
+        defense = as_defense(target, type(self).__name__)
+        return _Bound(lambda sub: self.rule(defense, sub), ids)
 
     @property
     def exact_forward(self) -> bool:
@@ -329,11 +338,12 @@ class NES(ThroughDefense):
             raise ValueError(f"NES needs an even number of samples (antithetic pairs), got {samples}")
         self.samples, self.sigma, self.seed = samples, sigma, seed
 
-    def rule(self, defense, ids, counter: list | None = None):
+    def rule(self, defense: Target, ids: torch.Tensor, counter: list | None = None) -> Logits:
+        """NES logits of a defense or, as a black box, of a bare classifier."""
         counter = [0] if counter is None else counter
         return nes_logits(defense, ids, samples=self.samples, sigma=self.sigma, seed=self.seed, counter=counter)
 
-    def differentiable(self, target, ids):
+    def differentiable(self, target: Target, ids: torch.Tensor) -> Logits:
         counter = [0]  # one count of gradient estimates for the batch and its restrictions: directions never repeat
         return _Bound(lambda sub: self.rule(target, sub, counter), ids)
 
@@ -350,20 +360,16 @@ class NES(ThroughDefense):
 # ---------------------------------------------------------------- substitute black box
 
 
-@dataclass
-class SubstituteReport:
-    oracle_queries: int
-    agreement: float  # substitute vs oracle labels on the attacked inputs
-
-
 class Substitute(Attack):
     """Papernot et al. (2017): label a seed set with the target's predictions, train a substitute,
-    grow the set by Jacobian augmentation x + λ·sign(∂F_sub[ŷ]/∂x), repeat; then FGSM on the
-    substitute, transferred. InvGAN Table 4 setting: 150 seeds, 6 rounds, λ = 0.1, FGSM ε = 0.3.
+    grow the set by Jacobian augmentation x + λ·sign(∂F_sub[ŷ]/∂x) (their eq. 4), repeat; then FGSM on
+    the substitute, transferred. InvGAN Table 4 setting: 150 seeds, 6 rounds, λ = 0.1, FGSM ε = 0.3.
 
-    `__call__` trains and attacks; an evaluation trains once (`train`, on the driver) and attacks every
-    shard with the trained substitute (`transfer`). `substitute` (a fresh model) and `seed_images` may be
-    given later (`seeds` says how many an evaluation takes)."""
+    Called like every attack, `attack(target, x, y, ids=ids)`: FGSM on `model`, the trained substitute,
+    judged by `target`; queries = the oracle labels its training took (`queries_spent`). An evaluation
+    trains once on the driver (`train`) and binds every shard's attack to the result (`bind`). Unbound
+    (`model` None), each call trains a fresh substitute on `target`'s labels first, from `substitute` (a
+    fresh model) and `seed_images` (both may be set after construction; `seeds` says how many)."""
 
     norm = Norm.LINF
 
@@ -383,19 +389,27 @@ class Substitute(Attack):
         self.substitute, self.seed_images, self.rounds, self.lam = substitute, seed_images, rounds, lam
         self.seeds = len(seed_images) if seed_images is not None else seeds
         self.epochs, self.lr, self.eps, self.seed = epochs, lr, eps, seed
-        self.report: SubstituteReport | None = None
-        self.queries_spent = 0
+        self.model: nn.Module | None = None  # the trained substitute the attack transfers from (`bind`)
+        self.queries_spent = 0  # oracle labels its training took
 
     def oracle_queries(self) -> int:
         """Labels the training asks of the target: the seed set doubles every round but the last."""
         return self.seeds * (2**self.rounds - 1)
 
-    def train(self, target, device=None, *, batch: int = 512) -> nn.Module:
-        """A fresh copy of the substitute trained on oracle labels; sets `self.queries_spent`."""
-        import copy
+    def bind(self, model: nn.Module, queries: int) -> Substitute:
+        """A copy of this attack that transfers from `model`, a substitute trained with `queries` oracle labels."""
+        bound = copy.copy(self)
+        bound.model, bound.queries_spent = model, int(queries)
+        return bound
 
+    def train(self, target: Target, device=None, *, batch: int = 512) -> nn.Module:
+        """A fresh copy of `substitute` trained on the target's labels (Papernot et al., Algorithm 1); sets
+        `self.queries_spent`."""
         if self.substitute is None or self.seed_images is None:
-            raise ValueError("Substitute.train needs `substitute` (a fresh model) and `seed_images`")
+            raise ValueError(
+                "Substitute: nothing to transfer from. Bind a trained substitute (attack.bind(model, queries)) "
+                "or give `substitute` (a fresh model) and `seed_images` to train one against the target"
+            )
         g = torch.Generator().manual_seed(self.seed)
         sub = copy.deepcopy(self.substitute).to(device).requires_grad_(True)
         data, queries = self.seed_images.to(device).clone(), 0
@@ -422,32 +436,11 @@ class Substitute(Attack):
         self.queries_spent = queries
         return sub.eval().requires_grad_(False)
 
+    def differentiable(self, target: Target, ids: torch.Tensor) -> Logits:
+        """The substitute FGSM follows: the bound one, else one trained on `target`'s labels now."""
+        return self.model if self.model is not None else self.train(target, ids.device)
+
     def run(self, f, x, y, ids):
-        raise NotImplementedError  # __call__ below needs the target itself, not a gradient rule
-
-    def __call__(self, target, x, y, *, ids=None) -> AttackResult:
-        sub = self.train(target, x.device)
-        return self.transfer(sub, target, x, y, ids=ids, queries=self.queries_spent)
-
-    def transfer(self, sub: nn.Module, target, x, y, *, ids=None, queries: int = 0) -> AttackResult:
-        """FGSM on the trained substitute, measured against the target (a defense's purification is kept
-        for its row, as `Attack.__call__` does). `queries`: the oracle labels the training spent."""
-        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-        ids = ids.to(x.device)
-        x_adv = FGSM(eps=self.eps)(sub, x, y).x_adv
-        with torch.no_grad():
-            started = time.perf_counter()
-            purified = _purification(target, x_adv, ids)
-            seconds = time.perf_counter() - started if purified is not None else 0.0
-            labels = predict(target, x_adv, ids) if purified is None else target.classifier(purified.x).argmax(1)
-            self.report = SubstituteReport(queries, (sub(x_adv).argmax(1) == labels).float().mean().item())
-        delta = x_adv - x
-        return AttackResult(
-            x_adv=x_adv,
-            success=labels != y,
-            l2=Norm.L2.of(delta),
-            linf=Norm.LINF.of(delta),
-            queries=torch.full((len(x),), queries, dtype=torch.int64),
-            purified=purified,
-            purify_seconds=seconds,
-        )
+        """FGSM on the substitute f (x + ε·sign ∇_x CE(f(x), y)); every example's queries are the training's."""
+        x_adv, _ = FGSM(eps=self.eps).run(f, x, y, ids)
+        return x_adv, torch.full((len(x),), self.queries_spent, dtype=torch.int64)

@@ -1,13 +1,14 @@
 """Gradient attacks on a classifier or a defense: FGSM, PGD (ℓ∞, ℓ2, sparse ℓ1) and Carlini-Wagner ℓ2.
 
-Every attack has the same call shape (STYLE.md, after foolbox 3):
+Every attack has the same call shape (after foolbox 3), its one entry point:
 
     result = attack(target, x, y, ids=None)      # -> AttackResult(x_adv, success, l2, linf, queries)
 
-`target` is an `nn.Module` returning logits or a defense (`.classifier` + `.purify`). Attacks
-"fed to every defense" are computed against the bare classifier (InvGAN Sec. 4.2), which is what
-`logits_fn` returns today; end-to-end attacks (BPDA, reparameterization, unrolled) plug in by
-overriding `Attack.differentiable`.
+`target` is a `Target`: a `Classifier` (an `nn.Module` returning logits) or a `Defended` model (a
+defense: `.purify`, `.predict`, `.classifier`). A subclass implements the abstract `run` (its loop on
+a logits function) and may override `differentiable` (the function that loop follows). Attacks "fed
+to every defense" follow the bare classifier (InvGAN Sec. 4.2), as `logits_fn` does; end-to-end
+attacks (BPDA, reparameterization, unrolled) follow the defense itself by overriding `differentiable`.
 
 One base loop (`GradientDescent.run`: gradient of the cross-entropy, step, project) serves every
 fixed-budget attack; each norm only supplies `get_random_start`, `normalize` and `project`.
@@ -17,22 +18,54 @@ its batch. Images are float32 NCHW in [0, 1] and stay there.
 
 from __future__ import annotations
 
+import abc
 import enum
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union, final, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from invgan_core import rng
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from invgan_core.defenses import Purified
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
+Ids = Union[torch.Tensor, Sequence[int], "np.ndarray"]  # example ids; None in a call means 0..N-1
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """A model an attack can target: images (N, C, H, W) in [0, 1] to logits (N, K), e.g. an nn.Module."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Defended(Protocol):
+    """A defense an attack can target (`invgan_core.defenses.Defense`): purify x, classify the purification."""
+
+    @property
+    def classifier(self) -> Classifier: ...
+
+    def purify(self, x: torch.Tensor, ids: Any = None) -> Purified: ...
+
+    def predict(self, x: torch.Tensor, ids: Any = None) -> torch.Tensor: ...
+
+
+Target = Union[Defended, Classifier]  # what an attack attacks: a defense is checked first (it is not callable)
+
+
+def as_defense(target: Target, attack: str) -> Defended:
+    """`target` if it is a defense, else a TypeError saying that `attack` attacks through one."""
+    if not isinstance(target, Defended):
+        raise TypeError(f"{attack} needs a defense (purify, predict, classifier); got {type(target).__name__}")
+    return target
 
 
 class Norm(float, enum.Enum):
@@ -60,18 +93,16 @@ class AttackResult:
     purify_seconds: float = 0.0  # wall seconds of that purification (part of the attack's own time)
 
 
-def logits_fn(target, ids: Optional[torch.Tensor] = None) -> Logits:
-    """The differentiable function an attack follows: the module itself, or a defense's classifier.
+def logits_fn(target: Target, ids: Optional[torch.Tensor] = None) -> Logits:
+    """The differentiable function an attack follows: a defense's classifier, or the classifier itself.
 
-    Hook for end-to-end attacks: replace the defense branch with `classifier(purify(x, ids).x)` and
-    a gradient rule for the projection (BPDA, reparameterization G(I(x)), unrolled steps).
+    End-to-end attacks replace the defense branch (`Attack.differentiable`) with `classifier(purify(x, ids).x)`
+    and a gradient rule for the projection (BPDA, reparameterization G(I(x)), unrolled steps).
     """
-    if isinstance(target, nn.Module):
-        return target
-    if hasattr(target, "classifier") and hasattr(target, "purify"):
+    if isinstance(target, Defended):
         classifier = target.classifier
         return lambda x: classifier(x)  # the papers' "attack the classifier, feed the defense"
-    if callable(target):
+    if isinstance(target, Classifier):  # an nn.Module, or any callable returning logits
         return target
     raise TypeError(f"target must be an nn.Module, a defense or a callable returning logits, got {type(target)}")
 
@@ -98,21 +129,26 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(target, x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def predict(target: Target, x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The target's labels for x: a defense purifies first (`defense.predict`), a model is argmax."""
-    if hasattr(target, "purify") and hasattr(target, "predict"):
+    if isinstance(target, Defended):
         return target.predict(x, ids)
     return logits_fn(target, ids)(x).argmax(1)
 
 
-def _purification(target, x: torch.Tensor, ids: torch.Tensor) -> Optional["Purified"]:
-    """A defense's purification of x when its prediction is exactly classifier(purify(x).x) (the base
-    `Defense.predict`), else None (a classifier, or a defense that predicts its own way)."""
+@torch.no_grad()
+def _judge(target: Target, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, Optional[Purified], float]:
+    """The target's labels for x; for a defense whose prediction is exactly classifier(purify(x).x) (the base
+    `Defense.predict`) also that purification and its seconds (else None, 0: a classifier, or a defense
+    that predicts its own way)."""
     from invgan_core.defenses import Defense
 
     if isinstance(target, Defense) and type(target).predict is Defense.predict:
-        return target.purify(x, ids)
-    return None
+        started = time.perf_counter()
+        purified = target.purify(x, ids)
+        seconds = time.perf_counter() - started
+        return target.classifier(purified.x).argmax(1), purified, seconds
+    return predict(target, x, ids), None, 0.0
 
 
 def loss_gradient(f: Logits, x: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.CE) -> torch.Tensor:
@@ -152,22 +188,25 @@ def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(-1, *([1] * (ndim - 1)))
 
 
-class Attack:
-    """Base of every attack: `run` finds x_adv; `__call__` measures it against the same target."""
+def as_ids(ids: Optional[Ids], x: torch.Tensor) -> torch.Tensor:
+    """The example ids of batch x as int64 on its device; None means 0..N-1."""
+    ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+    return ids.to(x.device)
+
+
+class Attack(abc.ABC):
+    """Base of every attack: a subclass's `run` finds x_adv; `__call__` measures it against the same target."""
 
     norm: Norm
 
-    def __call__(self, target, x: torch.Tensor, y: torch.Tensor, *, ids=None) -> AttackResult:
-        ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-        ids = ids.to(x.device)
+    @final
+    def __call__(self, target: Target, x: torch.Tensor, y: torch.Tensor, *, ids: Optional[Ids] = None) -> AttackResult:
+        """Attack x (labels y): `run` on `differentiable(target)`, success judged by the target's own prediction."""
+        ids = as_ids(ids, x)
         f = self.differentiable(target, ids)
         x_adv, queries = self.run(f, x.detach(), y, ids)
         x_adv = x_adv.detach()
-        with torch.no_grad():  # against the real target, not a gradient surrogate
-            started = time.perf_counter()
-            purified = _purification(target, x_adv, ids)
-            seconds = time.perf_counter() - started if purified is not None else 0.0
-            labels = predict(target, x_adv, ids) if purified is None else target.classifier(purified.x).argmax(1)
+        labels, purified, seconds = _judge(target, x_adv, ids)  # the real target, not a gradient surrogate
         delta = x_adv - x
         return AttackResult(
             x_adv=x_adv,
@@ -179,12 +218,13 @@ class Attack:
             purify_seconds=seconds,
         )
 
-    def differentiable(self, target, ids: torch.Tensor) -> Logits:
+    def differentiable(self, target: Target, ids: torch.Tensor) -> Logits:
         """The function whose gradient the attack follows; end-to-end attacks override this."""
         return logits_fn(target, ids)
 
+    @abc.abstractmethod
     def run(self, f: Logits, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """x_adv (N, C, H, W) from the attack's loop on f, and the evaluations of f each example took (N,) int64."""
 
 
 # ---------------------------------------------------------------- fixed-budget gradient descent
@@ -277,16 +317,17 @@ class GradientDescent(Attack):
                 spent[rows] += 1
         return out, spent
 
+    @abc.abstractmethod
     def get_random_start(self, x0: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
-        raise NotImplementedError
+        """A random point of the ε-ball around x0, drawn per example id from `seed`."""
 
+    @abc.abstractmethod
     def normalize(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The ascent direction of unit size in the attack's norm."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def project(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """A point of {||x - x0|| ≤ ε} ∩ [0, 1]^n near x (exact Euclidean projection for ℓ∞ and ℓ1)."""
-        raise NotImplementedError
 
 
 class LinfGradientDescent(GradientDescent):

@@ -21,7 +21,7 @@ from invgan_core.adaptive import (
     unrolled_logits,
 )
 from invgan_core.attacks import FGSM, LinfPGD
-from invgan_core.defenses import DefenseGAN, InvGAN, Purified
+from invgan_core.defenses import DefenseGAN, InvGAN, NoDefense, Purified
 from invgan_core.models import build_model, default_arch
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
@@ -208,13 +208,65 @@ def test_substitute_learns_the_oracle_and_its_fgsm_transfers(digits_models):
     torch.manual_seed(0)
     sub = build_model("classifier", default_arch("classifier", (1, 8, 8)))
     attack = Substitute(substitute=sub, seed_images=seeds, rounds=3, epochs=15, eps=0.3)
-    result = attack(oracle, test.images, test.labels)
+    model = attack.train(oracle)
+    result = attack.bind(model, attack.queries_spent)(oracle, test.images, test.labels)
     clean_acc = (oracle(test.images).argmax(1) == test.labels).float().mean().item()
-    assert attack.report.oracle_queries == 150 + 300 + 600
-    assert attack.report.agreement >= 0.5
+    assert attack.queries_spent == 150 + 300 + 600 and bool((result.queries == attack.queries_spent).all())
+    agreement = (model(result.x_adv).argmax(1) == oracle(result.x_adv).argmax(1)).float().mean().item()
+    assert agreement >= 0.5  # substitute vs oracle labels on the attacked inputs
     assert 1 - result.success.float().mean().item() <= clean_acc - 0.2  # the transfer attack does damage
-    again = attack(oracle, test.images, test.labels)  # a second call trains a fresh copy: same answer
+    again = attack(oracle, test.images, test.labels)  # unbound, a call trains a fresh copy: same answer
     assert torch.equal(again.x_adv, result.x_adv)
+
+
+class _Shrink(NoDefense):
+    """A defense whose purification differs from its input (x / 2), so its reuse in the result is visible."""
+
+    def purify(self, x, ids=None):
+        p = super().purify(x, ids)
+        p.x = x * 0.5
+        return p
+
+
+def test_the_substitute_attack_has_the_common_call_shape_and_the_two_step_transfer_result():
+    """`attack.bind(model, queries)(target, x, y, ids=ids)` gives exactly what the former two-step path gave
+    (`transfer`: FGSM on the trained substitute, judged by the target, every example charged the training's
+    oracle labels); an unbound attack trains the same substitute against the target at the call."""
+    torch.manual_seed(6)
+    oracle = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).requires_grad_(False)
+    with torch.no_grad():
+        oracle[1].weight.mul_(10)  # labels that differ between inputs
+    defense = _Shrink(oracle)
+    seeds, x = torch.rand(24, 1, 4, 4), torch.rand(10, 1, 4, 4)
+    y, ids = oracle(x * 0.5).argmax(1), torch.arange(50, 60)
+    template = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    attack = Substitute(substitute=template, seed_images=seeds, rounds=2, epochs=5, eps=0.3)
+    model = attack.train(defense)
+    assert attack.queries_spent == attack.oracle_queries() == 24 + 48
+    bound = attack.bind(model, attack.queries_spent)
+    result = bound(defense, x, y, ids=ids)
+    x_adv = FGSM(eps=0.3)(model, x, y).x_adv  # the two-step path, written out
+    assert torch.equal(result.x_adv, x_adv) and not torch.equal(x_adv, x)
+    assert torch.equal(result.queries, torch.full((10,), 72, dtype=torch.int64))
+    assert torch.equal(result.success, defense.predict(x_adv, ids) != y) and bool(result.success.any())
+    assert torch.equal(result.purified.x, x_adv * 0.5)
+    unbound = attack(defense, x, y, ids=ids)
+    assert torch.equal(unbound.x_adv, result.x_adv) and torch.equal(unbound.queries, result.queries)
+    assert torch.equal(unbound.success, result.success)
+    assert attack.model is None and bound.model is model  # bind copies: the attack itself stays unbound
+
+
+def test_an_unbound_substitute_without_seeds_names_the_fix():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"attack\.bind\(model, queries\).*seed_images"):
+        Substitute()(model, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+
+
+def test_attacks_through_a_defense_refuse_a_bare_classifier():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    for attack in (BPDA(), Reparameterization(), Unrolled()):
+        with pytest.raises(TypeError, match="needs a defense"):
+            attack(model, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
 
 
 def test_bpda_warm_start_projects_from_the_previous_latent_and_checks_with_the_cold_defense(digits_models, monkeypatch):

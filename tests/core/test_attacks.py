@@ -16,11 +16,16 @@ from invgan_core.attacks import (
     FGSM,
     L1PGD,
     L2PGD,
+    Attack,
     AttackResult,
     CarliniWagnerL2,
+    Classifier,
+    Defended,
+    GradientDescent,
     LinfPGD,
     Norm,
     accuracy_vs_steps,
+    as_defense,
     logits_fn,
     project_l1_box,
 )
@@ -252,6 +257,30 @@ def test_a_defense_target_is_attacked_through_its_classifier(cnn_data):
     assert counting.calls == 1  # success is measured on the defended prediction, once
     with pytest.raises(TypeError):
         logits_fn(object())
+
+
+def test_targets_are_a_classifier_or_a_defense_and_the_attack_base_is_abstract(cnn_data):
+    """`Target`: a defense (purify, predict, classifier) or a classifier (images to logits); an attack is
+    made only by implementing its hooks (`run`; a gradient-descent norm's start, step and projection)."""
+    model = cnn_data[0]
+    defense = NoDefense(model)
+    assert isinstance(defense, Defended) and not isinstance(defense, Classifier)
+    assert isinstance(model, Classifier) and not isinstance(model, Defended)
+    assert as_defense(defense, "BPDA") is defense
+    with pytest.raises(TypeError, match="BPDA needs a defense"):
+        as_defense(model, "BPDA")
+
+    class NoRun(Attack):
+        pass
+
+    class NoProjection(GradientDescent):
+        pass
+
+    for cls in (Attack, NoRun):
+        with pytest.raises(TypeError, match="abstract"):
+            cls()
+    with pytest.raises(TypeError, match="abstract"):
+        NoProjection(eps=0.1, rel_stepsize=0.1, steps=1, random_start=False)
 
 
 # ---------------------------------------------------------------- the real classifier, and foolbox 3

@@ -1,32 +1,47 @@
 """`invgan report`: docs/results.md and docs/figures/*.png regenerated from the reproduction runs' rows.
 
-    configs/repro/paper_numbers.yaml ─▶ for each table: its config ─▶ that config's run folder
-    (<runs>/<name>-<hash>, as `invgan eval` made it) ─▶ rows ─▶ our cell beside the paper's, n per cell,
-    masking flags, run id, compute ─▶ one markdown section + one figure per table
+    configs/repro/paper_numbers.yaml (typed: jobs/paper_spec.py) ─▶ for each table: its config ─▶ that
+    config's run folder (<runs>/<name>-<hash>, as `invgan eval` made it) ─▶ rows ─▶ our cell beside the
+    paper's, n per cell, masking flags, run id, compute ─▶ one markdown section + one figure per table
 
 Nothing in docs/results.md is typed by hand: a table whose run does not exist yet says so and gives
-the command that makes it. A paper column may map to several of our attacks (e.g. BPDA with the CE and
-the margin loss): an example then counts as correct only if it survives every one of them (the per-example
-worst case), computed from the rows like every other number here.
+the command that makes it (a runs folder with no run of any table is an error, not an empty report). A
+paper column may map to several of our attacks (e.g. BPDA with the CE and the margin loss): an example then
+counts as correct only if it survives every one of them (the per-example worst case), computed from the
+rows like every other number here.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 
 from jobs.common import PROJECT_ROOT
-
-REPRO_DIR = PROJECT_ROOT / "configs" / "repro"
-PAPER_NUMBERS = REPRO_DIR / "paper_numbers.yaml"
+from jobs.paper_spec import (
+    PAPER_NUMBERS,
+    REPRO_DIR,
+    BaseTable,
+    ConfigTable,
+    CurvesTable,
+    DistortionTable,
+    EvalTable,
+    Numbers,
+    RecoveryTable,
+    RedTable,
+    RedTheoryTable,
+    Table,
+    load_paper_numbers,
+)
+from jobs.schemas import EVAL_ROWS, RED_ROWS
 
 
 @dataclass
@@ -45,7 +60,7 @@ def combined_correct(d_rows: pd.DataFrame, attacks: list[str]) -> pd.Series | No
     return wide.astype(bool).all(axis=1) if len(wide) else None
 
 
-def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict) -> dict[str, dict[str, Cell]]:
+def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers) -> dict[str, dict[str, Cell]]:
     out: dict[str, dict[str, Cell]] = {}
     for defense, d_rows in rows.groupby("defense", sort=False):
         out[defense] = {}
@@ -58,7 +73,7 @@ def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dic
     return out
 
 
-def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict) -> dict[str, dict[str, Cell]]:
+def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers) -> dict[str, dict[str, Cell]]:
     from invgan_core.detection import detection_auc
 
     out: dict[str, dict[str, Cell]] = {}
@@ -76,7 +91,9 @@ def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict) ->
     return out
 
 
-def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, size: int) -> dict[str, dict[str, Cell]]:
+def mse_cells(
+    rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers, size: int
+) -> dict[str, dict[str, Cell]]:
     """Reconstruction MSE per pixel, ||x - G(z_T)||² / size, from the rows of the listed attack (e.g. clean) of a
     run with `detection_space: image` (then a row's detection score is ||x - G(z_T)||)."""
     out: dict[str, dict[str, Cell]] = {}
@@ -90,16 +107,39 @@ def mse_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: dict, si
     return out
 
 
-def _locate(spec: dict, runs: Path, model=None, run_config=None):
-    """A section's config (of `model`, default EvalConfig), its run folder under `runs` (of `run_config(cfg)`
-    when the job runs a derived config, as `invgan curves` does), the config's path as shown, and the heading."""
+def _locate(spec: ConfigTable, runs: Path, config: Path | None = None) -> tuple[Any, Path, Path, str]:
+    """A section's config (or `config`, one it joins) as its job reads it (RedConfig, RecoveryConfig, else
+    EvalConfig), its run folder under `runs` (of the derived config `invgan curves` runs, for a curves section),
+    the config's path as shown, and the heading."""
     from jobs.config import load_config
 
-    config_path = REPRO_DIR / spec["config"]  # an absolute path stays as it is
-    cfg = load_config(config_path, model=model) if model is not None else load_config(config_path)
-    run_dir = find_run_dir(run_config(cfg) if run_config else cfg, runs)
+    config_path = REPRO_DIR / (config or spec.config)  # an absolute path stays as it is
+    if isinstance(spec, RedTable):
+        from jobs.red import RedConfig
+
+        cfg: Any = load_config(config_path, model=RedConfig)
+    elif isinstance(spec, RecoveryTable):
+        from jobs.recovery import RecoveryConfig
+
+        cfg = load_config(config_path, model=RecoveryConfig)
+    else:
+        cfg = load_config(config_path)
+    if isinstance(spec, CurvesTable):
+        from jobs.curves import curves_run_config
+
+        run_dir = find_run_dir(curves_run_config(cfg), runs)
+    else:
+        run_dir = find_run_dir(cfg, runs)
     rel = _relative(config_path)
     return cfg, run_dir, rel, _head(spec, rel)
+
+
+def _run_dirs(spec: Table, runs: Path) -> list[Path]:
+    """The run folders under `runs` that a section reads, whether or not they exist yet."""
+    if isinstance(spec, RedTheoryTable):
+        return [runs / spec.folder]
+    configs = [spec.config, *spec.also] if isinstance(spec, EvalTable) else [spec.config]
+    return [_locate(spec, runs, config)[1] for config in configs]
 
 
 def find_run_dir(cfg, runs: Path) -> Path:
@@ -210,8 +250,8 @@ def _relative(config_path: Path) -> Path:
     return config_path.relative_to(PROJECT_ROOT) if config_path.is_relative_to(PROJECT_ROOT) else config_path
 
 
-def _head(spec: dict, rel: Path) -> str:
-    return f"## {spec['title']}\n\nPaper: {spec['source']}. Config: `{rel}`.\n\n"
+def _head(spec: BaseTable, rel: Path) -> str:
+    return f"## {spec.title}\n\nPaper: {spec.source}. Config: `{rel}`.\n\n"
 
 
 def _not_run(head: str, command: str, run_dir: Path) -> tuple[str, None]:
@@ -342,10 +382,12 @@ def column_at_half(rows: pd.DataFrame, name: str, column: str, attacks: list[str
     )
 
 
-def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> str:
-    """The table (and figure, docs/figures/<key>_convergence.png) of accuracy vs steps of the attack named
+def convergence_text(key: str, spec: EvalTable, rows: pd.DataFrame, cfgs: list, figures: Path) -> str:
+    """The table (and figure, <figures>/<key>_convergence.png) of accuracy vs steps of the attack named
     by `convergence`, run with one restart and first success (BPDA): the curve must flatten."""
-    name = spec["convergence"]
+    name = spec.convergence
+    if name is None:
+        return ""
     attack_spec = next((c.attacks[name] for c in cfgs if name in c.attacks), None)
     if attack_spec is None:
         raise ValueError(f"convergence: no attack {name!r} in {', '.join(c.name for c in cfgs)}")
@@ -369,7 +411,7 @@ def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> st
     lines += [prefix_agreement(rows, name, short, k) for short, k in prefixes(name, cfgs)]
     lines += [
         column_at_half(rows, name, column, attacks, ks[half])
-        for column, attacks in spec["columns"].items()
+        for column, attacks in spec.columns.items()
         if name in attacks and len(attacks) > 1 and column != "worst"
     ]
     fig = Figure(figsize=(5.5, 3.4), layout="constrained")
@@ -382,66 +424,65 @@ def convergence_text(key: str, spec: dict, rows: pd.DataFrame, cfgs: list) -> st
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title(f"{name}: accuracy vs steps", fontsize=10)
-    target = Path(spec.get("_figures_dir", ".")) / f"{key}_convergence.png"
+    target = figures / f"{key}_convergence.png"
     fig.savefig(target, dpi=110)
     lines.append(f"\n![{name} convergence](figures/{target.name})")
     return "\n".join(lines)
 
 
-def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan eval` table (InvGAN Tables 2, 3, 5): defenses x the paper's columns, from the config's run.
     `metric` (accuracy | auc | mse) is the table's; `column_metrics` overrides it per column; `compare:
     {cheap, reference}` adds the paired verdict of one defense against another (e.g. InvGAN at 1/10 of
     Defense-GAN's effective iterations). `also: [configs]` joins the attacks of other configs' runs on the same
     examples (stronger attacks added later without recomputing the rest); `convergence: <attack>` adds that
     first-success attack's accuracy after k steps (`convergence_text`)."""
-    from jobs.evaluate import ROW_COLUMNS
     from jobs.masking import flags_summary
     from jobs.run_tables import scored
     from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs)
-    rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan eval --config {rel}", run_dir)
     runs_used = [(cfg, run_dir, rel, rows)]
-    for also in spec.get("also", []):  # more attacks on the same examples, from another config's run
-        c2, d2, rel2, _ = _locate({**spec, "config": also}, runs)
-        r2 = read_rows(d2, ROW_COLUMNS) if (d2 / "rows").is_dir() else pd.DataFrame()
+    for also in spec.also:  # more attacks on the same examples, from another config's run
+        c2, d2, rel2, _ = _locate(spec, runs, also)
+        r2 = read_rows(d2, EVAL_ROWS) if (d2 / "rows").is_dir() else pd.DataFrame()
         runs_used.append((c2, d2, rel2, r2))
     head = head.replace(f"Config: `{rel}`", "Config: " + " + ".join(f"`{r}`" for _, _, r, _ in runs_used))
     merged = pd.concat(
         [rows] + [r[~r["attack"].isin(rows["attack"].unique())] for *_, r in runs_used[1:] if not r.empty]
     )  # the first run's clean rows (and any attack it has) stay; the others add their own attacks
     rows = scored(merged)  # diverged rows are neither correct nor incorrect, as in the eval's own tables
-    metric = spec.get("metric", "accuracy")
-    per_column = {c: spec.get("column_metrics", {}).get(c, metric) for c in spec["columns"]}
-    paper = spec.get("paper", {})
+    metric = spec.metric
+    per_column = {c: spec.metric_of(c) for c in spec.columns}
+    paper = spec.paper
     cells: dict[str, dict[str, Cell]] = {}
     for m in dict.fromkeys(per_column.values()):
-        cols = {c: a for c, a in spec["columns"].items() if per_column[c] == m}
+        cols = {c: a for c, a in spec.columns.items() if per_column[c] == m}
         if m == "mse":
             part = mse_cells(rows, cols, paper, _image_size(cfg))
         else:
             part = (auc_cells if m == "auc" else accuracy_cells)(rows, cols, paper)
         for d, row in part.items():
             cells.setdefault(d, {}).update(row)
-    cells = {d: {c: cells[d][c] for c in spec["columns"] if c in cells[d]} for d in cfg.defenses if d in cells}
+    cells = {d: {c: cells[d][c] for c in spec.columns if c in cells[d]} for d in cfg.defenses if d in cells}
     flags = flags_summary(merged_flags([c for c, *_ in runs_used], merged))
     digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
     partial, run_lines = [], []
-    for c, d, rel_c, r in runs_used:
+    for c, folder, rel_c, r in runs_used:
         if r.empty:
-            partial.append(f"**`{rel_c}` not run yet**: `invgan eval --config {rel_c}` writes `{d.name}`.")
+            partial.append(f"**`{rel_c}` not run yet**: `invgan eval --config {rel_c}` writes `{folder.name}`.")
             continue
-        done, total = _shards(r, d, c)
+        done, total = _shards(r, folder, c)
         if done != total:
             partial.append(
                 f"**Partial run: {done} of {total} shards of `{rel_c}`.** Rerunning its command resumes it; "
                 "the cells hold the finished shards' examples only."
             )
         run_lines.append(
-            f"Run `{d.name}` (MLflow run `{_run_id(d)}`), {len(r['example_id'].unique())} examples of "
+            f"Run `{folder.name}` (MLflow run `{_run_id(folder)}`), {len(r['example_id'].unique())} examples of "
             f"`{c.dataset}/{c.split}`, {done} of {total} shards, compute {_compute_seconds(r, c) / 3600:.2f} "
             "core-hours."
         )
@@ -450,13 +491,13 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         " Bold: ours; n: examples in the cell"
         + (
             " (several attacks in one column: an example counts as correct only if it survives all)"
-            if any(len(a) > 1 for a in spec["columns"].values())
+            if any(len(a) > 1 for a in spec.columns.values())
             else ""
         )
         + "."
     )
-    if spec.get("compare"):
-        cheap, reference = spec["compare"]["cheap"], spec["compare"]["reference"]
+    if spec.compare is not None:
+        cheap, reference = spec.compare.cheap, spec.compare.reference
         iters = rows[~rows["attacked"]].groupby("defense")["effective_iterations"].mean()
         ratio = iters.get(cheap, np.nan) / iters.get(reference, np.nan)
         lines.append(
@@ -464,7 +505,7 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
             f"{reference}'s {iters.get(reference, np.nan):.0f}) against **{reference}**, on the same examples "
             "(matches: no more than 0.02 below):"
         )
-        accuracy_columns = {c: a for c, a in spec["columns"].items() if per_column[c] == "accuracy"}
+        accuracy_columns = {c: a for c, a in spec.columns.items() if per_column[c] == "accuracy"}
         lines += paired_comparison(rows, cheap, reference, accuracy_columns)
     raised = flags["flagged"]
     lines.append(f"\nGradient-masking checks: {flags['checks']} run, {len(raised)} flagged" + (":" if raised else "."))
@@ -473,24 +514,23 @@ def eval_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         f"{f['acc_other']:.2f} (n={f['n']})"
         for f in raised
     ]
-    if spec.get("convergence"):
-        lines.append(convergence_text(key, spec, rows, [c for c, *_ in runs_used]))
-    if spec.get("notes"):
-        lines.append("\n" + spec["notes"].strip())
+    if spec.convergence:
+        lines.append(convergence_text(key, spec, rows, [c for c, *_ in runs_used], figures))
+    if spec.notes:
+        lines.append("\n" + spec.notes.strip())
     plotted = {d: {c: v for c, v in row.items() if per_column[c] == metric} for d, row in cells.items()}
     ylabel = {"auc": "ROC AUC", "mse": "reconstruction MSE"}.get(metric, "accuracy")
-    return "\n".join(lines) + "\n", cells_figure(plotted, spec["title"], ylabel)
+    return "\n".join(lines) + "\n", cells_figure(plotted, spec.title, ylabel)
 
 
-def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def curves_section(key: str, spec: CurvesTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan curves` run (InvGAN Fig. 4): accuracy and seconds per effective iterations, and the
     smallest InvGAN budget that reaches the reference's accuracy at its largest budget."""
-    from jobs.curves import curve_figure, curve_table, curves_run_config, point_defenses
-    from jobs.evaluate import ROW_COLUMNS
+    from jobs.curves import curve_figure, curve_table, point_defenses
     from jobs.sharded import read_rows
 
-    cfg, run_dir, rel, head = _locate(spec, runs, run_config=curves_run_config)
-    rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    cfg, run_dir, rel, head = _locate(spec, runs)
+    rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan curves --config {rel}", run_dir)
     table = curve_table(rows, point_defenses(cfg))
@@ -508,10 +548,10 @@ def curves_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None
         f"{rows['example_id'].nunique()} examples of `{cfg.dataset}/{cfg.split}`, attacked: "
         f"{', '.join(cfg.attacks)}. Seconds are wall time per example on one worker (one core)."
     )
-    lines += ["", *_reaches(table, spec.get("cheap", "invgan"), spec.get("reference", "defensegan"))]
-    if spec.get("notes"):
-        lines.append("\n" + spec["notes"].strip())
-    return "\n".join(lines) + "\n", curve_figure(table, spec["title"])
+    lines += ["", *_reaches(table, spec.cheap, spec.reference)]
+    if spec.notes:
+        lines.append("\n" + spec.notes.strip())
+    return "\n".join(lines) + "\n", curve_figure(table, spec.title)
 
 
 def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005) -> list[str]:
@@ -541,21 +581,23 @@ def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005
     return out
 
 
-def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def red_section(key: str, spec: RedTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan red` run (RED Table 1): signal accuracy and attack-type accuracy per method beside the paper."""
-    from jobs.red import RED_COLUMNS, RedConfig, confusion_figure, red_tables
+    from jobs.red import confusion_figure, red_tables
     from jobs.sharded import read_rows
 
-    cfg, run_dir, rel, head = _locate(spec, runs, model=RedConfig)
-    rows = read_rows(run_dir, RED_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    cfg, run_dir, rel, head = _locate(spec, runs)
+    rows = read_rows(run_dir, RED_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan red --config {rel}", run_dir)
     names = list(cfg.dictionary.attacks)
     tables = red_tables(rows, names)
     parts = [head]
-    for which, title in (("signal_accuracy", "Signal accuracy"), ("attack_accuracy", "Attack-type accuracy")):
+    for which, title, paper in (
+        ("signal_accuracy", "Signal accuracy", spec.paper.signal_accuracy),
+        ("attack_accuracy", "Attack-type accuracy", spec.paper.attack_accuracy),
+    ):
         t = tables[which]
-        paper = spec.get("paper", {}).get(which, {})
         cells = {
             str(m): {
                 str(c): Cell(
@@ -578,8 +620,8 @@ def red_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
         + ", ".join(f"{m} {v:.2f}" for m, v in secs.items())
         + ". Attack-type accuracy of bsd_gan is BSD-GAN-AD's, of sbsc SBSAD's."
     )
-    if spec.get("notes"):
-        parts.append("\n" + spec["notes"].strip())
+    if spec.notes:
+        parts.append("\n" + spec.notes.strip())
     return "\n".join(parts) + "\n", confusion_figure(rows, names)
 
 
@@ -590,19 +632,18 @@ def distortion_curve(rows: pd.DataFrame, eps: np.ndarray) -> np.ndarray:
     return (correct[None, :] | (l2[None, :] > eps[:, None])).mean(axis=1)
 
 
-def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def distortion_section(key: str, spec: DistortionTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """Chen, Xie & Zhu Fig. 1: accuracy vs ℓ2 distortion, per defense, one line per (minimum-distortion) attack."""
-    from jobs.evaluate import ROW_COLUMNS
     from jobs.run_tables import scored
     from jobs.sharded import read_rows
 
     cfg, run_dir, rel, head = _locate(spec, runs)
-    rows = read_rows(run_dir, ROW_COLUMNS) if (run_dir / "rows").is_dir() else pd.DataFrame()
+    rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
         return _not_run(head, f"invgan eval --config {rel}", run_dir)
     rows = scored(rows)
-    budgets = [float(b) for b in spec.get("table_eps", [1.0, 2.0, 3.0])]
-    grid = np.linspace(0, float(spec.get("max_eps", 5.0)), 101)
+    budgets = spec.table_eps
+    grid = np.linspace(0, spec.max_eps, 101)
     defenses = [d for d in cfg.defenses if d in set(rows["defense"])]
     lines = [
         head + "| defense | attack | n | " + " | ".join(f"ℓ2 ≤ {b:g}" for b in budgets) + " | median ℓ2 of successes |"
@@ -611,7 +652,7 @@ def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
     fig = Figure(figsize=(4.2 * max(len(defenses), 1), 3.4), layout="constrained")
     axes = fig.subplots(1, max(len(defenses), 1), squeeze=False)[0]
     for ax, defense in zip(axes, defenses, strict=False):
-        for attack in spec["attacks"]:
+        for attack in spec.attacks:
             sub = rows[(rows["defense"] == defense) & (rows["attack"] == attack)]
             if sub.empty:
                 continue
@@ -626,23 +667,23 @@ def distortion_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(spec["title"], fontsize=10)
+    fig.suptitle(spec.title, fontsize=10)
     lines.append(
         f"\nRun `{run_dir.name}`, {rows['example_id'].nunique()} examples of `{cfg.dataset}/{cfg.split}`. "
         "Accuracy at budget ε: the defense classifies the attack's smallest adversarial correctly, or that "
         "adversarial is farther than ε (an example the attack never fooled counts at every ε)."
     )
-    if spec.get("notes"):
-        lines.append("\n" + spec["notes"].strip())
+    if spec.notes:
+        lines.append("\n" + spec.notes.strip())
     return "\n".join(lines) + "\n", fig
 
 
-def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def red_theory_section(key: str, spec: RedTheoryTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """`invgan red-theory`'s numbers (RED Fig. 1, μ vs m, and the linear-convergence rate) and its figures."""
     import shutil
 
-    folder = runs / spec.get("folder", "red-theory")
-    head = f"## {spec['title']}\n\nPaper: {spec['source']}. "
+    folder = runs / spec.folder
+    head = f"## {spec.title}\n\nPaper: {spec.source}. "
     head += f"Command: `invgan red-theory` (writes `runs/{folder.name}`).\n\n"
     if not (folder / "theory.json").exists():
         return head + f"*Not run yet.* `invgan red-theory --out runs/{folder.name}`; then `invgan report`.\n", None
@@ -656,32 +697,32 @@ def red_theory_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | 
         f"\nLinear convergence at m = 100: mean rate {numbers['rate_m100']:.4f} per step (||Δz||² + ||Δc||² "
         f"shrinks by that factor); attack type recovered on {numbers['attack_type_recovered']:.0%} of the instances."
     )
-    figures = []
+    links = []
     for name in ("mu_vs_m", "convergence"):
         if (folder / f"{name}.png").exists():
-            target = Path(spec.get("_figures_dir", ".")) / f"{key}_{name}.png"
+            target = figures / f"{key}_{name}.png"
             shutil.copyfile(folder / f"{name}.png", target)
-            figures.append(f"![{name}](figures/{target.name})")
-    if spec.get("notes"):
-        lines.append("\n" + spec["notes"].strip())
-    return "\n".join(lines) + "\n\n" + "\n".join(figures) + "\n", None
+            links.append(f"![{name}](figures/{target.name})")
+    if spec.notes:
+        lines.append("\n" + spec.notes.strip())
+    return "\n".join(lines) + "\n\n" + "\n".join(links) + "\n", None
 
 
-def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
+def recovery_section(key: str, spec: RecoveryTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan recovery` run (Lipton & Tripathi Tables 1-2) beside the paper's numbers."""
-    from jobs.recovery import RecoveryConfig, recovery_tables
+    from jobs.recovery import recovery_tables
 
-    cfg, run_dir, rel, head = _locate(spec, runs, model=RecoveryConfig)
+    cfg, run_dir, rel, head = _locate(spec, runs)
     if not (run_dir / "rows.parquet").exists():
         return _not_run(head, f"invgan recovery --config {rel}", run_dir)
     rows = pd.read_parquet(run_dir / "rows.parquet")
     summary = json.loads((run_dir / "summary.json").read_text())
     tables = recovery_tables(rows, cfg.thresholds, int(summary["latent_dim"]), cfg.seed)
-    paper = spec.get("paper", {})
+    paper = spec.paper
     t1 = tables["table1"]
     cells = {
         str(c): {
-            col: Cell(float(t1.loc[c, col]), int(t1.loc[c, "n"]), paper.get("table1", {}).get(c, {}).get(col))
+            col: Cell(float(t1.loc[c, col]), int(t1.loc[c, "n"]), paper.table1.get(c, {}).get(col))
             for col in t1.columns
             if col != "n"
         }
@@ -698,7 +739,7 @@ def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | No
         lines = ["**Table 2**: mean pairwise ||z'_i − z'_j||₂ / d of the recoveries of one real image", ""]
         lines += ["| clipping | ours | paper |", "|---|---|---|"]
         for c, v in t2.iloc[:, 0].items():
-            theirs = paper.get("table2", {}).get(str(c))
+            theirs = paper.table2.get(str(c))
             lines.append(f"| {c} | **{v:.3g}** | {'–' if theirs is None else f'{theirs:.3g}'} |")
         parts.append("\n".join(lines) + "\n")
     parts.append(
@@ -706,27 +747,25 @@ def recovery_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | No
         f"steps (lr {cfg.lr}) on `{cfg.weights}/{cfg.generator}` (d = {summary['latent_dim']}), "
         f"{summary['seconds'] / 60:.0f} min."
     )
-    if spec.get("notes"):
-        parts.append("\n" + spec["notes"].strip())
+    if spec.notes:
+        parts.append("\n" + spec.notes.strip())
     return "\n".join(parts) + "\n", None
 
 
-SECTIONS = {
-    "eval": eval_section,
-    "curves": curves_section,
-    "red": red_section,
-    "distortion": distortion_section,
-    "red_theory": red_theory_section,
-    "recovery": recovery_section,
+SECTIONS: dict[type[BaseTable], Callable[..., tuple[str, Figure | None]]] = {
+    EvalTable: eval_section,
+    CurvesTable: curves_section,
+    RedTable: red_section,
+    DistortionTable: distortion_section,
+    RedTheoryTable: red_theory_section,
+    RecoveryTable: recovery_section,
 }
 
 
-def table_section(key: str, spec: dict, runs: Path) -> tuple[str, Figure | None]:
-    """One table's markdown (and figure), from its config's run folder under `runs`; `kind` picks the job."""
-    kind = spec.get("kind", "eval")
-    if kind not in SECTIONS:
-        raise ValueError(f"{key}: unknown kind {kind!r}; choose one of {', '.join(SECTIONS)}")
-    return SECTIONS[kind](key, spec, runs)
+def table_section(key: str, spec: Table, runs: Path, figures: Path) -> tuple[str, Figure | None]:
+    """One table's markdown (and figure), from its config's run folder under `runs`; its kind picks the job.
+    Figures a section writes itself (a convergence curve, red-theory's plots) go to `figures`."""
+    return SECTIONS[type(spec)](key, spec, runs, figures)
 
 
 HEADLINE_START, HEADLINE_END = "<!-- invgan report: headline -->", "<!-- /invgan report -->"
@@ -748,21 +787,53 @@ def update_headline(readme: Path, text: str) -> bool:
 
 
 def _as_headline(text: str, key: str) -> str:
-    """A section of results.md for the README: its title one level down, figures linked from docs/."""
+    """A section of results.md for the README: its title one level down, figures linked from docs/, long
+    paragraphs wrapped (the README is read as source too; markdown renders them the same)."""
     text = text.replace("](figures/", "](docs/figures/")
-    return re.sub(r"^## ", "### ", text, count=1) + f"\nFull report: [docs/results.md](docs/results.md#{key}).\n"
+    text = re.sub(r"^## ", "### ", text, count=1) + f"\nFull report: [docs/results.md](docs/results.md#{key}).\n"
+    return wrap_paragraphs(text)
+
+
+def wrap_paragraphs(text: str, width: int = 120) -> str:
+    """Every line of plain prose longer than `width` wrapped at spaces; tables, headings, lists, images, code
+    and HTML lines stay as they are."""
+    return "\n".join(
+        textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
+        if len(line) > width and not line.lstrip().startswith(("|", "#", "-", "*", "!", "`", "<", ">"))
+        else line
+        for line in text.split("\n")
+    )
+
+
+def _no_runs(runs: Path, tables: dict[str, Table]) -> str:
+    """One line: `runs` holds no run folder of any table, and the command that makes one."""
+    example = next(
+        (_relative(REPRO_DIR / t.config) for t in tables.values() if isinstance(t, EvalTable)),
+        _relative(REPRO_DIR) / "<config>.yaml",
+    )
+    return (
+        f"no run folders of the configs in {_relative(REPRO_DIR)}/ found in {runs}: `invgan eval --config "
+        f"{example}` makes one (or point --runs at the folder that holds them)"
+    )
 
 
 def build_report(
     out: Path, *, runs: Path | None = None, paper_numbers: Path = PAPER_NUMBERS, readme: Path | None = None
 ) -> Path:
     """Write out/results.md and out/figures/<table>.png; returns the markdown's path. With `readme`, the table
-    marked `headline: true` also replaces the README's headline block (between HEADLINE_START and _END)."""
+    marked `headline: true` also replaces the README's headline block (between HEADLINE_START and _END).
+    A paper-numbers file that does not validate, or a `runs` folder with no run of any table, ends the
+    command with one line (SystemExit) before anything is written."""
     from invgan_core.checkpoint import atomic_write_bytes
     from jobs.common import runs_dir
 
     runs = runs or runs_dir()
-    tables = yaml.safe_load(paper_numbers.read_text())
+    try:
+        tables = load_paper_numbers(paper_numbers)
+    except ValueError as err:  # the file's problems, each naming its table and field
+        raise SystemExit(f"{paper_numbers}: {err}") from None
+    if not any(d.exists() for spec in tables.values() for d in _run_dirs(spec, runs)):
+        raise SystemExit(_no_runs(runs, tables))
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     parts = [
@@ -772,13 +843,13 @@ def build_report(
         "`configs/repro/paper_numbers.yaml`.\n",
     ]
     for key, spec in tables.items():
-        text, figure = table_section(key, spec | {"_figures_dir": str(figures_dir)}, runs)
+        text, figure = table_section(key, spec, runs, figures_dir)
         if figure is not None:
             path = figures_dir / f"{key}.png"
             figure.savefig(path, dpi=110)
-            text += f"\n![{spec['title']}](figures/{key}.png)\n"
+            text += f"\n![{spec.title}](figures/{key}.png)\n"
         parts.append(f'<a id="{key}"></a>\n\n' + text)
-        if readme is not None and spec.get("headline"):
+        if readme is not None and spec.headline:
             update_headline(readme, _as_headline(text, key))
     target = out / "results.md"
     atomic_write_bytes(target, "\n".join(parts).encode())

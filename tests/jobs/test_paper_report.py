@@ -12,7 +12,7 @@ import yaml
 from jobs.config import load_config
 from jobs.evaluate import EvalWorker
 from jobs.paper_report import build_report, combined_correct, prefix_agreement
-from jobs.sharded import shard_path, write_shard
+from jobs.run_folder import shard_path, write_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,47 +83,109 @@ def test_a_column_of_several_attacks_is_the_per_example_worst(fixture_run):
 
 
 def test_the_shipped_paper_numbers_name_real_configs_and_columns():
-    from jobs.paper_report import PAPER_NUMBERS, REPRO_DIR
+    from jobs.paper_spec import (
+        PAPER_NUMBERS,
+        REPRO_DIR,
+        CurvesTable,
+        DistortionTable,
+        RecoveryTable,
+        RedTable,
+        RedTheoryTable,
+        load_paper_numbers,
+    )
     from jobs.red import RedConfig
 
     kinds = set()
-    for key, spec in yaml.safe_load(PAPER_NUMBERS.read_text()).items():
-        kinds.add(kind := spec.get("kind", "eval"))
-        if kind == "red_theory":
+    for key, spec in load_paper_numbers(PAPER_NUMBERS).items():
+        kinds.add(spec.kind)
+        if isinstance(spec, RedTheoryTable):
             continue
-        if kind == "recovery":
+        if isinstance(spec, RecoveryTable):
             from jobs.recovery import RecoveryConfig
 
-            rec = load_config(REPRO_DIR / spec["config"], model=RecoveryConfig)
-            assert set(spec["paper"]["table1"]) <= set(rec.constraints), key
+            rec = load_config(REPRO_DIR / spec.config, model=RecoveryConfig)
+            assert spec.paper.table1 and set(spec.paper.table1) <= set(rec.constraints), key
             continue
-        if kind == "red":
-            red = load_config(REPRO_DIR / spec["config"], model=RedConfig)
-            for which, by_method in spec.get("paper", {}).items():
+        if isinstance(spec, RedTable):
+            red = load_config(REPRO_DIR / spec.config, model=RedConfig)
+            for which, by_method in spec.paper.model_dump().items():
                 assert set(by_method) <= set(red.methods), key
                 for cells in by_method.values():
                     assert set(cells) <= {"clean", *red.dictionary.attacks}, (key, which)
             continue
-        cfg = load_config(REPRO_DIR / spec["config"])
-        if kind == "curves":
-            assert cfg.curves is not None and {spec["cheap"], spec["reference"]} <= set(cfg.curves.defenses), key
+        cfg = load_config(REPRO_DIR / spec.config)
+        if isinstance(spec, CurvesTable):
+            assert cfg.curves is not None and {spec.cheap, spec.reference} <= set(cfg.curves.defenses), key
             continue
-        if kind == "distortion":
-            assert set(spec["attacks"]) <= set(cfg.attacks), key
+        if isinstance(spec, DistortionTable):
+            assert set(spec.attacks) <= set(cfg.attacks), key
             continue
         attacks_of_runs = {"clean", *cfg.attacks}
-        for also in spec.get("also", []):  # another config's run on the same examples adds its attacks
+        for also in spec.also:  # another config's run on the same examples adds its attacks
             more = load_config(REPRO_DIR / also)
             assert (more.dataset, more.limit, more.weights) == (cfg.dataset, cfg.limit, cfg.weights), (key, also)
             attacks_of_runs |= set(more.attacks)
-        for column, attacks in spec["columns"].items():
+        for column, attacks in spec.columns.items():
             assert set(attacks) <= attacks_of_runs, (key, column)
-        assert spec.get("convergence", "clean") in attacks_of_runs, key
-        assert set(spec["paper"]) <= set(cfg.defenses), key
-        assert set(spec.get("column_metrics", {}).values()) <= {"accuracy", "auc", "mse"}, key
-        if "compare" in spec:
-            assert set(spec["compare"].values()) <= set(cfg.defenses), key
+        assert (spec.convergence or "clean") in attacks_of_runs, key
+        assert spec.paper and set(spec.paper) <= set(cfg.defenses), key
+        assert set(spec.column_metrics.values()) <= {"accuracy", "auc", "mse"}, key
+        if spec.compare is not None:
+            assert {spec.compare.cheap, spec.compare.reference} <= set(cfg.defenses), key
     assert kinds == {"eval", "curves", "red", "distortion", "red_theory", "recovery"}
+
+
+def test_a_bad_paper_numbers_file_stops_the_report_naming_the_table_and_field(tmp_path):
+    """Every problem of the file in one line, each with its table's key and field, before anything is written."""
+    good = {"config": "table2_mnist.yaml", "title": "T", "source": "-", "columns": {"clean": ["clean"]}}
+    cases = {
+        "misspelt": ({"t": good | {"colums": {}}}, ["t.colums: Extra inputs are not permitted"]),
+        "missing": ({"t": {k: v for k, v in good.items() if k != "title"}}, ["t.title: Field required"]),
+        "kind": ({"t": good | {"kind": "evaluation"}}, ["t.kind: 'evaluation' is not a kind of table; choose one of"]),
+        "metric": ({"t": good | {"metric": "acc"}}, ["t.metric: Input should be 'accuracy', 'auc' or 'mse'"]),
+        "empty column": ({"t": good | {"columns": {"clean": []}}}, ["t.columns.clean: List should have at least 1"]),
+        "paper column": (
+            {"t": good | {"paper": {"invgan": {"fgsm": 0.78}}}},
+            ["t: paper: ['fgsm'] are not columns of the table (clean)"],
+        ),
+        "two tables": (
+            {"a": good | {"also": "x.yaml"}, "b": {"kind": "red_theory", "title": "-", "source": "-", "folder": ".."}},
+            ["a.also: Input should be a valid list", "; b.folder: '..': give a plain folder name"],
+        ),
+        "not tables": ([good], ["expected a mapping of tables"]),
+    }
+    for name, (raw, expected) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(SystemExit) as stop:
+            build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=path)
+        message = str(stop.value.code)
+        assert message.startswith(f"{path}: ") and "\n" not in message, name
+        assert all(e in message for e in expected), (name, message)
+    assert not (tmp_path / "docs").exists()
+
+
+def test_a_runs_folder_without_any_run_stops_the_report_with_the_command_that_makes_one(fixture_run, tmp_path):
+    """No empty report: a runs folder holding no run of any table (absent, empty or only other folders) ends
+    the command with one line naming the folder and an `invgan eval` command; nothing is written."""
+    from jobs.paper_report import HEADLINE_END, HEADLINE_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{HEADLINE_START}\nstale numbers\n{HEADLINE_END}\n")
+    (tmp_path / "other" / "unrelated-0123456789ab").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for runs in (tmp_path / "absent", tmp_path / "empty", tmp_path / "other"):
+        with pytest.raises(SystemExit) as stop:
+            build_report(tmp_path / "docs", runs=runs, readme=readme)  # the shipped paper numbers
+        assert stop.value.code == (
+            f"no run folders of the configs in configs/repro/ found in {runs}: `invgan eval --config "
+            "configs/repro/table2_mnist.yaml` makes one (or point --runs at the folder that holds them)"
+        )
+    tmp = fixture_run[0].parent.parent  # a file whose configs are elsewhere names its first eval config
+    with pytest.raises(SystemExit) as stop:
+        build_report(tmp_path / "docs", runs=tmp_path / "empty", paper_numbers=tmp / "paper.yaml")
+    assert f"`invgan eval --config {tmp / 'tiny.yaml'}` makes one" in str(stop.value.code)
+    assert not (tmp_path / "docs").exists() and "stale numbers" in readme.read_text()
 
 
 def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
@@ -174,7 +236,8 @@ def test_curves_and_red_sections_from_run_folders(tmp_path):
     """A curves run (real worker rows) and a RED run (rows with known accuracies) become their sections."""
     from jobs.curves import curves_run_config
     from jobs.evaluate import EvalWorker
-    from jobs.red import RED_COLUMNS, RedConfig
+    from jobs.red import RedConfig
+    from jobs.schemas import RED_ROWS
 
     raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()) | {"name": "tiny_curves", "limit": 4}
     raw |= {"curves": {"budgets": [0, 4], "defenses": ["invgan", "defensegan"], "restarts": 2}}
@@ -188,15 +251,28 @@ def test_curves_and_red_sections_from_run_folders(tmp_path):
     (tmp_path / "red.yaml").write_text(yaml.safe_dump(red_raw))
     red = load_config(tmp_path / "red.yaml", model=RedConfig)
     # BSD-GAN: right on every signal, attack type right on linf only; CNN wrong on attacked inputs
-    red_rows = [
-        (k, 3, t, 3 if (m == "bsd_gan" or t == "clean") else 5, 0 if m != "cnn" else -1, m, 0.1, 0.0, 0)
-        for k in range(4)
-        for t in ("clean", "linf", "l2")
-        for m in ("cnn", "bsd_gan")
-    ]
+    red_rows = pd.DataFrame(
+        [
+            {
+                "example_id": k,
+                "label": 3,
+                "attack_type": t,
+                "signal_pred": 3 if (m == "bsd_gan" or t == "clean") else 5,
+                "attack_pred": 0 if m != "cnn" else -1,
+                "method": m,
+                "seconds": 0.1,
+                "final_loss": 0.0,
+                "shard": 0,
+            }
+            for k in range(4)
+            for t in ("clean", "linf", "l2")
+            for m in ("cnn", "bsd_gan")
+        ]
+    )
     write_shard(
         shard_path(tmp_path / "runs" / f"{red.name}-{red.config_hash()[:12]}", 0),
-        pd.DataFrame(red_rows, columns=RED_COLUMNS),
+        red_rows.assign(node="n", worker="h:1"),
+        RED_ROWS,
     )
     paper = {
         "curves": {
@@ -383,3 +459,22 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
     assert len(fell), "the check needs an example bpda fooled"
     moved.loc[fell[0], "queries"] += 1  # as if the short run had fooled it one step later
     assert "**differs on 1**" in prefix_agreement(moved, "bpda8", "bpda", 5)
+
+
+def test_the_readme_headline_wraps_prose_but_not_tables():
+    from jobs.paper_report import wrap_paragraphs
+
+    prose, row = " ".join(["word"] * 100), "| " + " | ".join(["cell"] * 60) + " |"
+    out = wrap_paragraphs(f"{prose}\n\n{row}\n![figure](docs/figures/{'x' * 200}.png)")
+    lines = out.split("\n")
+    assert max(len(line) for line in lines[:-3]) <= 120 and " ".join(lines[:-3]) == prose
+    assert lines[-2:] == [row, f"![figure](docs/figures/{'x' * 200}.png)"]
+
+
+def test_a_repro_runs_description_names_the_tables_it_feeds():
+    from jobs.paper_spec import tables_fed_by
+
+    fed = tables_fed_by("repro_table2_mnist")
+    assert any("#table2_mnist)" in f for f in fed) and any("#table3_mnist)" in f for f in fed)
+    assert any("#table2_mnist)" in f for f in tables_fed_by("repro_table2_mnist_bpda500"))  # through `also`
+    assert tables_fed_by("smoke") == []

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
-from enum import Enum
+import subprocess
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+from invgan.options import VERBOSE_ALONE, model_options, plain, shared_options
+from jobs.train_config import TrainConfig, kind_defaults
+
+if TYPE_CHECKING:
+    from jobs.sharded import JobOptions
 
 # every command prints its own MLflow link once; MLflow's per-run "View run" lines would repeat it per trial
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -20,110 +27,46 @@ app = typer.Typer(
 )
 
 
-class Kind(str, Enum):
-    gan = "gan"
-    classifier = "classifier"
-    inverter = "inverter"
+# Every job command takes the same shared options (invgan/options.py: --out, --address, --tracking-uri, --no-mlflow,
+# --quiet, -v; --set and --limit for the config-file commands), built into one JobOptions; each job's `main` goes
+# through jobs.common.user_errors, so an error the user can fix ends in one line on stderr (the traceback with -v).
 
+# help texts with a [default] that typer's rich markup would otherwise drop
+WEIGHTS_HELP = plain("weights folder [weights/<dataset>]")
+NUM_SAMPLES_HELP = plain("trials to run [search.num_samples of the config]")
 
-class GanLoss(str, Enum):
-    dcgan = "dcgan"
-    wgan_gp = "wgan-gp"
+# TrainConfig fields given by the shared options rather than by an option of their own (see jobs.train.main)
+TRAIN_FIELDS_FROM_JOB_OPTIONS = ("out", "tracking_uri", "quiet")
 
 
 @app.command()
-def train(
-    kind: Kind = typer.Argument(
-        ..., help="gan (generator + critic), classifier, or inverter (needs a trained generator)"
-    ),
-    dataset: str = typer.Option("digits", help="digits | mnist5k | mnist | fashion-mnist | cifar10"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder with the dataset files (mnist, fashion-mnist, cifar10)"),
-    steps: Optional[int] = typer.Option(
-        None, help="optimizer steps [classifier: 100 epochs, gan 20000, inverter 5000]"
-    ),
-    batch_size: Optional[int] = typer.Option(None, help="global batch size, split across processes"),
-    lr: Optional[float] = typer.Option(
-        None, help="learning rate [classifier 0.1, gan 2e-4 (dcgan) / 1e-4 (wgan-gp), inverter 2e-4]"
-    ),
-    seed: int = typer.Option(0),
-    augment_shift: Optional[int] = typer.Option(
-        None, help="classifier: random translations of up to N pixels [image size // 14: 2 on MNIST, 0 on digits]"
-    ),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | mps; default: Accelerate picks (CUDA when present)"),
-    out: Optional[Path] = typer.Option(None, help="folder for the model files [weights/<dataset>]"),
-    work_dir: Optional[Path] = typer.Option(None, help="resumable training state [runs/train/<dataset>-<kind>]"),
-    checkpoint_every: int = typer.Option(200, help="save resumable state every N steps"),
-    max_minutes: Optional[float] = typer.Option(None, help="stop and save after this many minutes; rerun to continue"),
-    gan_loss: GanLoss = typer.Option(
-        GanLoss.dcgan, help="GAN objective (Defense-GAN used wgan-gp; dcgan is 5x cheaper per step)"
-    ),
-    prior: str = typer.Option(
-        "normal", help="gan: latent prior, normal or uniform (the box [-1, 1]^d, for stochastic clipping)"
-    ),
-    n_critic: Optional[int] = typer.Option(None, help="critic steps per generator step [dcgan 1, wgan-gp 5]"),
-    generator: Optional[Path] = typer.Option(None, help="inverter: generator file stem [<out>/generator]"),
-    eta: Optional[float] = typer.Option(None, help="inverter: hinge margin η of L_semantic [0.03·sqrt(pixels)]"),
-    lambda_adv: float = typer.Option(1.0, help="inverter: λ1"),
-    lambda_semantic: float = typer.Option(100.0, help="inverter: λ2"),
-    lambda_latent: float = typer.Option(1.0, help="inverter: λ3"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-) -> None:
+@shared_options(
+    omit=("address",),
+    out=TrainConfig.model_fields["out"].description or "",
+    no_mlflow="no MLflow run: write the model files and the training state only",
+    verbose=VERBOSE_ALONE,
+)
+@model_options(TrainConfig, exclude=TRAIN_FIELDS_FROM_JOB_OPTIONS, notes=kind_defaults)
+def train(*, settings: dict[str, Any], opts: JobOptions) -> None:
     """Train a model with Accelerate; rerunning the same command resumes from the last saved state.
 
     Examples:  invgan train classifier --dataset digits
                invgan train gan --dataset mnist5k --max-minutes 60
                invgan train inverter --dataset mnist5k
     """
-    from jobs.train import TrainConfig, run
+    from jobs.train import main as train_main
 
-    cfg = TrainConfig(
-        kind=kind.value,
-        dataset=dataset,
-        data_dir=data_dir,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        augment_shift=augment_shift,
-        device=device,
-        out=out,
-        work_dir=work_dir,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        gan_loss=gan_loss.value,
-        prior=prior,
-        n_critic=n_critic,
-        generator=generator,
-        eta=eta,
-        lambda_adv=lambda_adv,
-        lambda_semantic=lambda_semantic,
-        lambda_latent=lambda_latent,
-        tracking_uri=tracking_uri,
-        quiet=quiet,
-    )
-    result = run(cfg)
-    if result.get("files"):
-        typer.echo(f"{'finished' if result['finished'] else 'stopped'} at step {result['step']}: {result['metrics']}")
-        typer.echo("model files: " + ", ".join(f + ".safetensors" for f in result["files"]))
-        typer.echo(f"MLflow run {result['mlflow_run_id']} (open with: invgan ui)")
+    train_main(settings, opts)
 
 
 @app.command("eval")
+@shared_options()
 def eval_(
     config: Path = typer.Option(Path("configs/default.yaml"), help="YAML config (see configs/)"),
-    set_: list[str] = typer.Option(
-        [], "--set", help="override a config value by dotted path, e.g. attacks.fgsm.params.eps=0.2"
-    ),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
-    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]; rerun to resume"),
-    address: Optional[str] = typer.Option(
-        None, help="Ray cluster address ('auto' to join a running one); default: local"
-    ),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
+    *,
+    overrides: list[str],
+    limit: Optional[int],
+    opts: JobOptions,
 ) -> None:
     """Evaluate every attack against every defense on Ray Data; record the results in MLflow.
 
@@ -137,57 +80,34 @@ def eval_(
     """
     from jobs.evaluate import main as eval_main
 
-    eval_main(
-        config=config,
-        overrides=set_,
-        limit=limit,
-        out=out,
-        address=address,
-        tracking_uri=tracking_uri,
-        log_mlflow=not no_mlflow,
-        progress=not quiet,
-        verbose=verbose,
-    )
+    eval_main(config, overrides, opts, limit=limit)
 
 
 @app.command()
+@shared_options(
+    overrides="curves.budgets=[0,50,200]", out="run folder [runs/<name>-curves-<config hash>]; rerun to resume"
+)
 def curves(
     config: Path = typer.Option(Path("configs/curves.yaml"), help="YAML config with a `curves:` section"),
-    set_: list[str] = typer.Option(
-        [], "--set", help="override a config value by dotted path, e.g. curves.budgets=[0,50,200]"
-    ),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N examples"),
-    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-curves-<config hash>]; rerun to resume"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows, table and plot only"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
+    *,
+    overrides: list[str],
+    limit: Optional[int],
+    opts: JobOptions,
 ) -> None:
     """Accuracy and wall time versus effective iterations (restarts x steps), InvGAN vs Defense-GAN (InvGAN Fig. 4)."""
     from jobs.curves import main as curves_main
 
-    curves_main(
-        config=config,
-        overrides=set_,
-        limit=limit,
-        out=out,
-        address=address,
-        log_mlflow=not no_mlflow,
-        progress=not quiet,
-        verbose=verbose,
-    )
+    curves_main(config, overrides, opts, limit=limit)
 
 
 @app.command()
+@shared_options(overrides="steps=200", limit="evaluate only the first N test examples")
 def red(
     config: Path = typer.Option(Path("configs/red_mnist5k.yaml"), help="YAML config (configs/red_*.yaml)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. steps=200"),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N test examples"),
-    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]; rerun to resume"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: local"),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's own logs and the workers' output"),
+    *,
+    overrides: list[str],
+    limit: Optional[int],
+    opts: JobOptions,
 ) -> None:
     """Reverse engineering of deceptions (RED Table 1): signal and attack-type accuracy of CNN, BSD-GAN(-AD)
     from a Defense-GAN or an inverter start, and SBSC/SBSAD, for every attack type of the dictionary.
@@ -196,24 +116,16 @@ def red(
     """
     from jobs.red import main as red_main
 
-    red_main(
-        config=config,
-        overrides=set_,
-        limit=limit,
-        out=out,
-        address=address,
-        log_mlflow=not no_mlflow,
-        progress=not quiet,
-        verbose=verbose,
-    )
+    red_main(config, overrides, opts, limit=limit)
 
 
 @app.command()
+@shared_options(overrides="steps=2000")
 def recovery(
     config: Path = typer.Option(Path("configs/repro/recovery_digits.yaml"), help="YAML config"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value by dotted path, e.g. steps=2000"),
-    out: Optional[Path] = typer.Option(None, help="run folder [runs/<name>-<config hash>]"),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write rows and summary only"),
+    *,
+    overrides: list[str],
+    opts: JobOptions,
 ) -> None:
     """Latent recovery (Lipton & Tripathi Tables 1-2) on a uniform-prior generator: the fraction of latents
     recovered to ||z - z'||²/d < ε with no, standard and stochastic clipping, and the spread of the latents
@@ -223,7 +135,7 @@ def recovery(
     """
     from jobs.recovery import main as recovery_main
 
-    recovery_main(config=config, overrides=set_, out=out, log_mlflow=not no_mlflow)
+    recovery_main(config, overrides, opts)
 
 
 @app.command("red-theory")
@@ -241,16 +153,19 @@ def red_theory(
 
 
 @app.command()
+@shared_options()
 def verify(
     dataset: str = typer.Option("mnist5k", help="which shipped weights to check: weights/<dataset>/"),
     limit: Optional[int] = typer.Option(
         None, help="projections on the first N held-out images [100, the manifests' quick check]"
     ),
     data_dir: Optional[Path] = typer.Option(None, help="dataset folder, if not embedded"),
-    weights: Optional[Path] = typer.Option(None, help="weights folder [weights/<dataset>]"),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     write: bool = typer.Option(
         False, help="after training: measure the whole held-out split and the quick check, record both in the manifests"
     ),
+    *,
+    verbose: bool,
 ) -> None:
     """Measure the shipped models on the held-out split and compare with their manifests.
 
@@ -259,16 +174,20 @@ def verify(
     """
     from jobs.verify import main as verify_main
 
-    raise typer.Exit(verify_main(dataset=dataset, limit=limit, data_dir=data_dir, weights=weights, write=write))
+    code = verify_main(dataset=dataset, limit=limit, data_dir=data_dir, weights=weights, write=write, verbose=verbose)
+    raise typer.Exit(code)
 
 
 @app.command()
+@shared_options()
 def report(
     out: Path = typer.Option(Path("docs"), help="folder for results.md and figures/"),
     runs: Optional[Path] = typer.Option(None, help="run folders to read [$INVGAN_RUNS or ./runs]"),
     readme: Optional[Path] = typer.Option(
         Path("README.md"), help="README whose headline block (between its markers) gets the headline table"
     ),
+    *,
+    verbose: bool,
 ) -> None:
     """Regenerate docs/results.md and docs/figures/ from the reproduction runs (configs/repro/).
 
@@ -277,31 +196,31 @@ def report(
 
     A table whose run does not exist yet says which `invgan eval` command makes it.
     """
+    from jobs.common import user_errors
     from jobs.paper_report import build_report
 
-    typer.echo(f"wrote {build_report(out, runs=runs, readme=readme)}")
+    with user_errors("report", verbose=verbose):  # the report's own SystemExit (e.g. no runs) passes as it is
+        written = build_report(out, runs=runs, readme=readme)
+    typer.echo(f"wrote {written}")
 
 
 @app.command()
+@shared_options(
+    overrides="search.seed=1",
+    out="search folder [runs/tune/<name>-<hash>]; rerun the same command to resume",
+    no_mlflow="no MLflow runs: write the trials table, best.yaml and summary only",
+    quiet="no line per finished trial",
+    verbose="show the traceback of an error and Ray Tune's own logs",
+)
 def tune(
     config: Path = typer.Option(
         Path("configs/tune/invgan_defense.yaml"),
         help="search config (configs/tune/): kind, base config, space, objective",
     ),
-    set_: list[str] = typer.Option(
-        [], "--set", help="override a search-config value by dotted path, e.g. search.seed=1"
-    ),
-    num_samples: Optional[int] = typer.Option(None, help="trials to run [search.num_samples of the config]"),
-    out: Optional[Path] = typer.Option(
-        None, help="search folder (default: runs/tune/NAME-HASH); rerun the same command to resume"
-    ),
-    address: Optional[str] = typer.Option(
-        None, help="Ray cluster address ('auto' to join a running one); default: local"
-    ),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow store [$MLFLOW_TRACKING_URI or sqlite in ./runs]"),
-    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="write the trials table, best.yaml and summary only"),
-    quiet: bool = typer.Option(False, help="no line per finished trial"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray Tune's own logs"),
+    num_samples: Optional[int] = typer.Option(None, help=NUM_SAMPLES_HELP),
+    *,
+    overrides: list[str],
+    opts: JobOptions,
 ) -> None:
     """Search hyperparameters with Ray Tune, scored on the validation split (never the test split).
 
@@ -327,24 +246,21 @@ def tune(
     from tuning.search import main as tune_main
 
     tune_main(
-        config=config,
-        overrides=set_,
-        out=out,
-        address=address,
+        config,
+        overrides,
+        out=opts.out,
+        address=opts.address,
         num_samples=num_samples,
-        tracking_uri=tracking_uri,
-        log_mlflow=not no_mlflow,
-        progress=not quiet,
-        verbose=verbose,
+        tracking_uri=opts.tracking_uri,
+        log_mlflow=opts.log_mlflow,
+        progress=opts.progress,
+        verbose=opts.verbose,
     )
 
 
 @app.command()
 def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None)) -> None:
     """Open the MLflow UI on 127.0.0.1 for the project's run store."""
-    import subprocess
-    import sys
-
     from jobs.common import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()

@@ -1,12 +1,18 @@
-"""What every job shares: the project's run directory, the MLflow store, the git commit."""
+"""What every job shares: the project's run directory, the MLflow store, the git commit, and the one error path
+(`user_errors`) every command goes through."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import yaml
+from pydantic import ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
@@ -128,41 +134,80 @@ def check_job_inputs(cfg, data) -> None:
 WRITE_ERRNOS = {"ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG"}
 
 
-def write_error(err: OSError, folder: Path) -> str | None:
-    """A disk-full, read-only or permission error while writing `folder` as one line naming the path (None
-    for other OSErrors, e.g. a connection error: those are not about the folder). Shards and summary.json
-    are written atomically, so whatever was finished is complete and a rerun resumes from it."""
-    import errno
+class UserError(ValueError):
+    """A problem the user can fix (an unknown dataset name, a missing weights folder), raised on purpose with a
+    message that says what to change. `user_errors` shows it as one line, without a traceback; a ValueError that
+    is not a UserError is a bug and keeps its traceback. A ValueError subclass, so that a pydantic validator
+    raising it still yields a ValidationError naming the field."""
 
+
+def write_error(err: OSError, folder: Path | None) -> str | None:
+    """A disk-full, read-only or permission error while writing `folder` as one line naming the path (None
+    for other OSErrors, e.g. a connection error: those are not about the folder). Shards, training state and
+    summary.json are written atomically, so whatever was finished is complete and a rerun resumes from it."""
     if not any(err.errno == getattr(errno, name, None) for name in WRITE_ERRNOS):
         return None
     path = err.filename or folder
+    if folder is None:
+        return f"cannot write {path}: {err.strerror or err}: free space or fix the permissions, then rerun"
     return (
-        f"cannot write {path}: {err.strerror or err} (run folder {folder}); finished shards are kept, "
+        f"cannot write {path}: {err.strerror or err} (run folder {folder}); what was finished is kept, "
         "nothing is half-written: free space or fix the permissions, then rerun to resume"
     )
 
 
-@contextmanager
-def user_errors(config: Path, run_dir: Path, *, verbose: bool) -> Iterator[None]:
-    """Around a sharded job's run (eval, red): what the user can fix ends in one line instead of a traceback.
-    Weights or data the config names (checked before any Ray work), a run folder that cannot be written
-    (`write_error`), Ctrl-C (finished shards are kept). `verbose` re-raises the first two with the traceback."""
-    from invgan_core.checkpoint import CheckpointError
-    from invgan_core.data import DataError
+def _core_errors() -> tuple[type[Exception], ...]:
+    """invgan_core's CheckpointError and DataError, of the modules already loaded: an error of one can only come
+    from a loaded module, and importing them here would load torch for every command (and `invgan --help`)."""
+    names = {"invgan_core.checkpoint": "CheckpointError", "invgan_core.data": "DataError"}
+    return tuple(getattr(sys.modules[m], name) for m, name in names.items() if m in sys.modules)
 
+
+def describe_error(err: Exception) -> str:
+    """A config error as one line per problem, each naming its field: `defenses.invgan: steps=-5: ...`
+    (pydantic's own text spreads one problem over three lines with a link)."""
+    if not isinstance(err, ValidationError):
+        return str(err)
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "config"
+        problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
+
+
+def user_message(what: str, err: BaseException, run_dir: Path | None = None) -> str | None:
+    """The one line `user_errors` shows for `err`, or None when `err` is not the user's to fix (a bug)."""
+    if isinstance(err, KeyboardInterrupt):
+        kept = f"; what was finished is kept in {run_dir}: rerun the same command to resume" if run_dir else ""
+        return f"{what}: interrupted{kept}"
+    if isinstance(err, ValidationError):
+        return f"invalid {what} config: {describe_error(err)}"
+    if isinstance(err, yaml.YAMLError):  # e.g. a Python tag, which safe_load refuses
+        return f"invalid {what} config: not valid YAML ({' '.join(str(err).split())[:300]})"
+    if isinstance(err, (UserError, *_core_errors())):
+        return f"{what}: {err}"
+    if isinstance(err, FileNotFoundError) and err.errno is None:  # raised on purpose: "config X does not exist"
+        return f"{what}: {err}"
+    if isinstance(err, OSError):
+        return write_error(err, run_dir)
+    return None
+
+
+@contextmanager
+def user_errors(what: str, run_dir: Path | None = None, *, verbose: bool) -> Iterator[None]:
+    """Every command's one error path: an error the user can fix ends in one line (SystemExit: the line on
+    stderr, exit code 1) instead of a traceback; anything else (a bug) keeps its traceback.
+
+    The user's errors: an invalid config or option (pydantic ValidationError, named by field), a config that is
+    not valid YAML, a config file that does not exist (a FileNotFoundError raised with a message, not by the OS),
+    weights or data that cannot be used (CheckpointError, DataError), a `UserError`, a run folder that cannot be
+    written (disk full, read-only, forbidden: `write_error`) and Ctrl-C / SIGTERM (what was finished is kept).
+    `what` starts the line (e.g. "evaluation", "train", "search"); `run_dir` is the folder the command writes,
+    named by the last two. `verbose` (-v) re-raises the original error with its traceback."""
     try:
         yield
-    except (CheckpointError, DataError) as err:
-        if verbose:
-            raise
-        raise SystemExit(f"cannot run {config}: {err}") from None
-    except OSError as err:  # disk full, read-only or forbidden run folder: one line naming the path
-        message = write_error(err, run_dir)
+    except (Exception, KeyboardInterrupt) as err:
+        message = user_message(what, err, run_dir)
         if message is None or verbose:
             raise
-        raise SystemExit(message) from None
-    except KeyboardInterrupt:
-        raise SystemExit(
-            f"interrupted; finished shards are kept in {run_dir}: rerun the same command to resume"
-        ) from None
+        raise SystemExit(" ".join(line.strip() for line in message.splitlines())) from None  # one line

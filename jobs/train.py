@@ -7,7 +7,8 @@ with `accelerator.save_state` every `checkpoint_every` steps into `<work_dir>/st
 atomically; rerunning the same command resumes from there. With N processes (torchrun or
 `accelerate.debug_launcher`) each takes 1/N of every global batch and DDP averages the gradients.
 
-Run as `invgan train ...` (or `python -m invgan train ...`, e.g. under torchrun).
+Run as `invgan train ...` (or `python -m invgan train ...`, e.g. under torchrun): `main`. TrainConfig, the
+per-kind defaults and the options' help texts are in jobs/train_config.py (no torch: the CLI reads them at start).
 """
 
 from __future__ import annotations
@@ -19,90 +20,22 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from invgan_core import training
 from invgan_core.checkpoint import atomic_write_json, load_model, save_model
 from invgan_core.data import SPLIT_SEED, load_dataset
 from invgan_core.models import build_model, default_arch, sample_prior
-from jobs.common import git_commit, runs_dir, start_mlflow, weights_stem
-from jobs.tracking import MAX_TAG_VALUE, sigterm_interrupts
-
-Kind = Literal["gan", "classifier", "inverter"]
-
-# Defaults per kind, each with its reason.
-DEFAULTS: dict[str, dict[str, float | int | None]] = {
-    # RED appendix: SGD lr 0.1, momentum 0.5, batch 128; steps: 100 epochs of the training split.
-    "classifier": dict(lr=0.1, batch_size=128, steps=None),
-    # GAN: see GAN_DEFAULTS for the per-loss learning rate and critic steps.
-    "gan": dict(batch_size=64, steps=20000),
-    # InvGAN: Adam(β1 0.5, β2 0.999); the paper runs 100K iterations, a few thousand suffice for MNIST here.
-    "inverter": dict(lr=2e-4, batch_size=64, steps=5000),
-}
-
-
-GAN_DEFAULTS: dict[str, dict[str, float | int | None]] = {
-    # DCGAN (Radford et al.): Adam 2e-4, β1 0.5, one D step per G step. The default here: 5x cheaper
-    # per step than WGAN-GP on a CPU, and what the shipped generators were trained with.
-    "dcgan": dict(lr=2e-4, n_critic=1),
-    # WGAN-GP as Defense-GAN trained its generators: Adam 1e-4, betas (0.5, 0.9), 5 critic steps.
-    "wgan-gp": dict(lr=1e-4, n_critic=5),
-}
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Kind
-    dataset: str = "digits"
-    data_dir: Optional[Path] = None
-    steps: Optional[int] = Field(None, gt=0, description="optimizer steps (GAN: generator steps)")
-    batch_size: Optional[int] = Field(None, gt=0, description="global batch, split across processes")
-    lr: Optional[float] = Field(None, gt=0)
-    seed: int = 0
-    augment_shift: Optional[int] = Field(
-        None, ge=0, description="classifier: random translations of up to N px [size // 14]"
-    )
-    device: Optional[Literal["cpu", "cuda", "mps"]] = None  # None: Accelerate picks (CUDA when present)
-    out: Optional[Path] = None  # final model files go to <out>/<model>; default weights/<dataset>
-    work_dir: Optional[Path] = None  # resumable state; default runs/train/<dataset>-<kind>
-    checkpoint_every: int = Field(200, gt=0)
-    max_minutes: Optional[float] = Field(None, gt=0, description="stop (and save) after this wall time")
-    # GAN
-    gan_loss: Literal["dcgan", "wgan-gp"] = "dcgan"
-    prior: Literal["normal", "uniform"] = "normal"  # uniform: the box [-1, 1]^d that stochastic clipping needs
-    n_critic: Optional[int] = Field(None, gt=0)
-    gp_weight: float = 10.0
-    # inverter (InvGAN objective)
-    generator: Optional[Path] = None  # default <out>/generator
-    eta: Optional[float] = Field(None, ge=0, description="hinge margin of L_semantic [0.03·sqrt(pixels)]")
-    lambda_adv: float = 1.0
-    lambda_semantic: float = 100.0
-    lambda_latent: float = 1.0
-    # the held-out split of the manifest's figures; 'validation' (carved from train) inside searches (never test)
-    eval_split: Literal["test", "validation"] = "test"
-    # records
-    tracking_uri: Optional[str] = None
-    experiment: str = "train"
-    quiet: bool = False
-
-    @model_validator(mode="after")
-    def _fill_defaults(self) -> "TrainConfig":
-        defaults = DEFAULTS[self.kind] | (GAN_DEFAULTS[self.gan_loss] if self.kind == "gan" else {})
-        for key, value in defaults.items():
-            if getattr(self, key) is None and value is not None:
-                setattr(self, key, value)
-        if self.out is None:
-            self.out = weights_stem(self.dataset, "x").parent
-        if self.work_dir is None:
-            self.work_dir = runs_dir() / "train" / f"{self.dataset}-{self.kind}"
-        if self.generator is None:
-            self.generator = self.out / "generator"
-        return self
+from jobs.common import git_commit, start_mlflow, user_errors
+from jobs.sharded import JobOptions, JobResult
+from jobs.tracking import MAX_TAG_VALUE, log_weights, sigterm_interrupts, where_to_open
+from jobs.train_config import DEFAULTS as DEFAULTS
+from jobs.train_config import GAN_DEFAULTS as GAN_DEFAULTS
+from jobs.train_config import Kind as Kind
+from jobs.train_config import TrainConfig
 
 
 def _make_accelerator(device: str | None):
@@ -260,6 +193,9 @@ def run(
             if log:
                 mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=step)
             result["files"] = _save_models(cfg, result["models"], train, metrics, step)
+            if log:  # the weights as logged models of the run, each with its manifest
+                client = mlflow.MlflowClient()
+                result["logged_models"] = [log_weights(client, active.info.run_id, Path(s)) for s in result["files"]]
             result["metrics"] = metrics
         status = "FINISHED"
         return result
@@ -272,6 +208,31 @@ def run(
         signals.close()
         if log:
             mlflow.end_run(status=status)
+
+
+def main(settings: dict[str, Any], opts: JobOptions) -> JobResult:
+    """The `invgan train` command: validate, train or resume, print where the model files and the run are.
+
+    `settings` are TrainConfig fields; `opts` (the options every job command shares) gives the others: `out` (for
+    train the folder of the model files, TrainConfig.out), `tracking_uri`, `progress` (TrainConfig.quiet negated),
+    `log_mlflow` and `verbose`; `address` is not used (training runs in this process, or in torchrun's). An error
+    the user can fix (an invalid option, an unknown dataset, a missing generator) ends in one line. Returns the
+    work dir (the resumable state) as run folder; the summary holds finished and step, and on the main process
+    metrics and files (the model file stems)."""
+    with user_errors("train", verbose=opts.verbose):
+        cfg = TrainConfig(**settings, out=opts.out, tracking_uri=opts.tracking_uri, quiet=not opts.progress)
+    assert cfg.work_dir is not None, "filled by TrainConfig's validator"
+    with user_errors(f"train {cfg.kind}", cfg.work_dir, verbose=opts.verbose):
+        result = run(cfg, log_mlflow=opts.log_mlflow)
+    summary = {key: result.get(key) for key in ("finished", "step", "metrics", "files")}
+    if result.get("files"):  # the main process wrote the models
+        more = "" if result["finished"] else " (rerun the same command to continue)"
+        print(f"{'finished' if result['finished'] else 'stopped'} at step {result['step']}{more}: {result['metrics']}")
+        print("model files: " + ", ".join(f + ".safetensors" for f in result["files"]))
+        print(f"run folder: {cfg.work_dir}")
+        if result["mlflow_run_id"]:
+            print(f"MLflow run {result['mlflow_run_id']}; open with: {where_to_open(cfg.tracking_uri)}")
+    return JobResult(cfg.work_dir, summary, result["mlflow_run_id"])
 
 
 class _Loop:

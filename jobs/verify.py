@@ -24,7 +24,7 @@ from invgan_core.checkpoint import atomic_write_json, load_model, read_manifest
 from invgan_core.data import load_dataset
 from invgan_core.defenses import Defense, DefenseGAN, InvGAN
 from invgan_core.training import accuracy
-from jobs.common import WEIGHTS_DIR
+from jobs.common import WEIGHTS_DIR, UserError, user_errors
 
 CHECK_SUBSET = 100  # held-out images of the quick check (`invgan verify`, the shipped-weights test): 1 flip = 0.01
 
@@ -105,8 +105,22 @@ def compare(figures: dict, recorded: dict) -> list[str]:
     ]
 
 
-def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write: bool) -> int:
+def main(dataset: str, limit: int | None, data_dir, weights: Path | None, write: bool, verbose: bool = False) -> int:
+    """The `invgan verify` command: 0 when the measured figures match the manifests (or were written), 1 when
+    they differ. Missing or unusable weights or data end in one line (`user_errors`; the traceback with -v)."""
     root = Path(weights) if weights else WEIGHTS_DIR / dataset
+    with user_errors("verify", verbose=verbose):
+        if not (root / "generator.json").exists() and not (root / "classifier.json").exists():
+            shipped = sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "classifier.json").exists())
+            raise UserError(
+                f"no models in {root} (shipped weights: {', '.join(shipped)}); "
+                "give --weights FOLDER, or train them with `invgan train`"
+            )
+        return _verify(root, dataset, limit, data_dir, write)
+
+
+def _verify(root: Path, dataset: str, limit: int | None, data_dir, write: bool) -> int:
+    """Measure and compare (or, with `write`, record in the manifests); prints the figures."""
     if write:
         quality = write_quality(root, dataset, data_dir)
         print(json.dumps(quality, indent=2))

@@ -171,7 +171,7 @@ class TuneSearch(_Strict):
     # -- helpers used by the trials and the driver
 
     def base_raw(self) -> dict:
-        raw = yaml.safe_load(self.base.read_text()) or {}
+        raw = _read_mapping(self.base, "base config")
         for path, value in copy.deepcopy(self.base_set).items():  # the trials' set_path must not reach base_set
             set_path(raw, path, value)
         return raw
@@ -351,6 +351,18 @@ def set_path(raw: dict, path: str, value) -> dict:
     return raw
 
 
+def _read_mapping(path: Path, what: str) -> dict:
+    """A YAML file's settings (empty: {}); not valid YAML (e.g. a Python tag, which safe_load refuses) or not a
+    mapping raises ValueError naming the file, in one line."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {path}: not valid YAML ({' '.join(str(err).split())[:300]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of settings, got a YAML {type(raw).__name__}")
+    return raw
+
+
 def load_search(path: str | Path, overrides: list[str] | None = None) -> TuneSearch:
     """Read and validate a search config; `overrides` are `--set a.b=value` on the search config itself."""
     from jobs.config import apply_overrides
@@ -358,11 +370,12 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> TuneSea
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
-    if not path.exists():
+    if not path.is_file():
         configs = sorted((PROJECT_ROOT / "configs" / "tune").glob("*.yaml"))
         shipped = ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in configs)
-        raise FileNotFoundError(f"search config {path} does not exist (shipped: {shipped})")
-    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"search config {path} {problem} (shipped: {shipped})")
+    raw = apply_overrides(_read_mapping(path, "search config"), overrides or [])
     if isinstance(raw.get("base"), str) and not Path(raw["base"]).is_absolute():
         # a base path is relative to the project (configs/...), else to the search config's folder
         candidate = PROJECT_ROOT / raw["base"]

@@ -23,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from jobs.tracking import where_to_open
-from tuning.config import TuneSearch
+from jobs.common import describe_error, user_errors
+from jobs.tracking import log_weights, where_to_open
+from tuning.config import TuneSearch, load_search
 from tuning.space import Grid, LogUniform
 from tuning.trials import TRIALS, eval_config_dict, red_dictionary
 
@@ -363,6 +364,13 @@ def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.Dat
     client.log_artifact(run_id, str(out / "summary.json"))
     if (out / "best.yaml").exists():
         client.log_artifact(run_id, str(out / "best.yaml"))
+    best_inverter = out / "best-weights" / "inverter"
+    if search.kind == "inverter" and best_inverter.with_suffix(".json").exists():
+        sha = json.loads(best_inverter.with_suffix(".json").read_text())["sha256"]
+        if client.get_run(run_id).data.tags.get("best_inverter.sha256") != sha:  # a resumed search logs it once
+            model_id = log_weights(client, run_id, best_inverter, name=f"{search.name}-best-inverter")
+            client.set_tag(run_id, "best_inverter.sha256", sha)
+            client.set_tag(run_id, "best_inverter.model_id", model_id)
 
 
 # ---------------------------------------------------------------- the search
@@ -380,7 +388,7 @@ def run_search(
     """Run (or resume) the search; returns the trials table and the summary written to <out>."""
     from jobs.common import git_commit
     from jobs.models import load_models
-    from jobs.sharded import quiet_ray_logging, ray_session
+    from jobs.ray_session import quiet_ray_logging, ray_session
     from jobs.tracking import tracked_run
     from tuning.tracking import SearchCallback
 
@@ -468,25 +476,19 @@ def main(
     progress: bool,
     verbose: bool = False,
 ) -> None:
-    """The `invgan tune` command: validate, run or resume, print the best point and where everything is."""
-    from pydantic import ValidationError
-
-    from tuning.config import load_search
-
+    """The `invgan tune` command: validate, run or resume, print the best point and where everything is. An error
+    the user can fix ends in one line (`user_errors`; the traceback with `verbose`), Ctrl-C too (rerun to resume)."""
     extra = [f"search.num_samples={num_samples}"] * (num_samples is not None) + [
         f"mlflow.tracking_uri={tracking_uri}"
     ] * bool(tracking_uri)
-    try:
-        search = load_search(config, [*overrides, *extra])
-    except (ValidationError, ValueError, FileNotFoundError) as err:
-        from jobs.config import describe_error
-
-        raise SystemExit(f"invalid search config: {describe_error(err)}") from None
+    with user_errors("search", verbose=verbose):  # a missing file, a base config that is not valid YAML
+        try:
+            search = load_search(config, [*overrides, *extra])
+        except ValueError as err:  # the loader's own: the file, a --set, a field (pydantic's ValidationError)
+            raise SystemExit(f"invalid search config: {describe_error(err)}") from None
     out = Path(out or default_out(search)).resolve()
-    try:
+    with user_errors("search", out, verbose=verbose):
         res = run_search(search, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
-    except KeyboardInterrupt:
-        raise SystemExit(f"interrupted; the search state is kept in {out}: rerun the same command to resume") from None
     s = res.summary
     print(
         f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, {s['errors']} failed"

@@ -16,7 +16,8 @@ import torch
 from invgan_core.checkpoint import load_model
 from invgan_core.data import load_dataset
 from invgan_core.training import accuracy
-from jobs.train import TrainConfig, run
+from jobs.sharded import JobOptions, JobResult
+from jobs.train import TrainConfig, main, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,20 +39,42 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
 
 
-def test_digits_classifier_reaches_090_and_logs_to_mlflow(tmp_path):
+def test_digits_classifier_reaches_090_and_logs_to_mlflow(tmp_path, capsys):
+    """Through the command's entry (jobs.train.main): a JobResult, the lines it prints, the MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    result = run(_cfg(tmp_path))
-    assert result["finished"] and result["metrics"]["test_accuracy"] >= 0.9
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {"kind": "classifier", "dataset": "digits", "work_dir": tmp_path / "work", "device": "cpu"}
+    result = main(settings, JobOptions(out=tmp_path / "w", tracking_uri=uri, progress=False))
+    assert isinstance(result, JobResult) and result.run_dir == tmp_path / "work" and result.rows.empty
+    summary = result.summary
+    assert summary["finished"] and summary["metrics"]["test_accuracy"] >= 0.9
+    assert summary["files"] == [str(tmp_path / "w" / "classifier")] and summary["step"] > 0
+    printed = capsys.readouterr().out
+    assert f"finished at step {summary['step']}" in printed and f"run folder: {tmp_path / 'work'}" in printed
+    assert f"MLflow run {result.mlflow_run_id}" in printed
     # the saved file reproduces the recorded accuracy
     f, manifest = load_model(tmp_path / "w" / "classifier", kind="classifier")
     test = load_dataset("digits", "test")
     assert accuracy(f, test.images, test.labels) == pytest.approx(manifest["metrics"]["test_accuracy"])
     assert manifest["dataset"] == "digits" and manifest["training"]["lr"] == 0.1
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_info = client.get_run(result["mlflow_run_id"])
-    assert run_info.data.metrics["test/test_accuracy"] == pytest.approx(result["metrics"]["test_accuracy"])
-    assert len(client.get_metric_history(result["mlflow_run_id"], "train/loss")) >= 5
+    client = MlflowClient(uri)
+    run_info = client.get_run(result.mlflow_run_id)
+    assert run_info.data.metrics["test/test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"])
+    assert len(client.get_metric_history(result.mlflow_run_id, "train/loss")) >= 5
+    # the weights are the run's logged model: the two files, the manifest's sha256 as a tag
+    (logged,) = client.search_logged_models(experiment_ids=[run_info.info.experiment_id])
+    assert logged.source_run_id == result.mlflow_run_id and logged.tags["sha256"] == manifest["sha256"]
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert files == {"classifier.safetensors", "classifier.json"}
+
+
+def test_main_without_mlflow_and_a_stopped_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
+    settings = {"kind": "classifier", "steps": 10, "work_dir": tmp_path / "work", "device": "cpu"}
+    result = main(settings, JobOptions(out=tmp_path / "w", log_mlflow=False, progress=False))
+    assert result.mlflow_run_id is None and result.summary["finished"] and not (tmp_path / "never.db").exists()
+    assert "MLflow run" not in capsys.readouterr().out
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +274,58 @@ def test_check_images_accepts_the_shipped_datasets():
         ds = data_mod.load_dataset(name, "test")
         data_mod.check_images(ds, shape)
         assert ds.images.min() >= 0 and ds.images.max() <= 1 and torch.isfinite(ds.images).all()
+
+
+# ---------------------------------------------------------------- every command, one error path (a real process)
+
+PYTHON_TAG = 'name: !!python/object/apply:os.system ["echo hi"]\n'
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "classifier", "--dataset", "nosuch", "--no-mlflow"], ["unknown dataset 'nosuch'", "mnist5k"]),
+        (["train", "gan", "--steps", "0"], ["invalid train config", "steps"]),
+        (["train", "inverter", "--dataset", "digits", "--generator", "{tmp}/none"], ["missing manifest"]),
+        (["tune", "--config", "{tag}"], ["invalid search config", "not valid YAML"]),
+        (["tune", "--config", "{tmp}/nope.yaml"], ["nope.yaml", "does not exist"]),
+        (["verify", "--dataset", "nosuch"], ["no models in", "shipped weights"]),
+        (["eval", "--config", "{tag}", "--no-mlflow"], ["not valid YAML"]),
+        (["eval", "--config", str(SMOKE), "--set", "weights={tmp}/none", "--no-mlflow"], ["missing manifest"]),
+        (["red", "--config", "{tag}", "--no-mlflow"], ["not valid YAML"]),
+        (["curves", "--config", "{tag}", "--no-mlflow"], ["not valid YAML"]),
+        (["recovery", "--config", "{tmp}/nope.yaml", "--no-mlflow"], ["nope.yaml", "does not exist"]),
+        (["report", "--runs", "{tmp}", "--out", "{tmp}/docs", "--readme", "{tmp}/README.md"], ["{tmp}"]),
+    ],
+    ids=[
+        "train-unknown-dataset",
+        "train-steps-0",
+        "train-no-generator",
+        "tune-python-tag",
+        "tune-no-config",
+        "verify-unknown-dataset",
+        "eval-python-tag",
+        "eval-no-weights",
+        "red-python-tag",
+        "curves-python-tag",
+        "recovery-no-config",
+        "report-no-runs",
+    ],
+)
+def test_a_user_error_of_any_command_is_one_line_on_stderr(tmp_path, args, needles):
+    """As a new user sees it: `python -m invgan ...` exits non-zero with one line on stderr, no traceback."""
+    tag = tmp_path / "X.yaml"
+    tag.write_text(PYTHON_TAG)
+    args = [a.format(tmp=tmp_path, tag=tag) for a in args]
+    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    if args[0] in ("eval", "red", "curves", "recovery", "tune"):
+        args += ["--out", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "invgan", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    _one_line(lines[0], *(n.format(tmp=tmp_path) for n in needles))
+    assert not (tmp_path / "run").exists()

@@ -66,6 +66,7 @@ def test_defense_search_logs_one_child_run_per_trial_with_its_params(defense_sea
         history = client.get_metric_history(child.info.run_id, "objective")
         assert [m.step for m in history] == [8, 16, 24, 32][: table.loc[trial, "reports"]]  # one per shard
         assert child.data.tags["best_trial"] == str(trial == result.best_trial).lower()
+        assert f"runs/{parent.info.run_id})" in child.data.tags["mlflow.note.content"]  # links its search
     assert parent.data.metrics["best_objective"] == result.best_metric
     assert "figures/objective_vs_params.png" in {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
 
@@ -97,6 +98,7 @@ def test_defense_search_outputs(defense_search):
 def test_best_yaml_reproduces_the_best_trial_through_invgan_eval(defense_search, tmp_path):
     from jobs.config import load_config
     from jobs.evaluate import evaluate
+    from jobs.sharded import JobOptions
 
     search, result, _, tmp = defense_search
     out = tmp / "out"
@@ -108,7 +110,7 @@ def test_best_yaml_reproduces_the_best_trial_through_invgan_eval(defense_search,
     sets = re.findall(r"--set (\S+)", result.summary["reproduce"])
     assert "split=validation" in sets
     cfg = load_config(out / "best.yaml", [*sets, "resources.num_workers=1"], mlflow={"tracking_uri": _uri(tmp_path)})
-    res = evaluate(cfg, out=tmp_path / "eval", progress=False)
+    res = evaluate(cfg, JobOptions(out=tmp_path / "eval", progress=False))
     assert res.summary["accuracy"]["invgan"]["fgsm"] == result.best_metric  # exactly: same seed, same ids
 
 
@@ -153,6 +155,10 @@ def test_inverter_search_saves_a_loadable_inverter_naming_its_lambdas(ray_instan
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "t0_accuracy")] == [100, 200]
         assert client.get_metric_history(child.info.run_id, "latent_error")
+    # the best inverter is the parent run's logged model, with its manifest
+    parent = client.get_run(result.mlflow_parent_run_id)
+    logged = client.get_logged_model(parent.data.tags["best_inverter.model_id"])
+    assert logged.source_run_id == parent.info.run_id and logged.tags["sha256"] == manifest["sha256"]
 
 
 def test_red_search_measures_attacked_validation_images_with_a_dictionary_from_the_rest(ray_instance, tmp_path):

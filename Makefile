@@ -25,11 +25,14 @@ eval: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=10
 
-# Static checks (pyproject.toml: [tool.ruff], [tool.mypy]); part of `make test`, so CI runs them
+# Static checks (pyproject.toml: [tool.ruff], [tool.mypy]) and a strict build of the docs site (mkdocs.yml)
+# into a temp folder it then deletes; part of `make test`, so CI runs them. No --quiet: with it, mkdocs 1.6
+# hides the warnings and --strict no longer fails on them.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 test-slow: $(STAMP)
 	RUN_SLOW=1 $(BIN)/python -m pytest -q

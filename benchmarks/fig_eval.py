@@ -130,7 +130,7 @@ def _ray(num_cpus: int = 3):
     """A local Ray instance for the figure (2 actors + 1 CPU for Ray Data), or the one already up."""
     import ray
 
-    from jobs.sharded import quiet_ray_logging
+    from jobs.ray_session import quiet_ray_logging
 
     quiet_ray_logging(False)
     if ray.is_initialized():
@@ -154,7 +154,7 @@ def _in_process(cfg):
     import pandas as pd
 
     from jobs.evaluate import EvalWorker
-    from jobs.sharded import plan_shards
+    from jobs.run_folder import plan_shards
 
     threads = torch.get_num_threads()
     try:
@@ -168,8 +168,9 @@ def _in_process(cfg):
 
 def _through_ray(cfg, out: Path):
     from jobs.evaluate import evaluate
+    from jobs.sharded import JobOptions
 
-    return evaluate(cfg, out=out, progress=False, log_mlflow=False).rows
+    return evaluate(cfg, JobOptions(out=out, progress=False, log_mlflow=False)).rows
 
 
 def _same_rows(a, b) -> bool:
@@ -247,7 +248,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from jobs.config import load_config
     from jobs.evaluate import EvalWorker
-    from jobs.sharded import plan_shards
+    from jobs.run_folder import plan_shards
     cfg = load_config({config!r}, {overrides!r})
     worker = EvalWorker(cfg.model_dump(mode="json"))
     rows = sum(len(worker.run_shard(*s)) for s in plan_shards(len(worker.data), cfg.shard_size))

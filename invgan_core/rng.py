@@ -1,7 +1,7 @@
 """Counter-based randomness: numbers that depend only on (seed, example id, restart, step, coordinate).
 
 The same example gets the same random start and the same stochastic-clipping draws whether it runs
-alone, in a batch of 256, on 1 worker or on 16 (ARCHITECTURE.md, conventions). The numbers come from
+alone, in a batch of 256, on 1 worker or on 16 (docs/architecture.md, conventions). The numbers come from
 a splitmix64-style integer hash evaluated on whole tensors at once, so there is no per-example
 `torch.Generator` and no Python loop over examples.
 """

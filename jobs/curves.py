@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs.config import DefenseSpec, EvalConfig
+from jobs.config import DefenseSpec, EvalConfig, load_config
+from jobs.evaluate import eval_job, finish_eval
+from jobs.ray_session import quiet_ray_logging
+from jobs.run_tables import replace_table, scored
+from jobs.sharded import JobOptions, JobResult, job_main, run_folder, run_sharded_job
 
 
 def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
@@ -44,8 +48,6 @@ def curves_run_config(cfg: EvalConfig) -> EvalConfig:
 
 def curve_table(rows: pd.DataFrame, points: dict) -> pd.DataFrame:
     """One line per (defense family, effective iterations): clean/attacked accuracy and seconds per example."""
-    from jobs.run_tables import scored
-
     out = []
     for name, (family, iters, _) in points.items():
         mine = rows[rows.defense == name]
@@ -87,46 +89,22 @@ def curve_figure(table: pd.DataFrame, title: str):
     return fig
 
 
-def run_curves(
-    cfg: EvalConfig,
-    *,
-    out: Path | None = None,
-    address: str | None = None,
-    progress: bool = True,
-    log_mlflow: bool = True,
-    verbose: bool = False,
-) -> tuple[pd.DataFrame, Path, str | None]:
-    """Evaluate every curve point (clean and the config's attacks), plot, log; returns the table."""
-    from jobs.common import git_commit
-    from jobs.evaluate import evaluate
-    from jobs.run_tables import replace_table
-    from jobs.sharded import run_folder
-    from jobs.tracking import job_run
-
+def run_curves(cfg: EvalConfig, opts: JobOptions | None = None) -> JobResult:
+    """Evaluate every curve point (clean and the config's attacks), plot, log. The summary is the eval summary
+    of the points plus `curves`, the table (`curve_table`) as records."""
+    opts = opts or JobOptions()
     if cfg.curves is None:
         raise SystemExit("the config has no `curves:` section (see configs/curves.yaml)")
+    quiet_ray_logging(opts.verbose)
     points = point_defenses(cfg)
     point_cfg = curves_run_config(cfg)
-    tags = {
-        "dataset": cfg.dataset,
-        "kind": "curves",
-        "config_hash": point_cfg.config_hash(),
-        "git_commit": git_commit(),
-    }
-    with job_run(point_cfg, run_folder(point_cfg, out), enabled=log_mlflow, tags=tags) as tracker:
-        res = evaluate(
-            point_cfg,
-            out=out,
-            address=address,
-            progress=progress,
-            log_mlflow=False,
-            verbose=verbose,
-            on_shard=tracker.progress if tracker else None,
-        )
-        table = curve_table(res.rows, points)
-        table.to_csv(res.run_dir / "curves.csv", index=False)
+
+    def finish(run_dir: Path, rows: pd.DataFrame, tracker, shards: dict) -> dict:
+        summary = finish_eval(point_cfg, run_dir, rows, None, {}, shards)  # the points' tables, logged as curves
+        table = curve_table(rows, points)
+        table.to_csv(run_dir / "curves.csv", index=False)
         fig = curve_figure(table, f"{cfg.dataset}: accuracy and cost vs effective iterations")
-        fig.savefig(res.run_dir / "curves.png", dpi=100)
+        fig.savefig(run_dir / "curves.png", dpi=100)
         if tracker is not None:
             client, run_id = tracker.client, tracker.run_id
             for r in table.itertuples():
@@ -138,35 +116,18 @@ def run_curves(
                         )
             client.log_figure(run_id, fig, "figures/curves.png")
             replace_table(client, run_id, table, "tables/curves.json")
-    return table, res.run_dir, tracker.run_id if tracker else None
+        return summary | {"curves": table.to_dict(orient="records")}
+
+    job = eval_job(point_cfg, run_folder(point_cfg, opts.out), kind="curves", finish=finish)
+    return run_sharded_job(point_cfg, job, opts)
 
 
-def main(
-    config: Path,
-    overrides: list[str],
-    limit: int | None,
-    out: Path | None,
-    address: str | None,
-    log_mlflow: bool,
-    progress: bool,
-    verbose: bool = False,
-) -> None:
-    from pydantic import ValidationError
+def show(cfg: EvalConfig, res: JobResult) -> None:
+    """The table `invgan curves` prints, and where its plot is."""
+    print(pd.DataFrame(res.summary["curves"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"plot: {res.run_dir / 'curves.png'}   table: {res.run_dir / 'curves.csv'}")
 
-    from jobs.config import load_config
 
-    try:
-        cfg = load_config(config, overrides, limit=limit)
-    except (ValidationError, ValueError, FileNotFoundError) as err:
-        from jobs.config import describe_error
-
-        raise SystemExit(f"invalid curves config: {describe_error(err)}") from None
-    table, run_dir, run_id = run_curves(
-        cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
-    )
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"plot: {run_dir / 'curves.png'}   table: {run_dir / 'curves.csv'}")
-    if run_id:
-        from jobs.tracking import where_to_open
-
-        print(f"MLflow run {run_id}; open with: {where_to_open(cfg.mlflow.tracking_uri)}")
+def main(config: Path, overrides: list[str], opts: JobOptions, *, limit: int | None = None) -> JobResult:
+    """The `invgan curves` command: validate, run or resume, print the table and where results are."""
+    return job_main("curves", lambda: load_config(config, overrides, limit=limit), run_curves, show, opts)

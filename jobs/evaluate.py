@@ -13,45 +13,20 @@ Ray job (`invgan submit -- eval ...`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from invgan_core.data import load_dataset
 from jobs.common import check_job_inputs
-from jobs.config import BLACK_BOXES, EvalConfig, examples_in_shard
+from jobs.config import BLACK_BOXES, EvalConfig, examples_in_shard, load_config
 from jobs.models import build_defense, load_models
-from jobs.sharded import (
-    ShardStats,
-    missing_shards,
-    plan_shards,
-    prepare_run_dir,
-    quiet_ray_logging,
-    read_rows,
-    run_folder,
-    run_shards,
-    weights_hashes,
-)
-from jobs.tracking import recorded_run_id, where_to_open
+from jobs.paper_spec import tables_fed_by
+from jobs.ray_session import quiet_ray_logging
+from jobs.schemas import EVAL_ROWS
+from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
+from jobs.tracking import log_dataset
 
-ROW_COLUMNS = [
-    "example_id",
-    "label",
-    "attack",
-    "defense",
-    "prediction",
-    "correct",
-    "detection_score",
-    "l2",
-    "linf",
-    "effective_iterations",
-    "seconds",
-    "attack_seconds",
-    "attacked",
-    "queries",
-    "shard",
-    "diverged",
-]
 # A projection whose latent coordinate passes this (prior scale 1) has run away from every image G was trained to
 # make, though float32 still holds it: a step size that blows up the projection. Its row is flagged `diverged`.
 DIVERGED_LATENT = 100.0
@@ -88,41 +63,32 @@ class EvalWorker:
         x = self.data.images[start:stop].to(self.device)
         y = self.data.labels[start:stop].to(self.device)
         ids = torch.as_tensor(self.data.ids[start:stop])
-        rows = []
+        rows: list[pd.DataFrame] = []
         for name, defense in self.defenses.items():  # clean inputs
-            rows += self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0)
+            rows.append(self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0))
         for name, attack in self.attacks.items():
             spec = self.cfg.attacks[name]
             at = examples_in_shard(spec, start, stop, len(self.data))  # spread over the split (attack `limit`)
             if not at:
                 continue
             xs, ys, ids_s = x[at], y[at], ids[at]
-            if spec.kind in BLACK_BOXES:  # trained on the driver against each oracle: FGSM on it, transferred
-                for oracle in substitute_oracles(self.cfg, name):
-                    sub, queries = self.substitutes[(name, oracle)]
-                    target = self.models["classifier"] if oracle == "classifier" else self.defenses[oracle]
-                    result, secs = _transfer(attack, sub, target, xs, ys, ids_s, queries)
-                    for dname in [oracle] if spec.target == "each" else list(self.defenses):
-                        defense = self.defenses[dname]
-                        rows += self._rows(
-                            shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=dname == oracle
+            # `each`: end to end against each defense, rows for that defense only; otherwise computed once against
+            # the classifier or one defense and fed to every defense. A black box attacks through its substitute
+            # trained on that target's labels (on the driver, before the shards).
+            for t in attack_targets(self.cfg, name):
+                target = self.models["classifier"] if t == "classifier" else self.defenses[t]
+                result, secs = _attack(self.substitutes.get((name, t), attack), target, xs, ys, ids_s)
+                for dname in [t] if spec.target == "each" else list(self.defenses):
+                    rows.append(
+                        self._rows(
+                            shard, name, dname, self.defenses[dname], xs, ys, ids_s, result, secs, reuse=dname == t
                         )
-            elif spec.target == "each":  # end to end against each defense: rows for that defense only
-                for dname, defense in self.defenses.items():
-                    result, secs = _attack(attack, defense, xs, ys, ids_s)
-                    rows += self._rows(shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=True)
-            else:  # computed once (against the classifier or one defense), fed to every defense
-                target = self.models["classifier"] if spec.target == "classifier" else self.defenses[spec.target]
-                result, secs = _attack(attack, target, xs, ys, ids_s)
-                for dname, defense in self.defenses.items():
-                    rows += self._rows(
-                        shard, name, dname, defense, xs, ys, ids_s, result, secs, reuse=dname == spec.target
                     )
-        return pd.DataFrame(rows, columns=ROW_COLUMNS)
+        return pd.concat(rows, ignore_index=True)
 
     def _rows(
         self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs, *, reuse: bool = False
-    ) -> list[tuple]:
+    ) -> pd.DataFrame:
         """`reuse`: the defense is the attack's target, whose success check already purified x_adv (same
         defense, input and ids; a deterministic projection): take that result instead of projecting again.
         Its seconds are the row's `seconds` (and not in `attack_seconds`: see `_attack`)."""
@@ -142,38 +108,31 @@ class EvalWorker:
             scores = torch.full((len(x),), float("nan"))
         else:
             scores = detection_scores(self.models["classifier"], x_in, purified.x, self.cfg.detection_space).cpu()
-        n = len(x)
-        l2 = result.l2.cpu() if result is not None else torch.zeros(n)
-        linf = result.linf.cpu() if result is not None else torch.zeros(n)
-        queries = result.queries.cpu() if result is not None else torch.zeros(n, dtype=torch.int64)
-        # restart-steps spent on each example (they differ with Defense-GAN's pruning or early stopping)
-        iters = (
-            purified.iterations.cpu().tolist()
-            if purified.iterations is not None
-            else [purified.effective_iterations] * n
+        n, none = len(x), torch.zeros(len(x))
+        return EVAL_ROWS.frame(
+            n,
+            example_id=ids.cpu().numpy(),
+            label=y.cpu().numpy(),
+            attack=attack_name,
+            defense=defense_name,
+            prediction=pred.numpy(),
+            correct=(pred == y.cpu()).numpy(),
+            detection_score=scores.numpy(),
+            l2=(result.l2.cpu() if result is not None else none).numpy(),
+            linf=(result.linf.cpu() if result is not None else none).numpy(),
+            # restart-steps spent on each example (they differ with Defense-GAN's pruning or early stopping)
+            effective_iterations=(
+                purified.iterations.cpu().round().long().numpy()
+                if purified.iterations is not None
+                else round(purified.effective_iterations)
+            ),
+            seconds=secs / n,
+            attack_seconds=attack_secs / n,
+            attacked=result is not None,
+            queries=result.queries.cpu().numpy() if result is not None else 0,
+            shard=shard,
+            diverged=diverged.numpy(),
         )
-        y = y.cpu()
-        return [
-            (
-                int(ids[i]),
-                int(y[i]),
-                attack_name,
-                defense_name,
-                int(pred[i]),
-                bool(pred[i] == y[i]),
-                float(scores[i]),
-                float(l2[i]),
-                float(linf[i]),
-                int(round(iters[i])),
-                secs / n,
-                attack_secs / n,
-                result is not None,
-                int(queries[i]),
-                shard,
-                bool(diverged[i]),
-            )
-            for i in range(n)
-        ]
 
 
 def diverged_rows(x_in, purified, logits):
@@ -197,12 +156,6 @@ def _attack(attack, target, x, y, ids):
     return result, secs - result.purify_seconds
 
 
-def _transfer(attack, sub, target, x, y, ids, queries):
-    """A trained substitute's attack and seconds, less the target's purification (as in `_attack`)."""
-    result, secs = _timed(lambda: attack.transfer(sub, target, x, y, ids=ids, queries=queries))
-    return result, secs - result.purify_seconds
-
-
 def _timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -214,8 +167,9 @@ def _timed(fn):
 SUBSTITUTES = "substitutes"  # the run folder's subfolder of trained substitutes: <attack>-<oracle>.{safetensors,json}
 
 
-def substitute_oracles(cfg: EvalConfig, name: str) -> list[str]:
-    """Whose labels attack `name` trains on: 'classifier', its defense, or every defense (`each`)."""
+def attack_targets(cfg: EvalConfig, name: str) -> list[str]:
+    """What attack `name` attacks: 'classifier', one defense, or every defense (`each`); a black box trains its
+    substitute on the labels of each."""
     target = cfg.attacks[name].target
     return list(cfg.defenses) if target == "each" else [target]
 
@@ -254,7 +208,7 @@ def prepare_substitutes(
     G, I, f = models["generator"], models.get("inverter"), models["classifier"]
     shape = tuple(read_manifest(cfg.weights_dir() / "classifier")["arch"]["image_shape"])
     for name, where in seeds.items():
-        for oracle in substitute_oracles(cfg, name):
+        for oracle in attack_targets(cfg, name):
             stem = run_dir / SUBSTITUTES / f"{name}-{oracle}"
             if stem.with_suffix(".json").exists():
                 continue
@@ -285,7 +239,8 @@ def prepare_substitutes(
 
 
 def load_substitutes(cfg: EvalConfig, run_dir: Path | None, device) -> dict:
-    """{(attack, oracle): (substitute, oracle queries)} from the run folder, hash-verified."""
+    """{(attack, oracle): the attack bound to its substitute trained on that oracle's labels} from the run folder,
+    hash-verified."""
     from invgan_core.checkpoint import load_model
 
     out = {}
@@ -294,26 +249,17 @@ def load_substitutes(cfg: EvalConfig, run_dir: Path | None, device) -> dict:
             continue
         if run_dir is None:
             raise ValueError(f"attacks.{name}: a substitute attack needs the run folder its substitute is trained in")
-        for oracle in substitute_oracles(cfg, name):
+        for oracle in attack_targets(cfg, name):
             model, manifest = load_model(
                 run_dir / SUBSTITUTES / f"{name}-{oracle}", kind="classifier", map_location=device
             )
-            out[(name, oracle)] = (model.requires_grad_(False), int(manifest["oracle_queries"]))
+            out[(name, oracle)] = spec.build(cfg.seed).bind(
+                model.requires_grad_(False), int(manifest["oracle_queries"])
+            )
     return out
 
 
 # ---------------------------------------------------------------- the driver
-
-
-@dataclass
-class Results:
-    run_dir: Path
-    rows: pd.DataFrame
-    summary: dict
-    mlflow_run_id: str | None
-    computed_shards: int
-    skipped_shards: int
-    retried_shards: int = 0
 
 
 def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
@@ -324,75 +270,37 @@ def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
     )
 
 
-def evaluate(
-    cfg: EvalConfig,
-    *,
-    out: Path | None = None,
-    address: str | None = None,
-    progress: bool = True,
-    log_mlflow: bool = True,
-    verbose: bool = False,
-    on_shard=None,
-) -> Results:
-    """Run (or resume) the evaluation described by `cfg`; returns the rows and their summary.
-    `on_shard(progress)` is called after every shard (another job's MLflow run, e.g. curves')."""
-    from invgan_core.data import load_dataset
-    from jobs.common import git_commit
-    from jobs.tracking import job_run
-
-    quiet_ray_logging(verbose)
+def eval_job(cfg: EvalConfig, run_dir: Path, *, kind: str = "eval", finish=None) -> ShardedJob:
+    """The sharded job of an eval config, its inputs checked (weights, data, substitute seeds) before any work.
+    `finish` replaces the eval summary (curves adds its own table to it)."""
     models = load_models(cfg)  # fail on a missing or altered weights file before any Ray work
     full = load_dataset(cfg.dataset, cfg.split, cfg.data_dir)
     data = full.subset(cfg.limit)
     check_job_inputs(cfg, data)  # models that agree and images they can score, before any Ray work
     n = len(data)
     seeds = substitute_seeds(cfg, full, n)  # seed images apart from the evaluated ones, checked before any work
-    run_dir = run_folder(cfg, out)
-    prepare_run_dir(cfg, run_dir)
-    shards = plan_shards(n, cfg.shard_size)
-    todo = missing_shards(run_dir, shards)
-    tags = {
-        "dataset": cfg.dataset,
-        "defenses": ",".join(cfg.defenses),
-        "attacks": ",".join(cfg.attacks),
-        "git_commit": git_commit(),
-        "config_hash": cfg.config_hash(),
-        "kind": "eval",
-        **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()},
-    }
-    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
-        stats = ShardStats()
-        if todo:
-            prepare_substitutes(cfg, models, full, seeds, run_dir)
-            stats = run_shards(
-                todo,
-                run_dir,
-                worker=EvalWorker,
-                worker_kwargs={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
-                resources=cfg.resources,
-                expected=lambda a, b: expected_rows(cfg, a, b, n),
-                columns=ROW_COLUMNS,
-                desc=f"eval {cfg.name}",
-                address=address,
-                progress=progress,
-                verbose=verbose,
-                on_shard=tracker.progress if tracker else on_shard,
-            )
-        rows = read_rows(run_dir, ROW_COLUMNS)
-        shards_info = {
-            "total": len(shards),
-            "computed": stats.computed,
-            "reused": len(shards) - len(todo),
-            "retried": stats.retried,
-            "lost_workers": stats.lost,
-            "failed_attempts": {str(k): v for k, v in stats.failed.items()},
-        }
-        summary = finish(cfg, run_dir, rows, tracker, models, shards_info)
-    run_id = tracker.run_id if tracker else recorded_run_id(run_dir)
-    return Results(run_dir, rows, summary, run_id, len(todo), len(shards) - len(todo), stats.retried)
+    return ShardedJob(
+        kind=kind,
+        worker=EvalWorker,
+        worker_kwargs={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},  # run_dir: the substitutes
+        schema=EVAL_ROWS,
+        n_examples=n,
+        expected=lambda a, b: expected_rows(cfg, a, b, n),
+        prepare=lambda run_dir: prepare_substitutes(cfg, models, full, seeds, run_dir),
+        finish=finish or (lambda run_dir, rows, run, shards: finish_eval(cfg, run_dir, rows, run, models, shards)),
+        on_start=lambda run: log_dataset(run, full, data),
+        tags={"defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks)},
+    )
 
 
-def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: dict, shards_info: dict) -> dict:
+def evaluate(cfg: EvalConfig, opts: JobOptions | None = None) -> JobResult:
+    """Run (or resume) the evaluation described by `cfg`; returns the rows and their summary."""
+    opts = opts or JobOptions()
+    quiet_ray_logging(opts.verbose)
+    return run_sharded_job(cfg, eval_job(cfg, run_folder(cfg, opts.out)), opts)
+
+
+def finish_eval(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: dict, shards_info: dict) -> dict:
     """Summary, figures and the MLflow records, all derived from the rows."""
     from jobs import masking, run_tables
 
@@ -409,6 +317,7 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: 
             rows_dir=run_dir / "rows",
             run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
             figures=figures,
+            feeds=tables_fed_by(cfg.name),
             tags={
                 "shards_retried": shards_info["retried"],
                 "nodes": rows["node"].nunique() if "node" in rows else 0,
@@ -416,13 +325,6 @@ def finish(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: 
             },
         )
         tracker.client.log_text(tracker.run_id, masking.flags_markdown(flags), "masking.md")
-    # a rerun without MLflow keeps the link to the run logged before
-    run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
-    run_tables.write_summary(
-        run_dir / "summary.json",
-        summary,
-        {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info},
-    )
     return summary
 
 
@@ -474,44 +376,16 @@ def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     return run_tables.image_grid(x.numpy(), {k: v.numpy() for k, v in attacked.items()}, projected, labels=y.numpy())
 
 
-def main(
-    config: Path,
-    overrides: list[str],
-    limit: int | None,
-    out: Path | None,
-    address: str | None,
-    tracking_uri: str | None,
-    log_mlflow: bool,
-    progress: bool,
-    verbose: bool = False,
-) -> None:
-    """The `invgan eval` command: validate, run or resume, print the tables and where results are."""
-    from pydantic import ValidationError
-
+def show(cfg: EvalConfig, res: JobResult) -> None:
+    """The tables `invgan eval` prints: accuracy, detection AUC, the masking flags."""
     from jobs import run_tables
-    from jobs.config import load_config
 
-    try:
-        cfg = load_config(config, overrides, limit=limit)
-        if tracking_uri:
-            cfg.mlflow.tracking_uri = tracking_uri
-    except (ValidationError, ValueError, FileNotFoundError) as err:
-        from jobs.config import describe_error
-
-        raise SystemExit(f"invalid evaluation config: {describe_error(err)}") from None
-    from jobs.common import user_errors
-
-    with user_errors(config, run_folder(cfg, out), verbose=verbose):
-        res = evaluate(cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + run_tables.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + run_tables.markdown_table(res.summary, "auc"))
     print("\n" + masking_text(res.summary.get("masking")))
-    retried = f", {res.retried_shards} run again (see summary.json: shards)" if res.retried_shards else ""
-    print(f"\nshards: {res.computed_shards} computed, {res.skipped_shards} reused{retried}")
-    print(f"run folder: {res.run_dir}")
-    if res.mlflow_run_id:
-        print(
-            f"MLflow run {res.mlflow_run_id} in experiment {cfg.family!r}; open with: "
-            f"{where_to_open(cfg.mlflow.tracking_uri)}"
-        )
+
+
+def main(config: Path, overrides: list[str], opts: JobOptions, *, limit: int | None = None) -> JobResult:
+    """The `invgan eval` command: validate, run or resume, print the tables and where results are."""
+    return job_main("evaluation", lambda: load_config(config, overrides, limit=limit), evaluate, show, opts)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from jobs.specs import WRAPPERS, AttackSpec
+
 CHECK_PREFIX = "check/"
 BLACK_BOX = {"nes", "substitute"}
 CHECKS = ("single_step_stronger", "eps_not_zero", "black_box_stronger", "not_converged")
@@ -49,8 +51,6 @@ def _inner(spec: dict) -> dict:
 
 def profile(spec: dict) -> Profile:
     """Profile of an attack spec (the `attacks.<name>` mapping of an eval config, as a dict)."""
-    from jobs.config import AttackSpec  # jobs.config imports this module for its validator
-
     attack = AttackSpec.model_validate(spec).build()
     loop = getattr(attack, "attack", attack)  # wrappers hold their loop in `.attack`
     norm = getattr(loop, "norm", None)
@@ -65,8 +65,6 @@ def profile(spec: dict) -> Profile:
 
 def _scaled(spec: dict, key: str, factor: float) -> dict | None:
     """A copy of spec with the loop's `key` multiplied by factor (ints stay ints), or None if it has none."""
-    from jobs.config import WRAPPERS, AttackSpec
-
     if spec["kind"] in WRAPPERS and not spec.get("base"):
         return None  # the wrapper's default loop: nothing in the config to scale
     out = copy.deepcopy(spec)

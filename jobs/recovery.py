@@ -23,7 +23,13 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from jobs.config import JobConfig, MlflowSpec
+from invgan_core.checkpoint import atomic_write_json, load_model
+from invgan_core.data import load_dataset
+from jobs.common import git_commit
+from jobs.config import JobConfig, MlflowSpec, load_config
+from jobs.run_folder import run_folder, write_shard
+from jobs.sharded import JobOptions, JobResult, job_main
+from jobs.tracking import job_run, recorded_run_id
 
 Constraint = Literal["none", "clip", "stochastic_clip"]
 TARGET_STREAM = 1_000_003  # the targets' seed offset: never the same draws as the starts
@@ -145,23 +151,19 @@ def markdown(table: pd.DataFrame, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def run_recovery(cfg: RecoveryConfig, *, out: Path | None = None, log_mlflow: bool = True):
-    from invgan_core.checkpoint import atomic_write_json, load_model
-    from invgan_core.data import load_dataset
-    from jobs.common import git_commit
-    from jobs.sharded import run_folder, write_shard
-    from jobs.tracking import job_run
-
+def run_recovery(cfg: RecoveryConfig, opts: JobOptions | None = None) -> JobResult:
+    """Tables 1-2 for `cfg` (one process: every trial is one batch through G); the summary holds both tables."""
+    opts = opts or JobOptions()
     G, manifest = load_model(cfg.weights_dir() / cfg.generator, kind="generator")
     G.requires_grad_(False)
     d = int(manifest["arch"]["latent_dim"])
     if getattr(G, "prior", None) != "uniform":
         raise SystemExit(f"{cfg.weights_dir() / cfg.generator}: needs a uniform-prior generator (box [-1, 1]^d)")
     data = load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.images) if cfg.images else None
-    run_dir = run_folder(cfg, out)
+    run_dir = run_folder(cfg, opts.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     tags = {"kind": "recovery", "config_hash": cfg.config_hash(), "git_commit": git_commit()}
-    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
+    with job_run(cfg, run_dir, enabled=opts.log_mlflow, tags=tags) as tracker:
         started = time.perf_counter()
         images = data.images if data is not None else torch.empty(0)
         rows = recovery_rows(cfg, G, images, [int(i) for i in data.ids] if data is not None else [])
@@ -180,20 +182,18 @@ def run_recovery(cfg: RecoveryConfig, *, out: Path | None = None, log_mlflow: bo
                     if col != "n":
                         tracker.client.log_metric(tracker.run_id, f"recovered/{c}/{col.split('= ')[1]}", float(v))
             tracker.client.log_dict(tracker.run_id, summary, "summary.json")
-    return tables, run_dir
+    run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
+    return JobResult(run_dir, summary, run_id, rows)
 
 
-def main(config: Path, overrides: list[str], out: Path | None, log_mlflow: bool) -> None:
-    from pydantic import ValidationError
-
-    from jobs.config import describe_error, load_config
-
-    try:
-        cfg = load_config(config, overrides, model=RecoveryConfig)
-    except (ValidationError, ValueError, OSError) as err:
-        raise SystemExit(f"{config}: {describe_error(err)}") from None
-    tables, run_dir = run_recovery(cfg, out=out, log_mlflow=log_mlflow)
+def show(cfg: RecoveryConfig, res: JobResult) -> None:
+    """The tables `invgan recovery` prints, derived from its rows."""
+    tables = recovery_tables(res.rows, cfg.thresholds, res.summary["latent_dim"], cfg.seed)
     print("\nTable 1: fraction recovered, ||z - z'||² / d < ε\n" + markdown(tables["table1"], "{:.3f}"))
     if len(tables["table2"]):
         print("\nTable 2: recoveries of one real image\n" + markdown(tables["table2"], "{:.3g}"))
-    print(f"\nrun folder: {run_dir}")
+
+
+def main(config: Path, overrides: list[str], opts: JobOptions) -> JobResult:
+    """The `invgan recovery` command: validate, run, print the tables and where results are."""
+    return job_main("recovery", lambda: load_config(config, overrides, model=RecoveryConfig), run_recovery, show, opts)

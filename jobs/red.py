@@ -5,8 +5,7 @@
               then per method (CNN, BSD-GAN from a Defense-GAN or an inverter start, SBSC) one row
            ─▶ Parquet rows ─▶ signal / attack-type accuracy tables, confusion matrix ─▶ MLflow
 
-Rows: example_id, label, attack_type, signal_pred, attack_pred, method, seconds, final_loss. The
-BSD-GAN row carries both BSD-GAN's signal class and BSD-GAN-AD's attack type; SBSC's carries SBSC and SBSAD.
+Rows: `jobs.schemas.RedRow`, one per (example, attack type, method).
 """
 
 from __future__ import annotations
@@ -17,21 +16,16 @@ from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict
+from invgan_core.data import load_dataset
+from jobs.common import check_job_inputs
+from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict, load_config
+from jobs.models import load_models
+from jobs.ray_session import quiet_ray_logging
+from jobs.schemas import RED_ROWS
+from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
 
-RED_COLUMNS = [
-    "example_id",
-    "label",
-    "attack_type",
-    "signal_pred",
-    "attack_pred",
-    "method",
-    "seconds",
-    "final_loss",
-    "shard",
-]
 Method = Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]
 METHODS: tuple[Method, ...] = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
 
@@ -52,6 +46,14 @@ class RedConfig(JobConfig):
     name: str
     dataset: str = "mnist5k"
     data_dir: Optional[Path] = None
+    split: Literal["test", "validation"] = Field(
+        "test", description="the examples attacked and explained; 'validation' inside a search (`invgan tune`)"
+    )
+    train_split: Literal["train", "fit"] = Field(
+        "train",
+        description="the images of the attack and signal dictionaries: 'fit' (train without its validation "
+        "images) whenever split is 'validation', so no example is in a dictionary",
+    )
     limit: Optional[int] = Field(None, gt=0)
     weights: Path = Path("weights/mnist5k")
     seed: int = 0
@@ -66,11 +68,16 @@ class RedConfig(JobConfig):
     resources: Resources = Resources()
     mlflow: MlflowSpec = MlflowSpec()
 
+    @model_validator(mode="after")
+    def _dictionaries_apart_from_the_examples(self) -> RedConfig:
+        if self.split == "validation" and self.train_split != "fit":
+            raise ValueError("split: validation needs train_split: fit (the validation images are part of 'train')")
+        return self
+
 
 def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
     """D_a from `per_class` training examples per class, cached as run_dir/dictionary.{safetensors,json}."""
     from invgan_core.checkpoint import load_model
-    from invgan_core.data import load_dataset
     from invgan_core.red import build_attack_dictionary, load_dictionary, save_dictionary
 
     stem = run_dir / "dictionary"
@@ -78,7 +85,7 @@ def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
         return load_dictionary(stem)[0]
     f, _ = load_model(cfg.weights_dir() / "classifier", kind="classifier")
     f.requires_grad_(False)
-    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    train = load_dataset(cfg.dataset, cfg.train_split, cfg.data_dir)
     attacks = {name: spec.build(cfg.seed) for name, spec in cfg.dictionary.attacks.items()}
     print(
         f"building the attack dictionary: {len(attacks)} attacks x {cfg.dictionary.per_class} examples per class ...",
@@ -111,9 +118,7 @@ class RedWorker:
     def __init__(self, config: dict, dictionary: str):
         import torch
 
-        from invgan_core.data import load_dataset
         from invgan_core.red import load_dictionary, signal_dictionary
-        from jobs.models import load_models
 
         self.cfg = RedConfig.model_validate(config)
         res = self.cfg.resources
@@ -122,9 +127,9 @@ class RedWorker:
         self.models = load_models(self.cfg, self.device)
         self.dic = load_dictionary(dictionary)[0]
         self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.dictionary.attacks.items()}
-        self.data = load_dataset(self.cfg.dataset, "test", self.cfg.data_dir).subset(self.cfg.limit)
+        self.data = load_dataset(self.cfg.dataset, self.cfg.split, self.cfg.data_dir).subset(self.cfg.limit)
         if "sbsc" in self.cfg.methods:
-            train = load_dataset(self.cfg.dataset, "train", self.cfg.data_dir)
+            train = load_dataset(self.cfg.dataset, self.cfg.train_split, self.cfg.data_dir)
             self.Ds, self.s_classes = signal_dictionary(
                 train.images, train.labels, self.cfg.sbsc_per_class, self.cfg.seed
             )
@@ -137,27 +142,26 @@ class RedWorker:
         ids = torch.as_tensor(self.data.ids[start:stop])
         f = self.models["classifier"]
         inputs = {"clean": x} | {name: a(f, x, y, ids=ids).x_adv for name, a in self.attacks.items()}
-        rows, y_cpu = [], y.cpu()
+        rows = []
         for attack_type, xa in inputs.items():
             for method in self.cfg.methods:
                 t = time.perf_counter()
                 signal, attack, loss = self._method(method, xa, ids)
-                secs = (time.perf_counter() - t) / len(x)
-                rows += [
-                    (
-                        int(ids[i]),
-                        int(y_cpu[i]),
-                        attack_type,
-                        int(signal[i]),
-                        int(attack[i]),
-                        method,
-                        secs,
-                        float(loss[i]),
-                        shard,
+                rows.append(
+                    RED_ROWS.frame(
+                        len(x),
+                        example_id=ids.numpy(),
+                        label=y.cpu().numpy(),
+                        attack_type=attack_type,
+                        signal_pred=signal.numpy(),
+                        attack_pred=attack.numpy(),
+                        method=method,
+                        seconds=(time.perf_counter() - t) / len(x),
+                        final_loss=loss.numpy(),
+                        shard=shard,
                     )
-                    for i in range(len(x))
-                ]
-        return pd.DataFrame(rows, columns=RED_COLUMNS)
+                )
+        return pd.concat(rows, ignore_index=True)
 
     def _method(self, method: str, x, ids):
         import torch
@@ -239,66 +243,34 @@ def _markdown(frame: pd.DataFrame, n: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_red(
-    cfg: RedConfig,
-    *,
-    out: Path | None = None,
-    address: str | None = None,
-    progress: bool = True,
-    log_mlflow: bool = True,
-    verbose: bool = False,
-) -> tuple[pd.DataFrame, dict, Path, str | None]:
-    from invgan_core.checkpoint import atomic_write_json
-    from invgan_core.data import load_dataset
-    from jobs.common import check_job_inputs, git_commit
-    from jobs.models import load_models
-    from jobs.sharded import (
-        missing_shards,
-        plan_shards,
-        prepare_run_dir,
-        quiet_ray_logging,
-        read_rows,
-        run_folder,
-        run_shards,
-    )
-    from jobs.tracking import job_run, recorded_run_id
-
-    quiet_ray_logging(verbose)
+def run_red(cfg: RedConfig, opts: JobOptions | None = None) -> JobResult:
+    """Run (or resume) RED Table 1 for `cfg`: the rows, and the tables (DataFrames) as its summary's values."""
+    opts = opts or JobOptions()
+    quiet_ray_logging(opts.verbose)
     load_models(cfg)  # fail early on missing or altered weights
-    data = load_dataset(cfg.dataset, "test", cfg.data_dir).subset(cfg.limit)
+    data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit)
     check_job_inputs(cfg, data)  # models that agree and images they can score, before any run folder
-    n = len(data)
-    run_dir = run_folder(cfg, out)
-    prepare_run_dir(cfg, run_dir)
-    todo = missing_shards(run_dir, plan_shards(n, cfg.shard_size))
+    run_dir = run_folder(cfg, opts.out)
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
-    tags = {"dataset": cfg.dataset, "kind": "red", "git_commit": git_commit(), "config_hash": cfg.config_hash()}
-    with job_run(cfg, run_dir, enabled=log_mlflow, tags=tags) as tracker:
-        dic = build_or_load_dictionary(cfg, run_dir)
-        retried = 0
-        if todo:
-            retried = run_shards(
-                todo,
-                run_dir,
-                worker=RedWorker,
-                worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
-                resources=cfg.resources,
-                expected=lambda a, b: (b - a) * per_example,
-                columns=RED_COLUMNS,
-                desc=f"red {cfg.name}",
-                address=address,
-                progress=progress,
-                verbose=verbose,
-                on_shard=tracker.progress if tracker else None,
-            ).retried
-        rows = read_rows(run_dir, RED_COLUMNS)
-        tables = red_tables(rows, dic.attack_names)
+    attack_names = list(cfg.dictionary.attacks)  # their order is the attack-type index
+
+    def finish(run_dir: Path, rows: pd.DataFrame, tracker, shards: dict) -> dict:
+        tables = red_tables(rows, attack_names)
         if tracker is not None:
-            _log(tracker, cfg, run_dir, rows, tables, dic.attack_names)
-    run_id = tracker.run_id if tracker else recorded_run_id(run_dir)
-    summary = {k: v.to_dict() for k, v in tables.items()}
-    atomic_write_json(run_dir / "summary.json", summary | {"mlflow_run_id": run_id, "shards_retried": retried})
-    return rows, tables, run_dir, run_id
+            _log(tracker, cfg, run_dir, rows, tables, attack_names)
+        return {k: v.to_dict() for k, v in tables.items()}
+
+    job = ShardedJob(
+        kind="red",
+        worker=RedWorker,
+        worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
+        schema=RED_ROWS,
+        n_examples=len(data),
+        expected=lambda a, b: (b - a) * per_example,
+        prepare=lambda run_dir: build_or_load_dictionary(cfg, run_dir),
+        finish=finish,
+    )
+    return run_sharded_job(cfg, job, opts)
 
 
 def _log(tracker, cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> None:
@@ -332,40 +304,16 @@ def _log(tracker, cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dic
     client.set_tag(run_id, "mlflow.note.content", note[:8000])
 
 
-def main(
-    config: Path,
-    overrides: list[str],
-    limit: int | None,
-    out: Path | None,
-    address: str | None,
-    log_mlflow: bool,
-    progress: bool,
-    verbose: bool = False,
-) -> None:
-    from pydantic import ValidationError
-
-    from jobs.config import load_config
-
-    try:
-        cfg = load_config(config, overrides, model=RedConfig, limit=limit)
-    except (ValidationError, ValueError, FileNotFoundError) as err:
-        from jobs.config import describe_error
-
-        raise SystemExit(f"invalid RED config: {describe_error(err)}") from None
-    from jobs.common import user_errors
-    from jobs.sharded import run_folder
-
-    with user_errors(config, run_folder(cfg, out), verbose=verbose):
-        rows, tables, run_dir, run_id = run_red(
-            cfg, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
-        )
+def show(cfg: RedConfig, res: JobResult) -> None:
+    """The tables `invgan red` prints: signal and attack-type accuracy, n per cell."""
+    tables = red_tables(res.rows, list(cfg.dictionary.attacks))
     print("\nSignal accuracy (CNN / BSD-GAN / SBSC)\n" + _markdown(tables["signal_accuracy"], tables["n"]))
     print("\nAttack-type accuracy (BSD-GAN-AD / SBSAD)\n" + _markdown(tables["attack_accuracy"], tables["n"]))
-    print(f"\nrun folder: {run_dir}")
-    if run_id:
-        from jobs.tracking import where_to_open
 
-        print(f"MLflow run {run_id} in experiment {cfg.family!r}; open with: {where_to_open(cfg.mlflow.tracking_uri)}")
+
+def main(config: Path, overrides: list[str], opts: JobOptions, *, limit: int | None = None) -> JobResult:
+    """The `invgan red` command: validate, run or resume, print the tables and where results are."""
+    return job_main("RED", lambda: load_config(config, overrides, model=RedConfig, limit=limit), run_red, show, opts)
 
 
 # ---------------------------------------------------------------- theory figures (`invgan red-theory`)

@@ -1,6 +1,6 @@
 """From evaluation rows to results: accuracy and AUC tables, figures, MLflow records, summary.json.
 
-The rows are one per (example, attack, defense) (see ARCHITECTURE.md); everything here is computed
+The rows are one per (example, attack, defense) (`jobs.schemas.EvalRow`); everything here is computed
 from them on the driver, so a table can always be rebuilt from the Parquet shards. Attack "clean"
 is the unattacked input; "worst_case" is the per-example minimum over attacks (AutoAttack
 convention). Only `log_to_mlflow` touches MLflow, and only the driver calls it.
@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,23 +20,8 @@ from matplotlib.figure import Figure  # a bare Figure: no pyplot state, rendered
 
 from invgan_core.checkpoint import atomic_write_json
 from invgan_core.detection import detection_auc, detection_roc
+from jobs.schemas import EVAL_ROWS
 
-COLUMNS = {
-    "example_id": "int64",
-    "label": "int64",
-    "attack": "str",
-    "defense": "str",
-    "prediction": "int64",
-    "correct": "bool",
-    "detection_score": "float64",
-    "l2": "float64",
-    "linf": "float64",
-    "effective_iterations": "int64",
-    "seconds": "float64",
-    "attacked": "bool",
-    "queries": "int64",
-    "shard": "int64",
-}
 CLEAN, WORST = "clean", "worst_case"
 MAX_PARAM_VALUE, MAX_TAG_VALUE, PARAMS_PER_BATCH = 6000, 8000, 100  # MLflow's limits
 
@@ -44,9 +29,10 @@ MAX_PARAM_VALUE, MAX_TAG_VALUE, PARAMS_PER_BATCH = 6000, 8000, 100  # MLflow's l
 def validate_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Raise ValueError on missing columns, duplicate cells or a wrong `attacked` flag; return the rows
     with names as plain strings (a categorical read from Parquet could group unseen names) and scores float."""
-    missing = [c for c in COLUMNS if c not in rows.columns]
+    required = [c for c in EVAL_ROWS.columns if c not in EVAL_ROWS.added_later]  # older runs lack the later ones
+    missing = [c for c in required if c not in rows.columns]
     if missing:
-        raise ValueError(f"rows lack column(s) {', '.join(missing)} (expected: {', '.join(COLUMNS)})")
+        raise ValueError(f"rows lack column(s) {', '.join(missing)} (expected: {', '.join(EVAL_ROWS.columns)})")
     dup = int(rows.duplicated(["example_id", "attack", "defense"]).sum())
     if dup:
         raise ValueError(
@@ -277,10 +263,12 @@ def flatten_config(config: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def description(summary: dict, run_name: str) -> str:
-    """The run's markdown note: both tables, so the MLflow UI shows results without opening artifacts."""
+def description(summary: dict, run_name: str, feeds: Sequence[str] = ()) -> str:
+    """The run's markdown note: what it feeds (the reproduction tables of docs/results.md), then both tables,
+    so the MLflow UI shows results without opening artifacts."""
+    fed = f"Feeds {', '.join(feeds)} of docs/results.md (`invgan report`).\n\n" if feeds else ""
     text = (
-        f"### {run_name}\n\n**Accuracy** (defenses × attacks; n = examples per cell; worst_case = correct "
+        f"### {run_name}\n\n{fed}**Accuracy** (defenses × attacks; n = examples per cell; worst_case = correct "
         f"on clean and under every attack)\n\n{markdown_table(summary, 'accuracy')}\n\n"
         f"**Detection ROC AUC** (attacked vs clean of the same examples)\n\n{markdown_table(summary, 'auc')}\n"
     )
@@ -308,7 +296,15 @@ def log_config_params(client, run_id: str, config_dict: dict) -> None:
 
 
 def log_results(
-    client, run_id: str, *, summary: dict, rows_dir: Path, run_name: str, figures: dict[str, Figure], tags: dict
+    client,
+    run_id: str,
+    *,
+    summary: dict,
+    rows_dir: Path,
+    run_name: str,
+    figures: dict[str, Figure],
+    tags: dict,
+    feeds: Sequence[str] = (),
 ) -> None:
     """Record an evaluation's results in its (running) MLflow run.
 
@@ -333,7 +329,7 @@ def log_results(
     for name, fig in figures.items():
         client.log_figure(run_id, fig, f"figures/{name}.png")
     client.log_artifacts(run_id, str(rows_dir), "rows")
-    for key, value in {**tags, "mlflow.note.content": description(summary, run_name)}.items():
+    for key, value in {**tags, "mlflow.note.content": description(summary, run_name, feeds)}.items():
         client.set_tag(run_id, key, str(value)[:MAX_TAG_VALUE])
 
 

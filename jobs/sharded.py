@@ -15,38 +15,39 @@ missing again on the actors that remain (`max_attempts` passes); finished shards
 never recomputed, so every row exists exactly once. An exception raised by the worker's own code
 stops the job at once, naming the shard: it would fail again.
 
-Where Ray runs is decided here and nowhere else: `address` (or $RAY_ADDRESS, set inside a submitted
-Ray job) joins that cluster; otherwise a local instance sized for the job is started and stopped.
+A job is a `ShardedJob` (its worker, row schema, expected rows per shard, driver-side preparation and
+summary) run by `run_sharded_job(cfg, job, opts) -> JobResult`: run folder, MLflow run, shards, summary.json.
+`job_main` is every job command's entry: config errors and user errors in one line, the job, its tables,
+where the results are. The run folder lives in jobs/run_folder.py, the Ray session in jobs/ray_session.py,
+the progress bar in jobs/progress.py, the row schemas in jobs/schemas.py.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import math
 import os
 import re
 import socket
-import sys
-import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pandas as pd
 
-from invgan_core.checkpoint import atomic_write_bytes
-from jobs.common import runs_dir
+from invgan_core.checkpoint import atomic_write_json
+from jobs.common import describe_error, git_commit, user_errors
+from jobs.progress import Progress
+from jobs.ray_session import ray_session
+from jobs.run_folder import missing_shards, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path, write_shard
+from jobs.run_folder import weights_hashes as weights_hashes
+from jobs.schemas import Schema
+from jobs.tracking import JobRun, job_run, recorded_run_id
 
-WHERE_COLUMNS = ["node", "worker"]  # appended to every job's rows: where the shard ran
 # The first pass waits this long for the whole actor pool before it hands out shards (so the first actor up
 # does not take every shard while the others load their models), then fails with a message that names the
 # missing resources; `INVGAN_WAIT_FOR_WORKERS_S` changes it (an autoscaling cluster may need longer).
 WAIT_FOR_WORKERS_S = int(os.environ.get("INVGAN_WAIT_FOR_WORKERS_S", "600"))
-DEFAULT_WORKER_NICENESS = "0"  # Ray's default (15) lets any other busy process starve the workers
 
 
 # ---------------------------------------------------------------- what every job returns
@@ -66,179 +67,17 @@ class JobResult:
     retried_shards: int = 0
 
 
-# ---------------------------------------------------------------- run folder and shards
+@dataclass(frozen=True)
+class JobOptions:
+    """The options every job command shares (declared once in the CLI): where results go, which Ray cluster and
+    MLflow store to use, and how much to print."""
 
-
-def run_folder(cfg, out: Path | None) -> Path:
-    """--out, or <runs>/<name>-<config hash> (any job config)."""
-    return Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
-
-
-def plan_shards(n_examples: int, shard_size: int) -> list[tuple[int, int, int]]:
-    """(shard, start, stop) covering positions 0..n-1 in order."""
-    return [
-        (k, k * shard_size, min(n_examples, (k + 1) * shard_size)) for k in range(math.ceil(n_examples / shard_size))
-    ]
-
-
-def shard_path(run_dir: Path, shard: int) -> Path:
-    return run_dir / "rows" / f"shard-{shard:05d}.parquet"
-
-
-def missing_shards(run_dir: Path, shards: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """The shards still to compute: no file, or a file that is not a readable Parquet file (damaged on disk
-    after it was written: moved to <run>/damaged/ with a warning, then computed again)."""
-    return [s for s in shards if not _readable_shard(shard_path(run_dir, s[0]))]
-
-
-def _readable_shard(path: Path) -> bool:
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        return False
-    try:
-        pq.read_metadata(path)  # the footer: a truncated or overwritten file fails here
-        return True
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        damaged = path.parent.parent / "damaged"  # beside rows/, so it is not read or uploaded as rows
-        damaged.mkdir(exist_ok=True)
-        target = damaged / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
-        path.replace(target)
-        print(
-            f"warning: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-            f"moved to {target} and computing the shard again",
-            file=sys.stderr,
-            flush=True,
-        )
-        return False
-
-
-def write_shard(path: Path, frame: pd.DataFrame) -> None:
-    """Parquet bytes written atomically (temp file, fsync, rename): a shard file is complete or absent."""
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_rows(run_dir: Path, columns: list[str]) -> pd.DataFrame:
-    files = sorted((run_dir / "rows").glob("shard-*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame(columns=columns)
-
-
-def weights_hashes(cfg) -> dict[str, str]:
-    """sha256 of every model file the job uses, from the (verified) manifests."""
-    root = cfg.weights_dir()
-    return {
-        k: json.loads((root / f"{k}.json").read_text())["sha256"]
-        for k in ("generator", "classifier", "inverter")
-        if (root / f"{k}.json").exists()
-    }
-
-
-_LOCKS: dict[Path, object] = {}  # run folder -> the open lock file this process holds until it exits
-
-
-def lock_run_dir(run_dir: Path) -> None:
-    """One writer per run folder: a second process asked to write it at once stops with a clear message
-    instead of interleaving shards. The lock (flock on <run>/.lock) is released when the process exits,
-    however it exits; the same process may prepare the folder again (a rerun in a notebook or a test)."""
-    import fcntl
-
-    run_dir = run_dir.resolve()
-    if run_dir in _LOCKS:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = (run_dir / ".lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise SystemExit(
-            f"{run_dir} is being written by {holder}: wait for it to finish, or choose another --out"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    handle.flush()
-    _LOCKS[run_dir] = handle
-
-
-def prepare_run_dir(cfg, run_dir: Path) -> None:
-    """Create the run folder, or check that the one found holds the same config and the same weights
-    (so a resume never mixes rows of two configs, or of weights retrained in place)."""
-    from invgan_core.checkpoint import atomic_write_json
-
-    lock_run_dir(run_dir)
-    recorded = run_dir / "config.json"
-    current = {
-        "config_hash": cfg.config_hash(),
-        "weights_sha256": weights_hashes(cfg),
-        "config": cfg.model_dump(mode="json"),
-    }
-    if recorded.exists():
-        previous = json.loads(recorded.read_text())
-        if previous.get("config_hash") != current["config_hash"]:
-            raise SystemExit(
-                f"{run_dir} holds results of a different config ({previous.get('config_hash', '?')[:12]});"
-                " choose another --out or delete the folder"
-            )
-        if previous.get("weights_sha256", current["weights_sha256"]) != current["weights_sha256"]:
-            raise SystemExit(
-                f"{run_dir} holds results of other weights than {cfg.weights_dir()} now has;"
-                " choose another --out or delete the folder"
-            )
-    else:
-        atomic_write_json(recorded, current)
-
-
-# ---------------------------------------------------------------- Ray
-
-
-def quiet_ray_logging(verbose: bool) -> None:
-    """Ray's, Ray Data's and MLflow's INFO chatter (execution plans, progress dumps, token and database
-    notices) only with --verbose; our own progress bar or per-shard lines replace it."""
-    import ray.data  # configures its logger on import: adjust it afterwards
-
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("ray", "ray.data", "ray.tune", "ray.train", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(level)
-    if not verbose:  # Ray's notice that it turned token authentication on for a local instance
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
-
-
-@contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int, verbose: bool = False) -> Iterator[None]:
-    """Use the Ray instance this process is already connected to; else join `address` (or $RAY_ADDRESS,
-    which Ray sets inside a submitted job); else start a local instance with `num_cpus` CPUs and
-    workers at niceness $RAY_worker_niceness (default 0 here). Disconnects only from what it started."""
-    import ray
-
-    quiet_ray_logging(verbose)
-    if ray.is_initialized():
-        yield
-        return
-    in_job = not address and bool(os.environ.get("RAY_ADDRESS"))  # the driver of a submitted Ray job
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {
-        "address": address,
-        "log_to_driver": verbose,
-        "logging_level": logging.INFO if verbose else logging.WARNING,
-    }
-    if not address:
-        os.environ.setdefault("RAY_worker_niceness", DEFAULT_WORKER_NICENESS)  # read by the raylet it starts
-        kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
-    ray.init(**kwargs)
-    try:
-        yield
-    finally:
-        # A submitted job's driver stays connected until it exits: the job owns the connection (Ray
-        # closes it when the job ends), and later stages of the same command reuse it.
-        if not in_job:
-            ray.shutdown()
+    out: Path | None = None  # run folder [<runs>/<name>-<config hash>]; rerun to resume
+    address: str | None = None  # Ray cluster ('auto' joins a running one); None starts a local instance
+    tracking_uri: str | None = None  # MLflow store [$MLFLOW_TRACKING_URI or SQLite in the runs folder]
+    log_mlflow: bool = True
+    progress: bool = True
+    verbose: bool = False
 
 
 def _node_where() -> tuple[str, str]:
@@ -281,67 +120,6 @@ class ShardActor:
                 ) from err
             frames.append(frame.assign(node=self.node, worker=self.where))
         return pd.concat(frames, ignore_index=True)
-
-
-# ---------------------------------------------------------------- progress
-
-
-@dataclass
-class Progress:
-    """One tqdm bar on a terminal (shards, examples/s, ETA); otherwise one line per finished shard.
-    Either way each finished shard is appended to <run folder>/progress.log."""
-
-    desc: str
-    total_shards: int
-    total_examples: int
-    log_path: Path
-    show: bool = True
-    done_shards: int = 0
-    done_examples: int = 0
-    started: float = field(default_factory=time.monotonic)
-    bar: Any = None  # a tqdm bar on a terminal
-
-    def __post_init__(self):
-        from tqdm.auto import tqdm
-
-        self.tty = self.show and sys.stdout.isatty()
-        if self.tty:
-            self.bar = tqdm(total=self.total_shards, desc=self.desc, unit="shard", file=sys.stdout)
-
-    def update(self, shard: int, examples: int, node: str) -> None:
-        self.done_shards += 1
-        self.done_examples += examples
-        elapsed = time.monotonic() - self.started
-        rate = self.done_examples / elapsed if elapsed > 0 else 0.0
-        left = (self.total_examples - self.done_examples) / rate if rate > 0 else float("nan")
-        line = (
-            f"{time.strftime('%H:%M:%S')} {self.desc}: shard {shard} done ({examples} examples, node {node[:12]}); "
-            f"{self.done_shards}/{self.total_shards} shards, {rate:.2f} examples/s, ETA {_duration(left)}"
-        )
-        with self.log_path.open("a") as log:
-            log.write(line + "\n")
-        if self.tty:
-            self.bar.set_postfix_str(f"{rate:.2f} ex/s", refresh=False)
-            self.bar.update(1)
-        elif self.show:
-            print(line, flush=True)
-
-    def note(self, message: str) -> None:
-        with self.log_path.open("a") as log:
-            log.write(f"{time.strftime('%H:%M:%S')} {self.desc}: {message}\n")
-        if self.show:
-            (self.bar.write if self.tty else print)(message)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds != seconds:
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 # ---------------------------------------------------------------- the runner
@@ -405,7 +183,7 @@ def run_shards(
     worker_kwargs: dict,
     resources,
     expected: Callable[[int, int], int],
-    columns: list[str],
+    schema: Schema,
     desc: str,
     address: str | None = None,
     progress: bool = True,
@@ -436,7 +214,7 @@ def run_shards(
                         resources,
                         bounds,
                         expected,
-                        columns,
+                        schema,
                         bar,
                         stats,
                         on_shard,
@@ -464,7 +242,7 @@ def run_shards(
 
 
 def _one_pass(
-    left, run_dir, worker, worker_kwargs, resources, bounds, expected, columns, bar, stats, on_shard, *, elastic: bool
+    left, run_dir, worker, worker_kwargs, resources, bounds, expected, schema, bar, stats, on_shard, *, elastic: bool
 ) -> None:
     import ray
 
@@ -491,7 +269,7 @@ def _one_pass(
         )
     try:
         for batch in rows.iter_batches(batch_size=None, batch_format="pandas"):
-            _write_batch(batch, run_dir, bounds, expected, columns, bar, stats, on_shard)
+            _write_batch(batch, run_dir, bounds, expected, schema, bar, stats, on_shard)
     except Exception as err:  # noqa: BLE001 - Ray Data may wrap the timeout of the actor pool's start
         if not _caused_by(err, ray.exceptions.GetTimeoutError):
             raise
@@ -512,14 +290,129 @@ def _caused_by(err: BaseException | None, cls: type) -> bool:
     return False
 
 
-def _write_batch(batch, run_dir, bounds, expected, columns, bar, stats, on_shard) -> None:
+def _write_batch(batch, run_dir, bounds, expected, schema, bar, stats, on_shard) -> None:
     """Check and write each shard in a batch of rows as it arrives."""
     for shard, frame in batch.groupby("shard"):
         a, b = bounds[int(shard)]
         if len(frame) != expected(a, b):
             raise RuntimeError(f"shard {shard}: {len(frame)} rows, expected {expected(a, b)}")
-        write_shard(shard_path(run_dir, int(shard)), frame[columns + WHERE_COLUMNS].reset_index(drop=True))
+        write_shard(shard_path(run_dir, int(shard)), frame.reset_index(drop=True), schema)
         stats.computed += 1
         bar.update(int(shard), b - a, str(frame["node"].iloc[0]))
         if on_shard is not None:
             on_shard(bar)
+
+
+# ---------------------------------------------------------------- one sharded job, start to end
+
+
+@dataclass
+class ShardedJob:
+    """What a sharded job (eval, red, curves) supplies to `run_sharded_job`."""
+
+    kind: str  # "eval", "red", "curves": the MLflow tag `kind` and the progress bar's label
+    worker: type  # built once per actor from worker_kwargs; run_shard(shard, start, stop) -> its rows
+    worker_kwargs: dict
+    schema: Schema  # the rows' columns: every shard is checked against it before it is written
+    n_examples: int
+    expected: Callable[[int, int], int]  # the rows a complete shard (start, stop) holds
+    # From the rows (with the MLflow run, None without MLflow, and the shard counts): the summary, after logging
+    # whatever the job logs; `run_sharded_job` writes it to summary.json.
+    finish: Callable[[Path, pd.DataFrame, JobRun | None, dict], dict]
+    prepare: Callable[[Path], None] | None = None  # driver work before the first shard (substitutes, dictionary)
+    on_start: Callable[[JobRun], None] | None = None  # what to record in the MLflow run at once (the dataset)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
+    """Run (or resume) a sharded job: its run folder (checked to hold the same config and weights), one MLflow run
+    over its whole life, the missing shards on Ray workers, then the summary from every shard's rows.
+
+    The job has checked its own inputs (weights, data) before: nothing here starts until they are known good."""
+    run_dir = run_folder(cfg, opts.out)
+    prepare_run_dir(cfg, run_dir)
+    shards = plan_shards(job.n_examples, cfg.shard_size)
+    todo = missing_shards(run_dir, shards)
+    tags = {
+        "kind": job.kind,
+        "dataset": cfg.dataset,
+        "git_commit": git_commit(),
+        "config_hash": cfg.config_hash(),
+        **{f"weights.{k}.sha256": h for k, h in weights_hashes(cfg).items()},
+        **job.tags,
+    }
+    with job_run(cfg, run_dir, enabled=opts.log_mlflow, tags=tags) as tracker:
+        if tracker is not None and job.on_start is not None:
+            job.on_start(tracker)
+        stats = ShardStats()
+        if todo:
+            if job.prepare is not None:
+                job.prepare(run_dir)
+            stats = run_shards(
+                todo,
+                run_dir,
+                worker=job.worker,
+                worker_kwargs=job.worker_kwargs,
+                resources=cfg.resources,
+                expected=job.expected,
+                schema=job.schema,
+                desc=f"{job.kind} {cfg.name}",
+                address=opts.address,
+                progress=opts.progress,
+                verbose=opts.verbose,
+                on_shard=tracker.progress if tracker else None,
+            )
+        rows = read_rows(run_dir, job.schema)
+        shards_info = {
+            "total": len(shards),
+            "computed": stats.computed,
+            "reused": len(shards) - len(todo),
+            "retried": stats.retried,
+            "lost_workers": stats.lost,
+            "failed_attempts": {str(k): v for k, v in stats.failed.items()},
+        }
+        summary = job.finish(run_dir, rows, tracker, shards_info)
+        # a rerun without MLflow keeps the link to the run logged before
+        run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
+        extra = {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info}
+        atomic_write_json(run_dir / "summary.json", summary | extra)
+    return JobResult(run_dir, summary, run_id, rows, len(todo), len(shards) - len(todo), stats.retried)
+
+
+def job_main(
+    what: str,
+    load: Callable[[], Any],
+    run: Callable[[Any, JobOptions], JobResult],
+    show: Callable[[Any, JobResult], None],
+    opts: JobOptions,
+) -> JobResult:
+    """Every job command's entry (eval, red, curves, recovery): load and validate the config (`load`; a bad one
+    ends in one line naming the field), run the job with the user's errors in one line (`user_errors`), print
+    its tables (`show`), then where its results are."""
+    from jobs.tracking import where_to_open
+
+    cfg = _load_config(what, load)
+    if opts.tracking_uri:
+        cfg.mlflow.tracking_uri = opts.tracking_uri
+    with user_errors(what, run_folder(cfg, opts.out), verbose=opts.verbose):
+        result = run(cfg, opts)
+    show(cfg, result)
+    retried = f", {result.retried_shards} run again (see summary.json: shards)" if result.retried_shards else ""
+    if result.computed_shards or result.skipped_shards:
+        print(f"\nshards: {result.computed_shards} computed, {result.skipped_shards} reused{retried}")
+    print(f"run folder: {result.run_dir}")
+    if result.mlflow_run_id:
+        print(
+            f"MLflow run {result.mlflow_run_id} in experiment {cfg.family!r}; open with: "
+            f"{where_to_open(cfg.mlflow.tracking_uri)}"
+        )
+    return result
+
+
+def _load_config(what: str, load: Callable[[], Any]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return load()
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"invalid {what} config: {describe_error(err)}") from None

@@ -162,3 +162,57 @@ def tracked_run(
         raise
     client.log_metric(run_id, "wall_seconds", time.monotonic() - run.started)
     client.set_terminated(run_id, status="FINISHED")
+
+
+def split_digest(data) -> str:
+    """sha256 (first 16 hex digits) of a split's ids, labels and images: the same digest means the same split."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (data.ids, data.labels.numpy(), data.images.numpy()):
+        h.update(part.tobytes())
+    return h.hexdigest()[:16]
+
+
+def log_dataset(run: JobRun, full, evaluated, *, context: str = "evaluation") -> None:
+    """Record the examples a run evaluated as the run's MLflow dataset input: named <dataset>/<split>, with the
+    whole split's digest (so two runs on the same split show the same digest) and one row per evaluated id."""
+    import warnings
+
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.DataFrame({"example_id": evaluated.ids, "label": evaluated.labels.numpy()})
+    source = CodeDatasetSource({"loader": "invgan_core.data.load_dataset", "dataset": full.name, "split": full.split})
+    with warnings.catch_warnings():  # MLflow's hint about integer columns: ids and labels are never missing
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = from_pandas(frame, source=source, name=f"{full.name}/{full.split}", digest=split_digest(full))
+        entity = dataset._to_mlflow_entity()
+    run.client.log_inputs(run.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_weights(client: MlflowClient, run_id: str, stem: Path, *, name: str | None = None) -> str:
+    """A model file of the project (<stem>.safetensors + <stem>.json) as an MLflow logged model of `run_id`: the
+    two files as its artifacts (never a pickle), its manifest's scalar fields as params, its sha256 and kind as
+    tags. Returns the logged model's id."""
+    import shutil
+    import tempfile
+
+    manifest = json.loads(stem.with_suffix(".json").read_text())
+    params = {k: str(v)[:MAX_TAG_VALUE] for k, v in manifest.items() if isinstance(v, (str, int, float, bool))}
+    model = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id,
+        name=name or stem.name,
+        source_run_id=run_id,
+        tags={"sha256": str(manifest.get("sha256")), "kind": str(manifest.get("kind"))},
+        params=params,
+        model_type=str(manifest.get("kind")),
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        for suffix in (".safetensors", ".json"):
+            shutil.copyfile(stem.with_suffix(suffix), Path(folder) / f"{stem.name}{suffix}")
+        client.log_model_artifacts(model.model_id, folder)
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id

@@ -101,7 +101,13 @@ class SearchCallback(tune.Callback):
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"trial-{trial.trial_id}",
-                tags={"mlflow.parentRunId": self.parent_run_id, "trial_id": trial.trial_id},
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "trial_id": trial.trial_id,
+                    "mlflow.note.content": f"Trial {trial.trial_id} of the search in "
+                    f"[parent run {self.parent_run_id}](#/experiments/{self.experiment_id}/runs/{self.parent_run_id})"
+                    f" ({self.out}).",
+                },
             )
             for key, value in flatten_config(trial.config).items():
                 self.client.log_param(run.info.run_id, key, value)

@@ -14,7 +14,6 @@ Only the driver writes to MLflow (tuning/tracking.py); trials report metrics to 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -45,8 +44,9 @@ def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> di
         set_path(raw, path, value)
     raw["name"] = f"{search.name}-best" if not for_trial else f"{search.name}-trial"
     if for_trial:
-        if search.kind != "red":
-            raw["split"] = "validation"
+        raw["split"] = "validation"
+        if search.kind == "red":  # its dictionaries from the rest of the training split
+            raw["train_split"] = "fit"
         if search.validation.limit:
             raw["limit"] = search.validation.limit
         if search.validation.shard_size:
@@ -110,7 +110,7 @@ def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.D
     """A trial's shards in-process (no Ray Data inside a trial), reporting `objective(rows so far)` after each
     with the rows as checkpoint; shards already in a restored checkpoint are not run again. The last shard
     also writes the trial's rows to `folder`."""
-    from jobs.sharded import plan_shards
+    from jobs.run_folder import plan_shards
 
     shards = plan_shards(len(worker.data), shard_size)
     rows = _rows_from_checkpoint()
@@ -240,29 +240,12 @@ def _restore_train_state(work_dir: Path) -> None:
 # ---------------------------------------------------------------- RED
 
 
-@contextlib.contextmanager
-def red_on_validation():
-    """RED's job reads 'test' (the examples) and 'train' (dictionaries); inside a search they read 'validation'
-    and 'fit' (the rest of the training split), so the dictionary never holds a validation image.
-    (Until RedConfig has a split field of its own.)"""
-    from invgan_core import data
-
-    real = data.load_dataset
-    renamed = {"test": "validation", "train": "fit"}
-    data.load_dataset = lambda name, split, data_dir=None: real(name, renamed.get(split, split), data_dir)
-    try:
-        yield
-    finally:
-        data.load_dataset = real
-
-
 def red_dictionary(search: TuneSearch, out: Path) -> Path:
     """The attack dictionary of the search (built once, on the driver, from the 'fit' split)."""
     from jobs.red import RedConfig, build_or_load_dictionary
 
     cfg = RedConfig.model_validate(eval_config_dict(search, {}, for_trial=True))
-    with red_on_validation():
-        build_or_load_dictionary(cfg, out)
+    build_or_load_dictionary(cfg, out)
     return out / "dictionary"
 
 
@@ -286,8 +269,7 @@ def red_trial(config: dict, *, search: dict, out: str) -> None:
     trial_id, folder = _enter_trial(search_, Path(out))
     cfg = eval_config_dict(search_, config, for_trial=True)
     dictionary = Path(out) / "dictionary"
-    with red_on_validation():
-        worker = RedWorker(cfg, str(dictionary))
+    worker = RedWorker(cfg, str(dictionary))
     names = load_dictionary(dictionary)[0].attack_names
     _run_shards(worker, cfg["shard_size"], folder, lambda rows: red_objective(search_, rows, names))
 

@@ -20,8 +20,8 @@ import pytest
 
 from cluster.local import _processes, cluster_pids, down, up
 from jobs.config import load_config
-from jobs.evaluate import ROW_COLUMNS
-from jobs.sharded import read_rows
+from jobs.run_folder import read_rows
+from jobs.schemas import EVAL_ROWS
 
 PROJECT = Path(__file__).resolve().parents[2]
 IGNORED = ["seconds", "attack_seconds", "node", "worker"]  # where and how long, not what
@@ -92,7 +92,7 @@ def test_submitted_eval_spreads_over_both_nodes_and_matches_the_in_process_rows(
     assert " INFO " not in proc.stdout, "Ray's INFO log stream leaked into the job's output"
 
     run_dir = _run_dir(state, "cluster-smoke")
-    rows = read_rows(run_dir, ROW_COLUMNS)
+    rows = read_rows(run_dir, EVAL_ROWS)
     assert rows["node"].nunique() == 2, f"every shard ran on one node: {rows['node'].unique()}"
     assert not rows.duplicated(["example_id", "attack", "defense"]).any()
 
@@ -203,7 +203,7 @@ def test_a_lost_worker_node_costs_a_retry_not_a_row(cluster):
             job.kill()
     assert job.returncode == 0, out[-3000:] + err[-3000:]
     run_dir = _run_dir(state, "cluster-lost")
-    rows = read_rows(run_dir, ROW_COLUMNS)
+    rows = read_rows(run_dir, EVAL_ROWS)
     assert len(rows) == 40 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
     assert rows["example_id"].nunique() == 40
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from jobs.config import load_config
-from jobs.evaluate import ROW_COLUMNS, evaluate, expected_rows
-from jobs.sharded import WHERE_COLUMNS
+from jobs.evaluate import evaluate, expected_rows
+from jobs.schemas import EVAL_ROWS, WHERE_COLUMNS
+from jobs.sharded import JobOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -36,13 +37,13 @@ def ray_instance():
 def smoke_run(ray_instance, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     cfg = load_config(SMOKE, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"})
-    return cfg, evaluate(cfg, out=tmp / "run", progress=False), tmp
+    return cfg, evaluate(cfg, JobOptions(out=tmp / "run", progress=False)), tmp
 
 
 def test_rows_have_the_schema_and_one_row_per_example_attack_defense(smoke_run):
     cfg, res, _ = smoke_run
     rows = res.rows
-    assert list(rows.columns) == ROW_COLUMNS + WHERE_COLUMNS  # + node and worker: where each shard ran
+    assert list(rows.columns) == EVAL_ROWS.columns + list(WHERE_COLUMNS)  # + node and worker: where each shard ran
     assert rows.node.str.len().min() > 0 and rows.worker.str.contains(":").all()
     assert not rows.duplicated(KEY).any()
     n = 16
@@ -73,7 +74,7 @@ def test_one_worker_and_other_shards_give_the_same_predictions(smoke_run, tmp_pa
     """1 worker and shards of 16 (one batch) vs 2 workers and shards of 4: rows must not depend on either."""
     cfg, res, _ = smoke_run
     one = load_config(SMOKE, ["shard_size=16"], resources={"num_workers": 1, "num_cpus_per_worker": 1})
-    single = evaluate(one, out=tmp_path / "one", progress=False, log_mlflow=False)
+    single = evaluate(one, JobOptions(out=tmp_path / "one", progress=False, log_mlflow=False))
     a = res.rows.sort_values(KEY).reset_index(drop=True)
     b = single.rows.sort_values(KEY).reset_index(drop=True)
     pd.testing.assert_series_equal(a.prediction, b.prediction)
@@ -88,14 +89,14 @@ def test_rerun_computes_only_missing_shards(smoke_run, tmp_path):
     for f in sorted((res.run_dir / "rows").glob("shard-*.parquet"))[:3]:  # as if killed after 3 shards
         (run_dir / "rows" / f.name).write_bytes(f.read_bytes())
     (run_dir / "config.json").write_bytes((res.run_dir / "config.json").read_bytes())
-    again = evaluate(cfg, out=run_dir, progress=False, log_mlflow=False)
+    again = evaluate(cfg, JobOptions(out=run_dir, progress=False, log_mlflow=False))
     assert (again.computed_shards, again.skipped_shards) == (1, 3)
     assert not again.rows.duplicated(KEY).any() and len(again.rows) == len(res.rows)
 
     # a shard file damaged on disk (truncated) before a resume: moved aside, recomputed, the rows as before
     shard = run_dir / "rows" / "shard-00001.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    fixed = evaluate(cfg, out=run_dir, progress=False, log_mlflow=False)
+    fixed = evaluate(cfg, JobOptions(out=run_dir, progress=False, log_mlflow=False))
     assert (fixed.computed_shards, fixed.skipped_shards) == (1, 3)
     assert len(list((run_dir / "damaged").glob("shard-00001.parquet.*"))) == 1
     key = ["example_id", "attack", "defense"]
@@ -109,7 +110,7 @@ def test_a_run_folder_of_another_config_is_refused(smoke_run):
     cfg, res, _ = smoke_run
     other = load_config(SMOKE, ["attacks.fgsm.params.eps=0.1"])
     with pytest.raises(SystemExit, match="different config"):
-        evaluate(other, out=res.run_dir, progress=False, log_mlflow=False)
+        evaluate(other, JobOptions(out=res.run_dir, progress=False, log_mlflow=False))
 
 
 def test_mlflow_run_holds_metrics_tables_and_figures(smoke_run):
@@ -127,13 +128,20 @@ def test_mlflow_run_holds_metrics_tables_and_figures(smoke_run):
     assert {"tables/accuracy.json", "figures/roc.png", "figures/images.png"} <= artifacts
     note = run.data.tags["mlflow.note.content"]
     assert re.search(r"\| none +\| ", note) and "(n=16)" in note  # the accuracy table, readable in the UI
+    # the examples evaluated, as the run's dataset: the split's digest, one row per evaluated id
+    from invgan_core.data import load_dataset
+    from jobs.tracking import split_digest
+
+    (logged,) = run.inputs.dataset_inputs
+    assert logged.dataset.name == "digits/test" and json.loads(logged.dataset.profile)["num_rows"] == 16
+    assert logged.dataset.digest == split_digest(load_dataset("digits", "test"))
 
 
 def test_reruns_keep_and_continue_the_mlflow_run(smoke_run):
     cfg, res, _ = smoke_run
-    quiet = evaluate(cfg, out=res.run_dir, progress=False, log_mlflow=False)  # all shards reused
+    quiet = evaluate(cfg, JobOptions(out=res.run_dir, progress=False, log_mlflow=False))  # all shards reused
     assert quiet.computed_shards == 0 and quiet.mlflow_run_id == res.mlflow_run_id
-    again = evaluate(cfg, out=res.run_dir, progress=False)
+    again = evaluate(cfg, JobOptions(out=res.run_dir, progress=False))
     assert again.mlflow_run_id == res.mlflow_run_id
 
 
@@ -192,7 +200,8 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
         "invgan_T100",
         "defensegan_10x10",
     ]
-    table, run_dir, run_id = run_curves(cfg, out=tmp_path / "run", progress=False)
+    res = run_curves(cfg, JobOptions(out=tmp_path / "run", progress=False))
+    table, run_dir, run_id = pd.DataFrame(res.summary["curves"]), res.run_dir, res.mlflow_run_id
     assert table.groupby("family").effective_iterations.apply(list).to_dict() == {
         "defensegan": [0, 20, 100],
         "invgan": [1, 20, 100],
@@ -209,7 +218,7 @@ def test_curves_evaluate_every_budget_and_log_steps(ray_instance, tmp_path):
 
 
 def _all_rows(worker, n: int, shard_size: int) -> pd.DataFrame:
-    from jobs.sharded import plan_shards
+    from jobs.run_folder import plan_shards
 
     return pd.concat([worker.run_shard(*s) for s in plan_shards(n, shard_size)], ignore_index=True)
 
@@ -326,7 +335,7 @@ def test_the_substitute_black_box_is_trained_once_per_oracle_on_unevaluated_seed
         "sub_each": {"kind": "substitute", "target": "each", "params": {"rounds": 2, "epochs": 3, "seeds": 50}},
     }
     cfg = load_config(SMOKE, attacks=attacks)
-    res = evaluate(cfg, out=tmp_path / "run", progress=False, log_mlflow=False)
+    res = evaluate(cfg, JobOptions(out=tmp_path / "run", progress=False, log_mlflow=False))
     folder = res.run_dir / "substitutes"
     made = {p.stem for p in folder.glob("*.json")}
     assert made == {"sub-classifier", "sub_each-none", "sub_each-invgan"}
@@ -346,11 +355,14 @@ def test_the_substitute_black_box_is_trained_once_per_oracle_on_unevaluated_seed
 
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     (res.run_dir / "rows" / "shard-00001.parquet").unlink()
-    again = evaluate(cfg, out=tmp_path / "run", progress=False, log_mlflow=False)
+    again = evaluate(cfg, JobOptions(out=tmp_path / "run", progress=False, log_mlflow=False))
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # not trained again
     a, b = (r.sort_values(KEY).reset_index(drop=True) for r in (rows, again.rows))
     pd.testing.assert_series_equal(a.prediction, b.prediction)
 
     with pytest.raises(ValueError, match=r"attacks.sub: the substitute's 150 seed images .* set limit <= 210"):
-        evaluate(load_config(SMOKE, attacks=attacks, limit=300), out=tmp_path / "bad", progress=False, log_mlflow=False)
+        evaluate(
+            load_config(SMOKE, attacks=attacks, limit=300),
+            JobOptions(out=tmp_path / "bad", progress=False, log_mlflow=False),
+        )
     assert not (tmp_path / "bad").exists()

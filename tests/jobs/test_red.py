@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from jobs.red import RED_COLUMNS, RedConfig, red_tables, run_red
-from jobs.sharded import WHERE_COLUMNS
+from jobs.red import RedConfig, red_tables, run_red
+from jobs.schemas import RED_ROWS, WHERE_COLUMNS
+from jobs.sharded import JobOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,14 +25,21 @@ def red_run(tmp_path_factory):
     cfg = RedConfig.model_validate(raw)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
-        yield cfg, run_red(cfg, out=tmp / "run", progress=False), tmp
+        yield cfg, run_red(cfg, JobOptions(out=tmp / "run", progress=False)), tmp
     finally:
         ray.shutdown()
 
 
+def _unpack(res):
+    """rows, the tables of the summary (as DataFrames), run folder, MLflow run id."""
+    tables = {k: pd.DataFrame(v) for k, v in res.summary.items()}
+    return res.rows, tables, res.run_dir, res.mlflow_run_id
+
+
 def test_rows_have_the_schema_and_one_row_per_example_input_method(red_run):
-    cfg, (rows, tables, run_dir, run_id), _ = red_run
-    assert list(rows.columns) == RED_COLUMNS + WHERE_COLUMNS  # + node and worker: where each shard ran
+    cfg, res, _ = red_run
+    rows, tables, run_dir, run_id = _unpack(res)
+    assert list(rows.columns) == RED_ROWS.columns + list(WHERE_COLUMNS)  # + node and worker: where each shard ran
     assert rows.node.str.len().min() > 0 and rows.worker.str.contains(":").all()
     assert not rows.duplicated(["example_id", "attack_type", "method"]).any()
     assert len(rows) == 8 * 3 * len(cfg.methods)  # clean + 2 attack types
@@ -41,7 +50,8 @@ def test_rows_have_the_schema_and_one_row_per_example_input_method(red_run):
 
 
 def test_tables_are_derived_from_the_rows(red_run):
-    cfg, (rows, tables, run_dir, run_id), _ = red_run
+    cfg, res, _ = red_run
+    rows, tables, run_dir, run_id = _unpack(res)
     again = red_tables(rows, ["linf", "l2"])
     bsd = rows[(rows.method == "bsd_gan") & (rows.attack_type == "linf")]
     assert tables["attack_accuracy"].loc["bsd_gan", "linf"] == pytest.approx((bsd.attack_pred == 0).mean())
@@ -49,7 +59,14 @@ def test_tables_are_derived_from_the_rows(red_run):
     assert tables["signal_accuracy"].loc["cnn", "clean"] == pytest.approx(
         (cnn_clean.signal_pred == cnn_clean.label).mean()
     )
-    assert again["signal_accuracy"].equals(tables["signal_accuracy"])
+    pd.testing.assert_frame_equal(  # the summary holds the tables as JSON: labels compared as values
+        again["signal_accuracy"],
+        tables["signal_accuracy"],
+        check_names=False,
+        check_index_type=False,
+        check_column_type=False,
+        check_dtype=False,
+    )
     # the CNN is fooled by the attacks that built the dictionary; it is right on clean digits
     assert tables["signal_accuracy"].loc["cnn", "linf"] < tables["signal_accuracy"].loc["cnn", "clean"]
 
@@ -57,7 +74,8 @@ def test_tables_are_derived_from_the_rows(red_run):
 def test_mlflow_run_holds_tables_and_the_confusion_matrix(red_run):
     from mlflow.tracking import MlflowClient
 
-    cfg, (rows, tables, run_dir, run_id), tmp = red_run
+    cfg, res, tmp = red_run
+    rows, tables, run_dir, run_id = _unpack(res)
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.metrics["attack_accuracy/bsd_gan/linf"] == pytest.approx(
@@ -71,9 +89,10 @@ def test_mlflow_run_holds_tables_and_the_confusion_matrix(red_run):
 
 
 def test_rerun_reuses_the_dictionary_and_the_shards(red_run):
-    cfg, (rows, tables, run_dir, run_id), _ = red_run
+    cfg, res, _ = red_run
+    rows, tables, run_dir, run_id = _unpack(res)
     stamp = (run_dir / "dictionary.safetensors").stat().st_mtime_ns
-    rows2, *_ = run_red(cfg, out=run_dir, progress=False, log_mlflow=False)
+    rows2 = run_red(cfg, JobOptions(out=run_dir, progress=False, log_mlflow=False)).rows
     assert (run_dir / "dictionary.safetensors").stat().st_mtime_ns == stamp
     assert (
         rows2.sort_values(["example_id", "attack_type", "method"])
@@ -96,8 +115,9 @@ def test_theory_figures_show_mu_growing_with_m_and_linear_convergence():
 def test_rerun_with_mlflow_continues_the_same_run(red_run):
     from mlflow.tracking import MlflowClient
 
-    cfg, (rows, tables, run_dir, run_id), tmp = red_run
-    *_, again = run_red(cfg, out=run_dir, progress=False)
+    cfg, res, tmp = red_run
+    rows, tables, run_dir, run_id = _unpack(res)
+    again = run_red(cfg, JobOptions(out=run_dir, progress=False)).mlflow_run_id
     assert again == run_id
     run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(run_id)
     assert run.data.params["steps"] == str(cfg.steps) and run.data.params["dictionary.per_class"] == "5"

@@ -1,4 +1,4 @@
-"""The shared runner's folder rules, without Ray: one writer per run folder."""
+"""The run folder's rules, without Ray: one writer per run folder."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from jobs.config import load_config
-from jobs.sharded import prepare_run_dir
+from jobs.run_folder import prepare_run_dir
+from jobs.schemas import Schema
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
@@ -29,7 +31,7 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
         sys.path.insert(0, {str(SMOKE.parents[1])!r})
         from pathlib import Path
         from jobs.config import load_config
-        from jobs.sharded import prepare_run_dir
+        from jobs.run_folder import prepare_run_dir
         prepare_run_dir(load_config({str(SMOKE)!r}), Path({str(run_dir)!r}))
         print("locked", flush=True)
         time.sleep(60)
@@ -126,8 +128,8 @@ def _eval(tmp_path, out: str, fault: str) -> subprocess.CompletedProcess:
 def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path):
     import json
 
-    from jobs.evaluate import ROW_COLUMNS
-    from jobs.sharded import read_rows
+    from jobs.run_folder import read_rows
+    from jobs.schemas import EVAL_ROWS
 
     proc = _eval(tmp_path, "run", f"{tmp_path}:1,2")  # the first attempts at shards 1 and 2 raise
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -135,7 +137,7 @@ def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path
         "shard 1 failed (OSError: injected fault" in proc.stdout + proc.stderr
         or "shard 2 failed (OSError: injected fault" in proc.stdout + proc.stderr
     )
-    rows = read_rows(tmp_path / "run", ROW_COLUMNS)
+    rows = read_rows(tmp_path / "run", EVAL_ROWS)
     assert len(rows) == 16 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
     shards = json.loads((tmp_path / "run" / "summary.json").read_text())["shards"]
     assert set(shards["failed_attempts"]) == {"1", "2"} and shards["retried"] >= 2
@@ -148,6 +150,12 @@ def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "shard 0 failed twice (FileNotFoundError" in proc.stdout + proc.stderr
     assert "finished shards are kept" in proc.stdout + proc.stderr
+
+
+@dataclass(frozen=True)
+class _Row:
+    example_id: int
+    shard: int
 
 
 class _SlowWorker:
@@ -171,7 +179,8 @@ def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_pat
     import ray
 
     from jobs.config import Resources
-    from jobs.sharded import read_rows, run_shards
+    from jobs.run_folder import read_rows
+    from jobs.sharded import run_shards
 
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -183,10 +192,10 @@ def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_pat
             worker_kwargs={"seconds": 3.0},
             resources=Resources(num_workers=1, num_cpus_per_worker=1),
             expected=lambda a, b: b - a,
-            columns=["example_id", "shard"],
+            schema=Schema(_Row),
             desc="slow",
             progress=False,
         )
-        assert sorted(read_rows(tmp_path, ["example_id"])["example_id"]) == [0, 1, 2, 3]
+        assert sorted(read_rows(tmp_path, Schema(_Row))["example_id"]) == [0, 1, 2, 3]
     finally:
         ray.shutdown()

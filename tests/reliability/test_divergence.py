@@ -20,7 +20,8 @@ import torch
 
 from invgan_core.defenses import Purified
 from jobs import run_tables
-from jobs.evaluate import ROW_COLUMNS, diverged_rows
+from jobs.evaluate import diverged_rows
+from jobs.schemas import EVAL_ROWS
 
 pytestmark = pytest.mark.reliability(kind="fault")
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ def _rows(diverged: dict[tuple[str, str, int], bool]) -> pd.DataFrame:
                         diverged=d,
                     )
                 )
-    return pd.DataFrame(rows)[ROW_COLUMNS]
+    return pd.DataFrame(rows)[EVAL_ROWS.columns]
 
 
 def test_summary_counts_diverged_rows_and_scores_only_the_others(capsys):

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs.evaluate import ROW_COLUMNS
-from jobs.sharded import read_rows
+from jobs.run_folder import read_rows
+from jobs.schemas import EVAL_ROWS, RED_ROWS
 
 pytestmark = pytest.mark.reliability(kind="fault")
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ def test_a_killed_red_driver_resumes_computing_only_the_missing_shards(tmp_path)
     overrides = [RED_TINY[i + 1] for i in range(2, len(RED_TINY), 2)]
     cfg = load_config(RED_SMOKE, overrides, model=RedConfig, limit=6)
     uninterrupted = RedWorker(cfg.model_dump(mode="json"), str(run / "dictionary")).run_shard(0, 0, 6)
-    resumed = read_rows(run, [])
+    resumed = read_rows(run, RED_ROWS)
     assert len(resumed) == 6 * 3 * 4 and not resumed.duplicated(RED_KEY).any()
     resumed, uninterrupted = _comparable(resumed, RED_KEY), _comparable(uninterrupted, RED_KEY)
     pd.testing.assert_frame_equal(
@@ -123,7 +123,7 @@ def test_a_killed_red_driver_resumes_computing_only_the_missing_shards(tmp_path)
         rtol=1e-3,
         equal_nan=True,
     )
-    assert json.loads((run / "summary.json").read_text())["shards_retried"] == 0
+    assert json.loads((run / "summary.json").read_text())["shards"]["retried"] == 0
 
 
 # ---------------------------------------------------------------- read-only run folder
@@ -180,13 +180,13 @@ def test_a_run_folder_that_cannot_be_created_is_named_in_one_line(tmp_path):
 
 def test_a_read_only_run_folder_is_named_and_left_as_it_was(tmp_path):
     """Resuming into a run folder that became read-only: one line naming the file it could not write."""
-    from jobs import sharded
+    from jobs import run_folder
     from jobs.config import load_config
-    from jobs.sharded import prepare_run_dir
+    from jobs.run_folder import prepare_run_dir
 
     def prepared(folder: Path) -> None:
         prepare_run_dir(load_config(SMOKE), folder / "run")  # config.json, .lock: as a first run leaves them
-        sharded._LOCKS.pop((folder / "run").resolve()).close()  # that run's process has exited: its lock is gone
+        run_folder._LOCKS.pop((folder / "run").resolve()).close()  # that run's process has exited: its lock is gone
 
     with read_only(tmp_path / "runs", populate=prepared) as parent:
         run = parent / "run"
@@ -215,8 +215,9 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
     at fsync): one line naming the run folder; the finished shard is intact, no temp file or summary is left;
     a rerun (space freed) computes only the missing shards."""
     from invgan_core import checkpoint
-    from jobs import sharded
+    from jobs import run_folder
     from jobs.evaluate import main as eval_main
+    from jobs.sharded import JobOptions
 
     real_write, calls = checkpoint.atomic_write_bytes, []
 
@@ -232,17 +233,13 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
             m.setattr(os, "fsync", no_space)
             return real_write(path, data)
 
-    monkeypatch.setattr(sharded, "atomic_write_bytes", full_disk_on_second_write)
+    monkeypatch.setattr(run_folder, "atomic_write_bytes", full_disk_on_second_write)
     run = tmp_path / "run"
     kwargs = dict(
         config=SMOKE,
         overrides=["shard_size=4", "resources.num_workers=1", "attacks.bpda.base.params.steps=2"],
         limit=12,
-        out=run,
-        address=None,
-        tracking_uri=None,
-        log_mlflow=False,
-        progress=False,
+        opts=JobOptions(out=run, log_mlflow=False, progress=False),
     )
     with pytest.raises(SystemExit) as stop:
         eval_main(**kwargs)
@@ -253,9 +250,9 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
     done = next((run / "rows").glob("shard-*.parquet"))
     stamp = done.stat().st_mtime_ns
 
-    monkeypatch.setattr(sharded, "atomic_write_bytes", real_write)  # space freed
+    monkeypatch.setattr(run_folder, "atomic_write_bytes", real_write)  # space freed
     eval_main(**kwargs)
-    rows = read_rows(run, ROW_COLUMNS)
+    rows = read_rows(run, EVAL_ROWS)
     assert len(rows) == 12 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
     assert done.stat().st_mtime_ns == stamp
     assert json.loads((run / "summary.json").read_text())["shards"]["computed"] == 2  # only the missing ones

@@ -24,6 +24,7 @@ import yaml
 from jobs.config import EvalConfig
 from jobs.evaluate import evaluate
 from jobs.red import RedConfig, run_red
+from jobs.sharded import JobOptions
 
 pytestmark = pytest.mark.reliability(kind="invariance")
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,9 +102,15 @@ def runs(tmp_path_factory):
         for size, workers in CUTS:
             log = size == 16  # the last cut also records MLflow runs, for the rerun check
             cfg = eval_config(weights, tmp, size, workers)
-            out[("eval", size)] = (cfg, evaluate(cfg, out=tmp / f"eval-{size}", progress=False, log_mlflow=log))
+            out[("eval", size)] = (
+                cfg,
+                evaluate(cfg, JobOptions(out=tmp / f"eval-{size}", progress=False, log_mlflow=log)),
+            )
             rcfg = red_config(tmp, size, workers)
-            out[("red", size)] = (rcfg, run_red(rcfg, out=tmp / f"red-{size}", progress=False, log_mlflow=log))
+            out[("red", size)] = (
+                rcfg,
+                run_red(rcfg, JobOptions(out=tmp / f"red-{size}", progress=False, log_mlflow=log)),
+            )
         yield out
     finally:
         ray.shutdown()
@@ -135,7 +142,7 @@ def test_eval_rows_are_the_same_for_shard_sizes_1_7_16_and_1_or_2_workers(runs):
 
 
 def test_red_rows_are_the_same_for_shard_sizes_1_7_16_and_1_or_2_workers(runs):
-    rows = {size: runs[("red", size)][1][0] for size, _ in CUTS}
+    rows = {size: runs[("red", size)][1].rows for size, _ in CUTS}
     assert len(rows[1]) == 10 * 3 * 4 and not rows[1].duplicated(RED_KEY).any()
     assert rows[1].shard.nunique() == 10 and rows[7].shard.nunique() == 2 and rows[16].shard.nunique() == 1
     for size in (7, 16):
@@ -177,16 +184,7 @@ def test_rerunning_a_finished_eval_is_a_no_op_that_reports_the_existing_run(runs
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "rows").glob("*.parquet")}
     config = runs["tmp"] / "finished.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    eval_main(
-        config=config,
-        overrides=[],
-        limit=None,
-        out=run_dir,
-        address=None,
-        tracking_uri=None,
-        log_mlflow=True,
-        progress=False,
-    )
+    eval_main(config, [], JobOptions(out=run_dir, progress=False))
     printed = capsys.readouterr().out
     assert "shards: 0 computed, 1 reused" in printed and f"MLflow run {first.mlflow_run_id}" in printed
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "rows").glob("*.parquet")} == stamps
@@ -197,12 +195,14 @@ def test_rerunning_a_finished_eval_is_a_no_op_that_reports_the_existing_run(runs
 
 
 def test_rerunning_a_finished_red_run_is_a_no_op_that_reports_the_existing_run(runs):
-    cfg, (rows, _, run_dir, run_id) = runs[("red", 16)]
+    cfg, res = runs[("red", 16)]
+    rows, run_dir, run_id = res.rows, res.run_dir, res.mlflow_run_id
     stamps = {
         p.name: p.stat().st_mtime_ns
         for p in [*(run_dir / "rows").glob("*.parquet"), run_dir / "dictionary.safetensors"]
     }
-    rows2, _, run_dir2, run_id2 = run_red(cfg, out=run_dir, progress=False)
+    res2 = run_red(cfg, JobOptions(out=run_dir, progress=False))
+    rows2, run_dir2, run_id2 = res2.rows, res2.run_dir, res2.mlflow_run_id
     assert run_dir2 == run_dir and run_id2 == run_id
     assert {
         p.name: p.stat().st_mtime_ns

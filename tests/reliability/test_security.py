@@ -223,14 +223,14 @@ def test_the_local_cluster_starts_every_ray_service_on_loopback_by_default(tmp_p
 def test_an_evaluations_own_ray_instance_starts_no_dashboard(monkeypatch):
     import ray
 
-    from jobs import sharded
+    from jobs.ray_session import ray_session
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with sharded.ray_session(None, num_cpus=1):
+    with ray_session(None, num_cpus=1):
         pass
     assert seen["include_dashboard"] is False and seen["address"] is None
 
@@ -255,7 +255,7 @@ def test_a_config_name_cannot_lead_the_run_folder_out_of_runs(name, model):
 
 def test_valid_names_stay_inside_the_runs_folder(tmp_path, monkeypatch):
     from jobs.config import load_config
-    from jobs.sharded import run_folder
+    from jobs.run_folder import run_folder
 
     monkeypatch.setenv("INVGAN_RUNS", str(tmp_path / "runs"))
     for name in ["smoke", "table-2_mnist5k", "a.b", "ünïcode"]:

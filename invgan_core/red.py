@@ -29,7 +29,8 @@ from torch import nn
 
 from invgan_core import rng
 from invgan_core.attacks import L1PGD, L2PGD, Attack, LinfPGD
-from invgan_core.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file
+from invgan_core.checkpoint import CheckpointError, read_manifest, sha256_file
+from invgan_core.files import atomic_write_bytes, atomic_write_json
 from invgan_core.inversion import project
 
 # ---------------------------------------------------------------- the attack dictionary

@@ -12,15 +12,20 @@ Ray job (`invgan submit -- eval ...`).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from invgan_core.checkpoint import load_model, read_manifest, save_model
 from invgan_core.data import load_dataset
-from jobs.common import check_job_inputs
-from jobs.config import BLACK_BOXES, EvalConfig, examples_in_shard, load_config
-from jobs.models import build_defense, load_models
+from invgan_core.detection import detection_scores
+from invgan_core.models import build_model, default_arch
+from jobs import masking, run_tables
+from jobs.config import BLACK_BOXES, EvalConfig, MaskingChecks, examples_in_shard, load_config
+from jobs.models import build_defense, check_job_inputs, load_models
 from jobs.paper_spec import tables_fed_by
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import EVAL_ROWS
@@ -39,11 +44,6 @@ class EvalWorker:
     """Loads the models once; per shard, runs every attack and defense and returns its rows."""
 
     def __init__(self, config: dict, run_dir: str | None = None):
-        import torch
-
-        from invgan_core.data import load_dataset
-        from jobs.config import EvalConfig
-
         self.cfg = EvalConfig.model_validate(config)
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
@@ -58,8 +58,6 @@ class EvalWorker:
             f(G(G.sample_latent(2)))
 
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
-        import torch
-
         x = self.data.images[start:stop].to(self.device)
         y = self.data.labels[start:stop].to(self.device)
         ids = torch.as_tensor(self.data.ids[start:stop])
@@ -92,10 +90,6 @@ class EvalWorker:
         """`reuse`: the defense is the attack's target, whose success check already purified x_adv (same
         defense, input and ids; a deterministic projection): take that result instead of projecting again.
         Its seconds are the row's `seconds` (and not in `attack_seconds`: see `_attack`)."""
-        import torch
-
-        from invgan_core.detection import detection_scores
-
         x_in = x if result is None else result.x_adv
         if reuse and result is not None and result.purified is not None:
             purified, secs = result.purified, result.purify_seconds
@@ -138,7 +132,6 @@ class EvalWorker:
 def diverged_rows(x_in, purified, logits):
     """(N,) bool: the attack or the projection blew up (NaN or ±∞ in the attacked input, the projection, its
     latent or the logits, or a latent beyond DIVERGED_LATENT). Such rows are counted, never scored."""
-    import torch
 
     def nonfinite(t):
         return ~torch.isfinite(t.flatten(1)).all(1)
@@ -198,13 +191,6 @@ def prepare_substitutes(
     """Train every substitute attack against each of its oracles, once per run (saved in the run folder and
     reused by every shard and every resume): Papernot et al.'s protocol, on the labels of the oracle, from the
     seed images `substitute_seeds` chose."""
-    import sys
-
-    import torch
-
-    from invgan_core.checkpoint import read_manifest, save_model
-    from invgan_core.models import build_model, default_arch
-
     G, I, f = models["generator"], models.get("inverter"), models["classifier"]
     shape = tuple(read_manifest(cfg.weights_dir() / "classifier")["arch"]["image_shape"])
     for name, where in seeds.items():
@@ -241,8 +227,6 @@ def prepare_substitutes(
 def load_substitutes(cfg: EvalConfig, run_dir: Path | None, device) -> dict:
     """{(attack, oracle): the attack bound to its substitute trained on that oracle's labels} from the run folder,
     hash-verified."""
-    from invgan_core.checkpoint import load_model
-
     out = {}
     for name, spec in cfg.attacks.items():
         if spec.kind not in BLACK_BOXES:
@@ -302,8 +286,6 @@ def evaluate(cfg: EvalConfig, opts: JobOptions | None = None) -> JobResult:
 
 def finish_eval(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, models: dict, shards_info: dict) -> dict:
     """Summary, figures and the MLflow records, all derived from the rows."""
-    from jobs import masking, run_tables
-
     headline = rows[~rows["attack"].map(masking.is_check)]  # check/ attacks only feed the masking flags
     summary = run_tables.summarize(headline)
     flags = masking_flags(cfg, rows)
@@ -347,9 +329,6 @@ def masking_text(masking: dict | None) -> str:
 
 def masking_flags(cfg: EvalConfig, rows: pd.DataFrame) -> pd.DataFrame:
     """The gradient-masking checks (jobs/masking.py) of this config's attacks over its rows."""
-    from jobs import masking
-    from jobs.config import MaskingChecks
-
     m = cfg.masking_checks or MaskingChecks()
     specs = {name: spec.model_dump(mode="json", exclude_none=True) for name, spec in cfg.attacks.items()}
     kinds = {name: spec.kind for name, spec in cfg.defenses.items()}
@@ -358,11 +337,6 @@ def masking_flags(cfg: EvalConfig, rows: pd.DataFrame) -> pd.DataFrame:
 
 def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     """Clean / attacked / projected images of the first n examples (InvGAN Fig. 2), first attack vs classifier."""
-    import torch
-
-    from invgan_core.data import load_dataset
-    from jobs import run_tables
-
     data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(min(n, cfg.limit or n))
     x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)
     name = next((k for k, s in cfg.attacks.items() if s.target == "classifier"), None)
@@ -378,8 +352,6 @@ def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
 
 def show(cfg: EvalConfig, res: JobResult) -> None:
     """The tables `invgan eval` prints: accuracy, detection AUC, the masking flags."""
-    from jobs import run_tables
-
     print(f"\nAccuracy ({cfg.dataset}, n per cell in brackets)\n" + run_tables.markdown_table(res.summary, "accuracy"))
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + run_tables.markdown_table(res.summary, "auc"))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from jobs.run_tables import scored
 from jobs.specs import WRAPPERS, AttackSpec
 
 CHECK_PREFIX = "check/"
@@ -163,8 +164,6 @@ def masking_flags(
                 flagged=bool(flagged),
             )
         )
-
-    from jobs.run_tables import scored
 
     rows = scored(rows)  # a diverged row is neither correct nor incorrect
     for defense, d_rows in rows[rows["attacked"]].groupby("defense", sort=False):

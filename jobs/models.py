@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from invgan_core.checkpoint import load_model
+from invgan_core.checkpoint import CheckpointError, load_model, read_manifest
+from invgan_core.data import check_images
 from jobs.config import DEFENSES, JobConfig
 
 if TYPE_CHECKING:
@@ -40,3 +41,47 @@ def build_defense(spec, G, I, f, seed: int):
             raise ValueError("defense kind 'invgan' needs an inverter in the weights folder")
         return cls(G, I, f, seed=seed, **spec.params)
     return cls(G, f, seed=seed, **spec.params)
+
+
+def check_job_inputs(cfg, data) -> None:
+    """Before any Ray work: the models of the weights folder agree with each other (one image shape; the
+    generator's and the inverter's latent size) and `data`'s images are ones they can score (shape, finite,
+    in [0, 1], not empty: invgan_core.data.check_images). Raises CheckpointError or DataError, one line."""
+    root = cfg.weights_dir()
+    arch = {
+        k: read_manifest(root / k).get("arch", {})
+        for k in ("generator", "classifier", "inverter")
+        if (root / f"{k}.json").exists()
+    }
+    shapes = {k: tuple(a["image_shape"]) for k, a in arch.items() if "image_shape" in a}
+    if len(set(shapes.values())) > 1:
+        raise CheckpointError(
+            f"{root}: its models were trained on different image shapes ("
+            + ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in shapes.items())
+            + "); a weights folder needs the generator, classifier and inverter of one dataset"
+        )
+    for name, spec in getattr(cfg, "defenses", {}).items():  # an ablation's own inverter (DefenseSpec.inverter)
+        stem = spec.inverter_stem() if hasattr(spec, "inverter_stem") else None
+        if stem is None:
+            continue
+        own = read_manifest(stem)
+        if own.get("kind") != "inverter":
+            raise CheckpointError(f"defenses.{name}.inverter: {stem} holds a {own.get('kind')!r}, not an inverter")
+        own_latent, g_latent = own.get("arch", {}).get("latent_dim"), arch.get("generator", {}).get("latent_dim")
+        if own_latent != g_latent:
+            raise CheckpointError(
+                f"defenses.{name}.inverter: {stem}'s latent size {own_latent} differs from the generator's "
+                f"{g_latent}; train the inverter for this generator"
+            )
+    latents = {k: arch[k]["latent_dim"] for k in ("generator", "inverter") if "latent_dim" in arch.get(k, {})}
+    if len(set(latents.values())) > 1:
+        raise CheckpointError(
+            f"{root}: the generator's latent size {latents['generator']} differs from the "
+            f"inverter's {latents['inverter']}; train the inverter for this generator"
+        )
+    split = getattr(cfg, "split", data.split)
+    check_images(
+        data,
+        shapes.get("classifier") or next(iter(shapes.values()), None),
+        where=f"dataset {cfg.dataset!r} ({split} split)",
+    )

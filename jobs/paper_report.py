@@ -14,7 +14,9 @@ rows like every other number here.
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 import textwrap
 import time
 from dataclasses import dataclass
@@ -25,7 +27,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from jobs.common import PROJECT_ROOT
+from invgan_core.attacks import accuracy_vs_steps, fell_within
+from invgan_core.checkpoint import read_manifest
+from invgan_core.detection import detection_auc
+from invgan_core.files import atomic_write_bytes
+from jobs import masking
+from jobs.common import PROJECT_ROOT, runs_dir
+from jobs.config import MaskingChecks, load_config
+from jobs.curves import curve_figure, curve_table, curves_run_config, point_defenses
+from jobs.masking import flags_summary
 from jobs.paper_spec import (
     PAPER_NUMBERS,
     REPRO_DIR,
@@ -41,7 +51,12 @@ from jobs.paper_spec import (
     Table,
     load_paper_numbers,
 )
+from jobs.recovery import RecoveryConfig, recovery_tables
+from jobs.red import RedConfig, confusion_figure, red_tables
+from jobs.run_tables import scored
 from jobs.schemas import EVAL_ROWS, RED_ROWS
+from jobs.sharded import read_rows
+from jobs.tracking import recorded_run_id
 
 
 @dataclass
@@ -74,8 +89,6 @@ def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Num
 
 
 def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers) -> dict[str, dict[str, Cell]]:
-    from invgan_core.detection import detection_auc
-
     out: dict[str, dict[str, Cell]] = {}
     for defense, d_rows in rows.groupby("defense", sort=False):
         clean = d_rows[d_rows["attack"] == "clean"].set_index("example_id")["detection_score"]
@@ -111,22 +124,14 @@ def _locate(spec: ConfigTable, runs: Path, config: Path | None = None) -> tuple[
     """A section's config (or `config`, one it joins) as its job reads it (RedConfig, RecoveryConfig, else
     EvalConfig), its run folder under `runs` (of the derived config `invgan curves` runs, for a curves section),
     the config's path as shown, and the heading."""
-    from jobs.config import load_config
-
     config_path = REPRO_DIR / (config or spec.config)  # an absolute path stays as it is
     if isinstance(spec, RedTable):
-        from jobs.red import RedConfig
-
         cfg: Any = load_config(config_path, model=RedConfig)
     elif isinstance(spec, RecoveryTable):
-        from jobs.recovery import RecoveryConfig
-
         cfg = load_config(config_path, model=RecoveryConfig)
     else:
         cfg = load_config(config_path)
     if isinstance(spec, CurvesTable):
-        from jobs.curves import curves_run_config
-
         run_dir = find_run_dir(curves_run_config(cfg), runs)
     else:
         run_dir = find_run_dir(cfg, runs)
@@ -259,15 +264,11 @@ def _not_run(head: str, command: str, run_dir: Path) -> tuple[str, None]:
 
 
 def _run_id(run_dir: Path) -> str:
-    from jobs.tracking import recorded_run_id
-
     return recorded_run_id(run_dir) or "not logged"
 
 
 def _shards(rows: pd.DataFrame, run_dir: Path, cfg) -> tuple[int, int]:
     """(finished, planned) shards of a run, planned from the config while it is still running."""
-    import math
-
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     total = summary.get("shards", {}).get("total")
     if total is None and getattr(cfg, "limit", None):
@@ -277,8 +278,6 @@ def _shards(rows: pd.DataFrame, run_dir: Path, cfg) -> tuple[int, int]:
 
 
 def _image_size(cfg) -> int:
-    from invgan_core.checkpoint import read_manifest
-
     return int(np.prod(read_manifest(cfg.weights_dir() / "generator")["arch"]["image_shape"]))
 
 
@@ -290,9 +289,6 @@ def _attack_specs(cfgs: list) -> dict[str, dict]:
 def merged_flags(cfgs: list, rows: pd.DataFrame) -> pd.DataFrame:
     """The gradient-masking checks over the rows of several configs' runs on the same examples (their attacks
     compared with each other too, e.g. one run's black box with another's white box)."""
-    from jobs import masking
-    from jobs.config import MaskingChecks
-
     m = cfgs[0].masking_checks or MaskingChecks()
     specs = _attack_specs(cfgs)
     kinds = {n: s.kind for c in cfgs for n, s in c.defenses.items()}
@@ -308,8 +304,6 @@ def convergence_steps(steps: int) -> list[int]:
 def convergence_curves(rows: pd.DataFrame, attack: str, steps: int) -> dict[str, list[float]]:
     """Per defense, accuracy after k steps (k in `convergence_steps`) of a first-success attack that ran
     `steps` steps, from its rows' success and queries (`invgan_core.attacks.accuracy_vs_steps`)."""
-    from invgan_core.attacks import accuracy_vs_steps
-
     out = {}
     for defense, d_rows in rows[rows["attack"] == attack].groupby("defense", sort=False):
         success = ~d_rows["correct"].astype(bool).to_numpy()
@@ -345,8 +339,6 @@ def prefixes(name: str, cfgs: list) -> list[tuple[str, int]]:
 def prefix_agreement(rows: pd.DataFrame, name: str, short: str, k: int) -> str:
     """Whether the first k steps of the first-success attack `name` repeat the k-step run `short`: per
     (defense, example), the same verdict at k and, where it fell, the same evaluations to its fall."""
-    from invgan_core.attacks import fell_within
-
     cols = ["defense", "example_id", "correct", "queries"]
     both = rows.loc[rows["attack"] == name, cols].merge(
         rows.loc[rows["attack"] == short, cols], on=["defense", "example_id"], suffixes=("", "_short")
@@ -367,8 +359,6 @@ def column_at_half(rows: pd.DataFrame, name: str, column: str, attacks: list[str
     """A column that scores each example by the worst of several attacks, with the first-success attack
     `name` cut to its first k steps vs run in full: if the examples it fooled late were already fooled by
     the column's other attacks, the column has stopped moving even where `name` alone has not."""
-    from invgan_core.attacks import fell_within
-
     short = rows[rows["attack"] == name].copy()
     short["correct"] = ~fell_within(~short["correct"].astype(bool), short["queries"], k)  # standing at step k
     cut = pd.concat([rows[rows["attack"] != name], short])
@@ -437,10 +427,6 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
     Defense-GAN's effective iterations). `also: [configs]` joins the attacks of other configs' runs on the same
     examples (stronger attacks added later without recomputing the rest); `convergence: <attack>` adds that
     first-success attack's accuracy after k steps (`convergence_text`)."""
-    from jobs.masking import flags_summary
-    from jobs.run_tables import scored
-    from jobs.sharded import read_rows
-
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
@@ -526,9 +512,6 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
 def curves_section(key: str, spec: CurvesTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan curves` run (InvGAN Fig. 4): accuracy and seconds per effective iterations, and the
     smallest InvGAN budget that reaches the reference's accuracy at its largest budget."""
-    from jobs.curves import curve_figure, curve_table, point_defenses
-    from jobs.sharded import read_rows
-
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
@@ -583,9 +566,6 @@ def _reaches(table: pd.DataFrame, cheap: str, reference: str, tol: float = 0.005
 
 def red_section(key: str, spec: RedTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan red` run (RED Table 1): signal accuracy and attack-type accuracy per method beside the paper."""
-    from jobs.red import confusion_figure, red_tables
-    from jobs.sharded import read_rows
-
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, RED_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
@@ -634,9 +614,6 @@ def distortion_curve(rows: pd.DataFrame, eps: np.ndarray) -> np.ndarray:
 
 def distortion_section(key: str, spec: DistortionTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """Chen, Xie & Zhu Fig. 1: accuracy vs ℓ2 distortion, per defense, one line per (minimum-distortion) attack."""
-    from jobs.run_tables import scored
-    from jobs.sharded import read_rows
-
     cfg, run_dir, rel, head = _locate(spec, runs)
     rows = read_rows(run_dir, EVAL_ROWS) if (run_dir / "rows").is_dir() else pd.DataFrame()
     if rows.empty:
@@ -680,8 +657,6 @@ def distortion_section(key: str, spec: DistortionTable, runs: Path, figures: Pat
 
 def red_theory_section(key: str, spec: RedTheoryTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """`invgan red-theory`'s numbers (RED Fig. 1, μ vs m, and the linear-convergence rate) and its figures."""
-    import shutil
-
     folder = runs / spec.folder
     head = f"## {spec.title}\n\nPaper: {spec.source}. "
     head += f"Command: `invgan red-theory` (writes `runs/{folder.name}`).\n\n"
@@ -710,8 +685,6 @@ def red_theory_section(key: str, spec: RedTheoryTable, runs: Path, figures: Path
 
 def recovery_section(key: str, spec: RecoveryTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """An `invgan recovery` run (Lipton & Tripathi Tables 1-2) beside the paper's numbers."""
-    from jobs.recovery import recovery_tables
-
     cfg, run_dir, rel, head = _locate(spec, runs)
     if not (run_dir / "rows.parquet").exists():
         return _not_run(head, f"invgan recovery --config {rel}", run_dir)
@@ -774,8 +747,6 @@ HEADLINE_START, HEADLINE_END = "<!-- invgan report: headline -->", "<!-- /invgan
 def update_headline(readme: Path, text: str) -> bool:
     """Replace the block between the README's headline markers by `text` (the table marked `headline: true`);
     False if the README has no such block (nothing is written)."""
-    from invgan_core.checkpoint import atomic_write_bytes
-
     old = readme.read_text() if readme.exists() else ""
     start, end = old.find(HEADLINE_START), old.find(HEADLINE_END)
     if start < 0 or end < start:
@@ -824,9 +795,6 @@ def build_report(
     marked `headline: true` also replaces the README's headline block (between HEADLINE_START and _END).
     A paper-numbers file that does not validate, or a `runs` folder with no run of any table, ends the
     command with one line (SystemExit) before anything is written."""
-    from invgan_core.checkpoint import atomic_write_bytes
-    from jobs.common import runs_dir
-
     runs = runs or runs_dir()
     try:
         tables = load_paper_numbers(paper_numbers)

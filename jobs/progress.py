@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 @dataclass
 class Progress:
@@ -26,8 +28,6 @@ class Progress:
     bar: Any = None  # a tqdm bar on a terminal
 
     def __post_init__(self):
-        from tqdm.auto import tqdm
-
         self.tty = self.show and sys.stdout.isatty()
         if self.tty:
             self.bar = tqdm(total=self.total_shards, desc=self.desc, unit="shard", file=sys.stdout)

@@ -23,8 +23,10 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from invgan_core import rng
 from invgan_core.checkpoint import atomic_write_json, load_model
 from invgan_core.data import load_dataset
+from invgan_core.inversion import per_example_mse, project
 from jobs.common import git_commit
 from jobs.config import JobConfig, MlflowSpec, load_config
 from jobs.run_folder import run_folder, write_shard
@@ -56,8 +58,6 @@ class RecoveryConfig(JobConfig):
 
 
 def _recover(G, x, ids, cfg: RecoveryConfig, constraint: str) -> torch.Tensor:
-    from invgan_core.inversion import project
-
     return project(
         G,
         x,
@@ -74,9 +74,6 @@ def _recover(G, x, ids, cfg: RecoveryConfig, constraint: str) -> torch.Tensor:
 def recovery_rows(cfg: RecoveryConfig, G, images: torch.Tensor, image_ids: list[int]) -> pd.DataFrame:
     """Table 1 rows (table=1: trial, constraint, sq_err = ||z - z'||²/d, mse) and Table 2 rows (table=2:
     image, recovery, constraint, z')."""
-    from invgan_core import rng
-    from invgan_core.inversion import per_example_mse
-
     d = G.latent_dim
     ids = torch.arange(cfg.trials)
     z = rng.sample_latents("uniform", cfg.seed + TARGET_STREAM, ids, 1, d)[:, 0]

@@ -10,18 +10,31 @@ Rows: `jobs.schemas.RedRow`, one per (example, attack type, method).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import Field, model_validator
 
+from invgan_core.checkpoint import load_model
 from invgan_core.data import load_dataset
-from jobs.common import check_job_inputs
+from invgan_core.red import (
+    build_attack_dictionary,
+    initial_latents,
+    load_dictionary,
+    red_solve,
+    save_dictionary,
+    sbsc_solve,
+    signal_dictionary,
+)
+from invgan_core.red_theory import convergence_trace, mu_vs_output_dim, realizable_instance
+from jobs.common import default_tracking_uri, runs_dir, start_mlflow
 from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict, load_config
-from jobs.models import load_models
+from jobs.models import check_job_inputs, load_models
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import RED_ROWS
 from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
@@ -77,9 +90,6 @@ class RedConfig(JobConfig):
 
 def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
     """D_a from `per_class` training examples per class, cached as run_dir/dictionary.{safetensors,json}."""
-    from invgan_core.checkpoint import load_model
-    from invgan_core.red import build_attack_dictionary, load_dictionary, save_dictionary
-
     stem = run_dir / "dictionary"
     if stem.with_suffix(".json").exists():
         return load_dictionary(stem)[0]
@@ -116,10 +126,6 @@ class RedWorker:
     """Loads models, the dictionary and SBSC's signal dictionary once; per shard emits the rows."""
 
     def __init__(self, config: dict, dictionary: str):
-        import torch
-
-        from invgan_core.red import load_dictionary, signal_dictionary
-
         self.cfg = RedConfig.model_validate(config)
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
@@ -136,8 +142,6 @@ class RedWorker:
             self.Ds = self.Ds.to(self.device)
 
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
-        import torch
-
         x, y = self.data.images[start:stop].to(self.device), self.data.labels[start:stop].to(self.device)
         ids = torch.as_tensor(self.data.ids[start:stop])
         f = self.models["classifier"]
@@ -164,10 +168,6 @@ class RedWorker:
         return pd.concat(rows, ignore_index=True)
 
     def _method(self, method: str, x, ids):
-        import torch
-
-        from invgan_core.red import initial_latents, red_solve, sbsc_solve
-
         f, G, cfg = self.models["classifier"], self.models["generator"], self.cfg
         if method == "cnn":
             with torch.no_grad():
@@ -276,8 +276,6 @@ def run_red(cfg: RedConfig, opts: JobOptions | None = None) -> JobResult:
 def _log(tracker, cfg: RedConfig, run_dir: Path, rows: pd.DataFrame, tables: dict, attack_names: list[str]) -> None:
     from mlflow.entities import Metric
 
-    from jobs.common import runs_dir
-
     client, run_id, now = tracker.client, tracker.run_id, int(time.time() * 1000)
     for table in ("signal_accuracy", "attack_accuracy"):
         client.log_batch(
@@ -323,8 +321,6 @@ def theory_figures(ms=(30, 50, 100, 200, 500, 1000), *, n: int = 10, steps: int 
     """Fig. 1 (m vs mean μ, leaky ReLU and softplus β = 10) and linear convergence (log ||Δ||² vs k)."""
     from matplotlib.figure import Figure
 
-    from invgan_core.red_theory import convergence_trace, mu_vs_output_dim, realizable_instance
-
     curves = {
         act: mu_vs_output_dim(ms, n=n, steps=steps, activation=act, seed=seed) for act in ("leaky_relu", "softplus")
     }
@@ -357,8 +353,6 @@ def theory_figures(ms=(30, 50, 100, 200, 500, 1000), *, n: int = 10, steps: int 
 
 
 def theory_main(out: Path, n: int, steps: int, log_mlflow: bool, tracking_uri: str | None) -> None:
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     result = theory_figures(n=n, steps=steps)
     for name, fig in result["figures"].items():
@@ -368,8 +362,6 @@ def theory_main(out: Path, n: int, steps: int, log_mlflow: bool, tracking_uri: s
     print(f"figures: {out / 'mu_vs_m.png'}, {out / 'convergence.png'}")
     if log_mlflow:
         import mlflow
-
-        from jobs.common import default_tracking_uri, start_mlflow
 
         start_mlflow(tracking_uri or default_tracking_uri(), "red-theory")
         with mlflow.start_run(run_name="red-theory") as run:

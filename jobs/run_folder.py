@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from invgan_core.checkpoint import atomic_write_bytes, atomic_write_json
+from invgan_core.files import atomic_write_bytes, atomic_write_json
 from jobs.common import runs_dir
 from jobs.schemas import Schema
 

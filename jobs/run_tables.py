@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure: no pyplot state, rendered by Agg on savefig
 
-from invgan_core.checkpoint import atomic_write_json
 from invgan_core.detection import detection_auc, detection_roc
+from invgan_core.files import atomic_write_json
 from jobs.schemas import EVAL_ROWS
 
 CLEAN, WORST = "clean", "worst_case"

@@ -34,15 +34,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from pydantic import ValidationError
 
-from invgan_core.checkpoint import atomic_write_json
+from invgan_core.files import atomic_write_json
 from jobs.common import describe_error, git_commit, user_errors
 from jobs.progress import Progress
 from jobs.ray_session import ray_session
 from jobs.run_folder import missing_shards, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path, write_shard
 from jobs.run_folder import weights_hashes as weights_hashes
 from jobs.schemas import Schema
-from jobs.tracking import JobRun, job_run, recorded_run_id
+from jobs.tracking import JobRun, job_run, recorded_run_id, where_to_open
 
 # The first pass waits this long for the whole actor pool before it hands out shards (so the first actor up
 # does not take every shard while the others load their models), then fails with a message that names the
@@ -389,8 +390,6 @@ def job_main(
     """Every job command's entry (eval, red, curves, recovery): load and validate the config (`load`; a bad one
     ends in one line naming the field), run the job with the user's errors in one line (`user_errors`), print
     its tables (`show`), then where its results are."""
-    from jobs.tracking import where_to_open
-
     cfg = _load_config(what, load)
     if opts.tracking_uri:
         cfg.mlflow.tracking_uri = opts.tracking_uri
@@ -410,8 +409,6 @@ def job_main(
 
 
 def _load_config(what: str, load: Callable[[], Any]) -> Any:
-    from pydantic import ValidationError
-
     try:
         return load()
     except (ValidationError, ValueError, FileNotFoundError) as err:

@@ -9,16 +9,24 @@ rerun after a crash or a kill continues the same run instead of starting a secon
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from invgan_core.checkpoint import atomic_write_json
+import pandas as pd
+
+from invgan_core.files import atomic_write_json
+from jobs.common import default_tracking_uri, start_mlflow
+from jobs.run_tables import log_config_params
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -80,8 +88,6 @@ class JobRun:
 
 def where_to_open(tracking_uri: str | None) -> str:
     """How a user opens a run: the server's own UI for an http store, `invgan ui` for a local SQLite file."""
-    from jobs.common import default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     return uri if uri.startswith("http") else "invgan ui"
 
@@ -107,8 +113,6 @@ def sigterm_interrupts() -> Iterator[None]:
 def job_run(cfg, run_dir: Path, *, enabled: bool, tags: dict):
     """`tracked_run` for a job config (eval, curves, red, recovery): its MLflow store (or the default), its
     family as the experiment, <name>-<hash> as the run's name and its config as the parameters."""
-    from jobs.common import default_tracking_uri
-
     return tracked_run(
         enabled=enabled,
         tracking_uri=cfg.mlflow.tracking_uri or default_tracking_uri(),
@@ -129,9 +133,6 @@ def tracked_run(
         yield None
         return
     from mlflow.tracking import MlflowClient
-
-    from jobs.common import start_mlflow
-    from jobs.run_tables import log_config_params
 
     exp = start_mlflow(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
@@ -166,8 +167,6 @@ def tracked_run(
 
 def split_digest(data) -> str:
     """sha256 (first 16 hex digits) of a split's ids, labels and images: the same digest means the same split."""
-    import hashlib
-
     h = hashlib.sha256()
     for part in (data.ids, data.labels.numpy(), data.images.numpy()):
         h.update(part.tobytes())
@@ -177,9 +176,6 @@ def split_digest(data) -> str:
 def log_dataset(run: JobRun, full, evaluated, *, context: str = "evaluation") -> None:
     """Record the examples a run evaluated as the run's MLflow dataset input: named <dataset>/<split>, with the
     whole split's digest (so two runs on the same split show the same digest) and one row per evaluated id."""
-    import warnings
-
-    import pandas as pd
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
@@ -197,9 +193,6 @@ def log_weights(client: MlflowClient, run_id: str, stem: Path, *, name: str | No
     """A model file of the project (<stem>.safetensors + <stem>.json) as an MLflow logged model of `run_id`: the
     two files as its artifacts (never a pickle), its manifest's scalar fields as params, its sha256 and kind as
     tags. Returns the logged model's id."""
-    import shutil
-    import tempfile
-
     manifest = json.loads(stem.with_suffix(".json").read_text())
     params = {k: str(v)[:MAX_TAG_VALUE] for k, v in manifest.items() if isinstance(v, (str, int, float, bool))}
     model = client.create_logged_model(

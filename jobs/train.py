@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from invgan_core import training
 from invgan_core.checkpoint import atomic_write_json, load_model, save_model
@@ -345,8 +346,6 @@ def _save_state(accelerator, cfg: TrainConfig, step: int, run_id: str | None) ->
 
 
 def _progress(cfg: TrainConfig, start: int, main: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=cfg.steps,
         initial=start,

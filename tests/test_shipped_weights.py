@@ -44,7 +44,12 @@ def test_mnist5k_manifest_meets_the_targets_on_the_whole_held_out_split():
     assert quality["defensegan_accuracy"] >= 0.90  # 10 restarts x 200 steps
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+# mnist5k's check projects 100 images through Defense-GAN (10 x 200 steps) and InvGAN: 2.5 min, a reproduction
+# check for `make test-slow`; digits' runs the same code in seconds in every `make test`.
+SLOW = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="2.5 min of projections: set RUN_SLOW=1")
+
+
+@pytest.mark.parametrize("dataset", [pytest.param(d, marks=SLOW) if d == "mnist5k" else d for d in DATASETS])
 def test_projection_figures_reproduce_on_the_check_subset(dataset):
     recorded = read_manifest(WEIGHTS_DIR / dataset / "generator")["quality"][f"n={CHECK_SUBSET}"]
     figures = measure(dataset, limit=CHECK_SUBSET, progress=False)

@@ -28,7 +28,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs.common import PROJECT_ROOT
+from invgan_core.data import load_dataset
+from invgan_core.inversion import OPTIMIZERS
+from jobs.common import PROJECT_ROOT, check_folder_name
+from jobs.config import DEFENSES, EvalConfig, apply_overrides
+from jobs.red import RedConfig
+from jobs.train import DEFAULTS, TrainConfig
 from tuning.space import Dimension, Grid
 
 Kind = Literal["defense", "inverter", "red"]
@@ -138,8 +143,6 @@ class TuneSearch(_Strict):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        from jobs.common import check_folder_name
-
         return check_folder_name(name)  # it names runs/tune/<name>: no '/', '..' or absolute path
 
     @field_validator("base")
@@ -185,11 +188,7 @@ class TuneSearch(_Strict):
 
     def job_model(self):
         if self.kind == "red":
-            from jobs.red import RedConfig
-
             return RedConfig
-        from jobs.config import EvalConfig
-
         return EvalConfig
 
     @property
@@ -213,13 +212,9 @@ class TuneSearch(_Strict):
         point = {}
         for path in self.space:
             if self.kind == "inverter":
-                from jobs.train import DEFAULTS, TrainConfig
-
                 default = DEFAULTS["inverter"].get(path, TrainConfig.model_fields[path].default)
                 value = self.inverter.fixed.get(path, default)
                 if path == "eta" and value is None:  # jobs.train's default: 0.03 per-pixel RMS
-                    from invgan_core.data import load_dataset
-
                     base = self.base_config()
                     shape = load_dataset(base.dataset, "validation", base.data_dir).image_shape
                     value = round(0.03 * math.sqrt(math.prod(shape)), 4)
@@ -234,8 +229,6 @@ class TuneSearch(_Strict):
                 value = node if found else None
                 keys = path.split(".")
                 if not found and len(keys) == 4 and keys[0] == "defenses" and keys[2] == "params":
-                    from jobs.config import DEFENSES
-
                     kind = self.base_config().defenses[keys[1]].kind
                     value = inspect.signature(DEFENSES[kind]).parameters[keys[3]].default
                 elif not found:
@@ -274,7 +267,6 @@ def _check_path(search: TuneSearch, base, path: str, dim) -> None:
     if search.kind == "inverter":
         if path not in INVERTER_FIELDS:
             raise ValueError(f"{where}: unknown parameter path; an inverter search tunes {', '.join(INVERTER_FIELDS)}")
-        from jobs.train import TrainConfig
 
         for value in dim.corners():
             try:
@@ -315,8 +307,6 @@ def _check_path(search: TuneSearch, base, path: str, dim) -> None:
 def _check_defense_param(where: str, kind: str, name: str, values: list) -> None:
     """A defense's parameter takes the type of its default: counts (steps, restarts) non-negative
     integers, sizes (lr) positive numbers, names (optimizer) strings."""
-    from jobs.config import DEFENSES
-
     params = inspect.signature(DEFENSES[kind]).parameters
     if name not in params or name in ("G", "inverter", "classifier", "seed"):
         allowed = sorted(set(params) - {"G", "inverter", "classifier", "seed"})
@@ -335,8 +325,6 @@ def _check_defense_param(where: str, kind: str, name: str, values: list) -> None
         elif isinstance(default, str) and not isinstance(v, str):
             raise ValueError(f"{where}: value {v!r}: {name} is a name (e.g. {default!r})")
         elif name == "optimizer":
-            from invgan_core.inversion import OPTIMIZERS
-
             if v not in OPTIMIZERS:
                 raise ValueError(f"{where}: value {v!r}: unknown optimizer; choose one of {', '.join(OPTIMIZERS)}")
 
@@ -365,8 +353,6 @@ def _read_mapping(path: Path, what: str) -> dict:
 
 def load_search(path: str | Path, overrides: list[str] | None = None) -> TuneSearch:
     """Read and validate a search config; `overrides` are `--set a.b=value` on the search config itself."""
-    from jobs.config import apply_overrides
-
     path = Path(path)
     if not path.exists() and not path.is_absolute() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path

@@ -23,10 +23,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from jobs.common import describe_error, user_errors
-from jobs.tracking import log_weights, where_to_open
+from invgan_core.data import load_dataset
+from invgan_core.files import atomic_write_bytes, atomic_write_json
+from jobs.common import default_tracking_uri, describe_error, git_commit, runs_dir, user_errors
+from jobs.models import load_models
+from jobs.ray_session import quiet_ray_logging, ray_session
+from jobs.run_tables import replace_table
+from jobs.tracking import log_weights, tracked_run, where_to_open
 from tuning.config import TuneSearch, load_search
 from tuning.space import Grid, LogUniform
+from tuning.tracking import SearchCallback
 from tuning.trials import TRIALS, eval_config_dict, red_dictionary
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside <out>
@@ -44,15 +50,11 @@ class SearchResult:
 
 
 def default_out(search: TuneSearch) -> Path:
-    from jobs.common import runs_dir
-
     return runs_dir() / "tune" / f"{search.name}-{search.search_hash()[:12]}"
 
 
 def absolute_tracking_uri(uri: str | None) -> str:
     """Trials run in their own working folders: a relative SQLite path must become absolute first."""
-    from jobs.common import default_tracking_uri
-
     uri = uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
@@ -66,8 +68,6 @@ def total_trials(search: TuneSearch) -> int:
 
 def _record(search: TuneSearch, out: Path) -> None:
     """<out>/search.json names the search; a rerun into the same folder must be the same search."""
-    from invgan_core.checkpoint import atomic_write_json
-
     path = out / "search.json"
     if path.exists():
         recorded = json.loads(path.read_text()).get("search_hash")
@@ -152,7 +152,6 @@ def _points(search: TuneSearch) -> list[dict] | None:
 def _reports_per_trial(search: TuneSearch) -> int:
     if search.kind == "inverter":
         return math.ceil(search.inverter.steps / search.inverter.report_every)
-    from invgan_core.data import load_dataset
 
     cfg = eval_config_dict(search, {}, for_trial=True)
     n = len(load_dataset(cfg["dataset"], "validation", cfg.get("data_dir")).subset(cfg.get("limit")))
@@ -237,8 +236,6 @@ def objective_figure(table: pd.DataFrame, search: TuneSearch):
 
 def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run_id: str | None) -> dict:
     """trials.parquet, best.yaml (and the best inverter's weights folder), summary.json, all atomic."""
-    from invgan_core.checkpoint import atomic_write_bytes, atomic_write_json
-
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     atomic_write_bytes(out / "trials.parquet", buffer.getvalue())
@@ -347,8 +344,6 @@ def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, s
 
 def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.DataFrame, summary: dict) -> None:
     """The search's results on its parent run; the best child run tagged."""
-    from jobs.run_tables import replace_table
-
     if summary.get("best_metric") is not None:
         client.log_metric(run_id, "best_objective", summary["best_metric"])
         client.set_tag(run_id, "best_trial", summary["best_trial"])
@@ -386,12 +381,6 @@ def run_search(
     verbose: bool = False,
 ) -> SearchResult:
     """Run (or resume) the search; returns the trials table and the summary written to <out>."""
-    from jobs.common import git_commit
-    from jobs.models import load_models
-    from jobs.ray_session import quiet_ray_logging, ray_session
-    from jobs.tracking import tracked_run
-    from tuning.tracking import SearchCallback
-
     out = Path(out or default_out(search)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _record(search, out)

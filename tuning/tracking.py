@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 from ray import tune
 
+from invgan_core.files import atomic_write_json
+from jobs.run_tables import flatten_config, safe_name
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -94,9 +97,6 @@ class SearchCallback(tune.Callback):
             return None
         runs = self._runs()
         if trial.trial_id not in runs:
-            from invgan_core.checkpoint import atomic_write_json
-            from jobs.run_tables import flatten_config
-
             assert self.experiment_id is not None, "a parent run comes with its experiment id"
             run = self.client.create_run(
                 self.experiment_id,
@@ -125,8 +125,6 @@ class SearchCallback(tune.Callback):
         if self.client is None:
             return
         from mlflow.entities import Metric
-
-        from jobs.run_tables import safe_name
 
         run_id = self._runs().get(trial.trial_id) or self.child_run(trial)
         now, step = int(time.time() * 1000), int(result.get("step", 0))

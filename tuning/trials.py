@@ -24,7 +24,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import torch
 
+from invgan_core.checkpoint import load_model
+from invgan_core.data import FORBIDDEN_SPLITS_ENV, load_dataset
+from invgan_core.defenses import InvGAN
+from invgan_core.files import atomic_write_bytes
+from invgan_core.models import sample_prior
+from invgan_core.red import load_dictionary
+from jobs import run_tables
+from jobs.evaluate import EvalWorker
+from jobs.red import RedConfig, RedWorker, build_or_load_dictionary, red_tables
+from jobs.run_folder import plan_shards
+from jobs.train import TrainConfig, run
 from tuning.config import TuneSearch, set_path
 
 TRIAL_ROWS = "rows.parquet"  # in <out>/trials/<trial id>/: every row the trial computed
@@ -63,10 +75,7 @@ def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> di
 
 def _enter_trial(search: TuneSearch, out: Path) -> tuple[str, Path]:
     """Guard the test split, size torch's threads, record the start; returns (trial id, trial folder)."""
-    import torch
     from ray import tune
-
-    from invgan_core.data import FORBIDDEN_SPLITS_ENV
 
     os.environ[FORBIDDEN_SPLITS_ENV] = "test"
     torch.set_num_threads(max(1, int(search.resources.cpus)))
@@ -80,8 +89,6 @@ def _enter_trial(search: TuneSearch, out: Path) -> tuple[str, Path]:
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    from invgan_core.checkpoint import atomic_write_bytes
-
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(path, buffer.getvalue())
@@ -110,8 +117,6 @@ def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.D
     """A trial's shards in-process (no Ray Data inside a trial), reporting `objective(rows so far)` after each
     with the rows as checkpoint; shards already in a restored checkpoint are not run again. The last shard
     also writes the trial's rows to `folder`."""
-    from jobs.run_folder import plan_shards
-
     shards = plan_shards(len(worker.data), shard_size)
     rows = _rows_from_checkpoint()
     done = set() if rows is None else set(rows["shard"])
@@ -131,8 +136,6 @@ def _run_shards(worker, shard_size: int, folder: Path, objective: Callable[[pd.D
 
 def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
     """The objective from eval rows, through the same summary `invgan eval` writes."""
-    from jobs import run_tables
-
     obj = search.objective
     summary = run_tables.summarize(rows)
     table = summary["accuracy"] if obj.metric == "accuracy" else summary["auc"]
@@ -147,8 +150,6 @@ def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
 
 def defense_trial(config: dict, *, search: dict, out: str) -> None:
     """Evaluate one point of a defense-time space on the validation split, one report per shard."""
-    from jobs.evaluate import EvalWorker
-
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
     cfg = eval_config_dict(search_, config, for_trial=True)
@@ -162,14 +163,7 @@ def defense_trial(config: dict, *, search: dict, out: str) -> None:
 def inverter_trial(config: dict, *, search: dict, out: str) -> None:
     """Train an inverter with one point's λ1, λ2, λ3, η, lr; report latent error and T = 0 val accuracy
     after every saved state (ASHA's rungs), the state being the trial's Tune checkpoint."""
-    import torch
     from ray import tune
-
-    from invgan_core.checkpoint import load_model
-    from invgan_core.data import load_dataset
-    from invgan_core.defenses import InvGAN
-    from invgan_core.models import sample_prior
-    from jobs.train import TrainConfig, run
 
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
@@ -242,16 +236,12 @@ def _restore_train_state(work_dir: Path) -> None:
 
 def red_dictionary(search: TuneSearch, out: Path) -> Path:
     """The attack dictionary of the search (built once, on the driver, from the 'fit' split)."""
-    from jobs.red import RedConfig, build_or_load_dictionary
-
     cfg = RedConfig.model_validate(eval_config_dict(search, {}, for_trial=True))
     build_or_load_dictionary(cfg, out)
     return out / "dictionary"
 
 
 def red_objective(search: TuneSearch, rows: pd.DataFrame, attack_names: list[str]) -> dict:
-    from jobs.red import red_tables
-
     tables = red_tables(rows, attack_names)
     method, metric = search.objective.method, search.objective.metric
     table = tables[metric].reindex(columns=attack_names)  # attacked inputs only
@@ -262,9 +252,6 @@ def red_objective(search: TuneSearch, rows: pd.DataFrame, attack_names: list[str
 
 def red_trial(config: dict, *, search: dict, out: str) -> None:
     """Algorithm 1 with one point's λ multiplier / z step / iterations on attacked validation images."""
-    from invgan_core.red import load_dictionary
-    from jobs.red import RedWorker
-
     search_ = TuneSearch.model_validate(search)
     trial_id, folder = _enter_trial(search_, Path(out))
     cfg = eval_config_dict(search_, config, for_trial=True)

@@ -297,8 +297,8 @@ def test_a_defense_may_use_its_own_inverter_the_ablation_of_table_5(tmp_path):
 
     from invgan_core.checkpoint import CheckpointError, load_model, save_model
     from invgan_core.models import build_model
-    from jobs.common import check_job_inputs
     from jobs.evaluate import EvalWorker
+    from jobs.models import check_job_inputs
 
     stem = ROOT / "weights" / "digits" / "inverter"
     inverter, manifest = load_model(stem, kind="inverter")

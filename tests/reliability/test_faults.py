@@ -214,12 +214,12 @@ def test_a_full_disk_stops_the_job_naming_the_path_with_nothing_half_written(ray
     """The second shard's write fails with ENOSPC after its bytes went to the temp file (as a full disk fails
     at fsync): one line naming the run folder; the finished shard is intact, no temp file or summary is left;
     a rerun (space freed) computes only the missing shards."""
-    from invgan_core import checkpoint
+    from invgan_core import files
     from jobs import run_folder
     from jobs.evaluate import main as eval_main
     from jobs.sharded import JobOptions
 
-    real_write, calls = checkpoint.atomic_write_bytes, []
+    real_write, calls = files.atomic_write_bytes, []
 
     def full_disk_on_second_write(path, data):
         calls.append(path)

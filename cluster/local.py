@@ -321,3 +321,33 @@ def down(folder: Path | None = None) -> list[int]:
     shutil.rmtree(state.temp_dir, ignore_errors=True)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return sorted(set(stopped))
+
+
+def serve_ui(tracking_uri: str, port: int, host: str = "127.0.0.1") -> int:
+    """Run the MLflow UI in the foreground until Ctrl-C or SIGTERM, then stop it with everything it started (its
+    web workers are in its own process group): the port is free again when this returns its exit code."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _terminate(_processes({proc.pid}, None))

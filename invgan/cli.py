@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -260,27 +258,13 @@ def tune(
 
 @app.command()
 def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None)) -> None:
-    """Open the MLflow UI on 127.0.0.1 for the project's run store."""
+    """Open the MLflow UI on 127.0.0.1 for the project's run store; Ctrl-C or SIGTERM stops the server too."""
+    from cluster.local import serve_ui
     from jobs.common import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    raise typer.Exit(
-        subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "ui",
-                "--backend-store-uri",
-                uri,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ]
-        )
-    )
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    raise typer.Exit(serve_ui(uri, port))
 
 
 # ---------------------------------------------------------------- cluster: `invgan cluster`, `submit`, `jobs`

@@ -443,4 +443,4 @@ class Substitute(Attack):
     def run(self, f, x, y, ids):
         """FGSM on the substitute f (x + ε·sign ∇_x CE(f(x), y)); every example's queries are the training's."""
         x_adv, _ = FGSM(eps=self.eps).run(f, x, y, ids)
-        return x_adv, torch.full((len(x),), self.queries_spent, dtype=torch.int64)
+        return x_adv, torch.full((len(x),), self.queries_spent, dtype=torch.int64, device=x.device)

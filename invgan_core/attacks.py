@@ -169,17 +169,17 @@ def loss_gradient_and_logits(
 
 def _keys(seed: int, ids: torch.Tensor, n: int, stream: int) -> torch.Tensor:
     """(N, n) int64 keys that depend only on (seed, example id, stream, coordinate), never on batch position."""
-    return rng.hash_keys(seed, ids.reshape(-1, 1).cpu(), stream, torch.arange(n).reshape(1, -1))
+    return rng.hash_keys(seed, ids.reshape(-1, 1), stream, torch.arange(n, device=ids.device).reshape(1, -1))
 
 
 def per_example_uniform(seed: int, ids: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
-    """(N, n) uniforms in [0, 1), one row per example id."""
-    return rng.uniform(_keys(seed, ids, n, stream)).to(ids.device)
+    """(N, n) uniforms in [0, 1), one row per example id, on the ids' device."""
+    return rng.uniform(_keys(seed, ids, n, stream))
 
 
 def per_example_normal(seed: int, ids: torch.Tensor, n: int, stream: int = 0) -> torch.Tensor:
-    """(N, n) standard normals, one row per example id."""
-    return rng.normal(_keys(seed, ids, n, stream)).to(ids.device)
+    """(N, n) standard normals, one row per example id, on the ids' device."""
+    return rng.normal(_keys(seed, ids, n, stream))
 
 
 def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -189,8 +189,9 @@ def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def as_ids(ids: Optional[Ids], x: torch.Tensor) -> torch.Tensor:
     """The example ids of batch x as int64 on its device; None means 0..N-1."""
-    ids = torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-    return ids.to(x.device)
+    if ids is None:
+        return torch.arange(len(x), device=x.device)
+    return torch.as_tensor(ids, dtype=torch.int64, device=x.device)
 
 
 class Attack(abc.ABC):
@@ -374,8 +375,8 @@ def accuracy_vs_steps(success, queries, steps) -> list[float]:
     restart; `GradientDescent.run` with stop_at_success): an example falls within k steps iff it fell and
     its queries (evaluations up to its fooling iterate) are ≤ k + 1. Accuracy counts every example, so
     those the defense already misclassifies count as fallen at step 0."""
-    success = torch.as_tensor(success, dtype=torch.bool)
-    queries = torch.as_tensor(queries, dtype=torch.int64)
+    success = torch.as_tensor(success, dtype=torch.bool)  # a result's device; rows read back: the CPU
+    queries = torch.as_tensor(queries, dtype=torch.int64, device=success.device)
     return [1 - fell_within(success, queries, k).float().mean().item() for k in steps]
 
 

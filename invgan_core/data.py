@@ -75,7 +75,7 @@ class Dataset:
 
     def select(self, index: np.ndarray, split: str) -> "Dataset":
         """The examples at positions `index` (ids kept), named as split `split`."""
-        rows = torch.as_tensor(index, dtype=torch.int64)
+        rows = torch.as_tensor(index, dtype=torch.int64)  # CPU, like every loaded dataset (jobs move shards)
         return Dataset(self.name, split, self.ids[rows.numpy()], self.images[rows], self.labels[rows], self.info)
 
 
@@ -317,16 +317,16 @@ def synthetic_gan(n: int = 256, *, m: int = 100, d: int = 10, seed: int = 0, slo
 
     Images are (N, 1, 1, m) and not confined to [0, 1]; W (m x d) and z* (N x d) are in `info`.
     """
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, d, generator=g) / np.sqrt(d)
-    z = torch.randn(n, d, generator=g)
+    g = torch.Generator().manual_seed(seed)  # datasets are made on the CPU (as loaded ones); jobs move shards
+    W = torch.randn(m, d, generator=g) / np.sqrt(d)  # CPU: see above
+    z = torch.randn(n, d, generator=g)  # CPU: see above
     x = torch.nn.functional.leaky_relu(z @ W.T, slope)
     return Dataset(
         "synthetic-gan",
         "test",
         np.arange(n, dtype=np.int64),
         x.reshape(n, 1, 1, m),
-        torch.zeros(n, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.int64),  # CPU: the labels of a CPU dataset
         info={"W": W, "z": z, "slope": slope, "seed": seed},
     )
 

@@ -29,7 +29,9 @@ class Purified:
 
 
 def _ids_for(x: torch.Tensor, ids) -> torch.Tensor:
-    return torch.arange(len(x)) if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+    if ids is None:
+        return torch.arange(len(x), device=x.device)
+    return torch.as_tensor(ids, dtype=torch.int64, device=x.device)
 
 
 class Defense:

@@ -227,7 +227,8 @@ class _Result:
         self.loss = torch.empty(n, device=x.device)
         self.restart_losses = torch.full((n, restarts), float("nan"), device=x.device)
         self.iterations = torch.zeros(n, dtype=torch.int64, device=x.device)
-        self.best = torch.zeros(n, dtype=torch.int64)
+        self.best = torch.zeros(n, dtype=torch.int64, device=x.device)
+        # CPU: the loss trace is a record for plots (steps x N x R), kept off the accelerator's memory
         self.trace = torch.full((steps, n, restarts), float("nan")) if keep_trace else None
 
     def finish(self, act: _Active, groups: torch.Tensor, out: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -286,7 +287,7 @@ def project(
         raise ValueError(f"unknown constraint {constraint!r}; choose one of {CONSTRAINTS}")
     if prune_every is not None and prune_every < 1 or patience < 1:
         raise ValueError(f"need prune_every >= 1 (or None) and patience >= 1, got {prune_every}, {patience}")
-    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+    ids = torch.as_tensor(ids, dtype=torch.int64, device=x.device).reshape(-1)
     n, d = x.shape[0], latent_dim(G)
     if ids.numel() != n:
         raise ValueError(f"got {ids.numel()} ids for {n} images")
@@ -343,7 +344,7 @@ def project(
 def _projection(res: _Result, n: int, steps: int) -> Projection:
     trace = None
     if res.trace is not None:
-        trace = res.trace[:, torch.arange(n), res.best.cpu()].T.contiguous()
+        trace = res.trace[:, torch.arange(n), res.best.cpu()].T.contiguous()  # CPU, as the trace
     iterations = res.iterations.cpu()
     mean = iterations.double().mean().item() if n else 0.0
     return Projection(

@@ -152,7 +152,7 @@ class Classifier(nn.Module):
             nn.Flatten(),
         )
         with torch.no_grad():
-            flat = self.conv(torch.zeros(1, *image_shape)).shape[1]
+            flat = self.conv(torch.zeros(1, *image_shape)).shape[1]  # CPU: a module is built there, then moved
         self.phi = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(True), nn.Linear(hidden, hidden), nn.ReLU(True))
         self.last = nn.Linear(hidden, num_classes)
 

@@ -99,9 +99,9 @@ def spectral_norm2(M: torch.Tensor) -> float:
 
 def select_per_class(labels: torch.Tensor, per_class: int, seed: int, num_classes: int | None = None) -> torch.Tensor:
     """`per_class` row indices of every class, chosen by a hash of (seed, row): sorted by class, then hash."""
-    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    labels = torch.as_tensor(labels).reshape(-1).cpu()  # CPU: row indices are chosen there
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    keys = rng.hash_keys(seed, torch.arange(len(labels)))
+    keys = rng.hash_keys(seed, torch.arange(len(labels)))  # CPU: row indices, like `labels` above
     chosen = []
     for i in range(num_classes):
         rows = torch.nonzero(labels == i).flatten()
@@ -132,8 +132,8 @@ def build_attack_dictionary(
     """
     num_classes = getattr(classifier, "num_classes", None) or int(labels.max()) + 1
     rows = select_per_class(labels, per_class, seed, num_classes)
-    ids = rows if ids is None else torch.as_tensor(ids, dtype=torch.int64)[rows]
-    x, y = images[rows], torch.as_tensor(labels)[rows]
+    ids = rows if ids is None else torch.as_tensor(ids, dtype=torch.int64)[rows]  # CPU row ids; attacks move them
+    x, y = images[rows], torch.as_tensor(labels, device=images.device)[rows]
     deltas, success, type_blocks = [], [], []
     for j, attack in enumerate(attacks.values()):
         for lo in range(0, len(x), batch_size):
@@ -221,9 +221,10 @@ def load_dictionary(stem: str | Path) -> tuple[AttackDictionary, dict]:
 
 
 def _ids_of(blocks: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    ids = torch.full((k,), -1, dtype=torch.int64)
+    """The block of every column: CPU metadata, moved to the coefficients' device where it indexes them."""
+    ids = torch.full((k,), -1, dtype=torch.int64)  # CPU: see above
     for b, idx in enumerate(blocks):
-        ids[torch.as_tensor(idx, dtype=torch.int64)] = b
+        ids[torch.as_tensor(idx, dtype=torch.int64).cpu()] = b  # CPU: see above
     if (ids < 0).any():
         raise ValueError("every column must belong to a block")
     return ids
@@ -499,7 +500,7 @@ def signal_dictionary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """D_s (n × k_s): `per_class` flattened training images per class as columns, and their classes."""
     rows = select_per_class(labels, per_class, seed, num_classes)
-    return images[rows].flatten(1).T.contiguous().float(), torch.as_tensor(labels)[rows]
+    return images[rows].flatten(1).T.contiguous().float(), torch.as_tensor(labels)[rows]  # labels' device (or CPU)
 
 
 def sbsc_solve(
@@ -522,7 +523,7 @@ def sbsc_solve(
     x_flat, I = x.detach().flatten(1), D.num_classes
     Ds, Da = Ds.to(x), D.D.to(x)
     M = torch.cat([Ds, Da], 1)
-    ids = torch.cat([torch.as_tensor(s_classes, dtype=torch.int64).cpu(), I + D.block_ids])
+    ids = torch.cat([torch.as_tensor(s_classes, dtype=torch.int64).cpu(), I + D.block_ids])  # CPU: as `_ids_of`
     nb = I + D.num_blocks
     lam_all = _norms(x_flat @ M, ids, nb)
     lam_s, lam_a = lam_multiplier * lam_all[:, :I].amax(1), lam_multiplier * lam_all[:, I:].amax(1)

@@ -97,14 +97,14 @@ def realizable_instance(
             types += [j] * per_block
     dic = AttackDictionary(
         D=torch.cat(cols).T.contiguous(),
-        classes=torch.tensor(classes),
-        attack_types=torch.tensor(types),
+        classes=torch.tensor(classes),  # CPU: a synthetic instance is made there (`.to` moves its tensors)
+        attack_types=torch.tensor(types),  # CPU: as above
         attack_names=["l2", "linf"],
         num_classes=2,
         image_shape=(1, 1, m),
     )
     test = slice(n_train, n_train + n)
-    j_star = torch.arange(n) % 2
+    j_star = torch.arange(n) % 2  # CPU: as above
     block = label[test] * 2 + j_star
     c_star = torch.randn(n, dic.D.shape[1], generator=g).to(dtype) / math.sqrt(per_block)
     c_star = c_star * (dic.block_ids[None, :] == block[:, None])
@@ -159,13 +159,13 @@ def convergence_trace(
     attack_correct / z_error / c_error (N,)."""
     n = len(inst.x)
     if z0 is None:
-        z0 = rng.sample_latents("normal", seed, torch.arange(n), 1, inst.G.latent_dim)[:, 0]
+        z0 = rng.sample_latents("normal", seed, torch.arange(n, device=inst.x.device), 1, inst.G.latent_dim)[:, 0]
     res = red_solve(
         inst.G,
         inst.x,
         D=inst.dictionary,
         z0=z0.to(inst.x.dtype),
-        lam=torch.zeros(n, dtype=inst.x.dtype),
+        lam=torch.zeros(n, dtype=inst.x.dtype, device=inst.x.device),
         steps=steps,
         z_lr=z_lr,
         nesterov=nesterov,
@@ -179,7 +179,7 @@ def convergence_trace(
     mu = trajectory_mu(inst.G, inst.x, res.z_iterates, res.c_iterates, inst.dictionary.D, inst.z_star, inst.c_star)
     above = dist2 > floor * dist2[:, :1]
     mu = torch.where(above, mu, torch.full_like(mu, math.nan))
-    k = torch.arange(steps + 1, dtype=torch.float64)
+    k = torch.arange(steps + 1, dtype=torch.float64, device=dist2.device)
     rate = []
     for i in range(n):
         kk, yy = k[above[i]], dist2[i][above[i]].double().log()

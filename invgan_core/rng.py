@@ -32,11 +32,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_keys(*parts: torch.Tensor | int) -> torch.Tensor:
-    """Chain-hash broadcastable int64 tensors (or ints) into one int64 key per element."""
-    h = torch.zeros((), dtype=torch.int64)
+    """Chain-hash broadcastable int64 tensors (or ints) into one int64 key per element, on the device of the first
+    tensor among `parts` (int64 arithmetic wraps alike on every device: the same keys on a CPU and a GPU)."""
+    device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
+    h = torch.zeros((), dtype=torch.int64, device=device)
     for p in parts:
-        p = torch.as_tensor(p, dtype=torch.int64)
-        h = _mix(h.to(p.device) ^ _mix(p + 1))
+        h = _mix(h ^ _mix(torch.as_tensor(p, dtype=torch.int64, device=device) + 1))
     return h
 
 
@@ -55,9 +56,10 @@ def normal(keys: torch.Tensor) -> torch.Tensor:
 
 def latent_keys(seed: int, ids: torch.Tensor, restarts: int, dim: int, step: int = -1) -> torch.Tensor:
     """Keys of shape (N, R, d) for latent coordinates of each (example id, restart) at `step`."""
+    # a tensor of ids keeps its device and the keys follow it (a list of ids: the CPU)
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1, 1, 1)
-    r = torch.arange(restarts, dtype=torch.int64).reshape(1, -1, 1)
-    k = torch.arange(dim, dtype=torch.int64).reshape(1, 1, -1)
+    r = torch.arange(restarts, dtype=torch.int64, device=ids.device).reshape(1, -1, 1)
+    k = torch.arange(dim, dtype=torch.int64, device=ids.device).reshape(1, 1, -1)
     return hash_keys(seed, ids, r, step, k)
 
 

@@ -25,7 +25,7 @@ from invgan_core.detection import detection_scores
 from invgan_core.models import build_model, default_arch
 from jobs import masking, run_tables
 from jobs.config import BLACK_BOXES, EvalConfig, MaskingChecks, examples_in_shard, load_config
-from jobs.models import build_defense, check_job_inputs, load_models
+from jobs.models import build_defense, check_job_inputs, load_models, worker_device
 from jobs.paper_spec import tables_fed_by
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import EVAL_ROWS
@@ -47,7 +47,7 @@ class EvalWorker:
         self.cfg = EvalConfig.model_validate(config)
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
-        self.device = torch.device("cuda" if res.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+        self.device = worker_device(res)
         self.models = load_models(self.cfg, self.device)
         self.data = load_dataset(self.cfg.dataset, self.cfg.split, self.cfg.data_dir).subset(self.cfg.limit)
         G, I, f = self.models["generator"], self.models.get("inverter"), self.models["classifier"]
@@ -60,7 +60,7 @@ class EvalWorker:
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
         x = self.data.images[start:stop].to(self.device)
         y = self.data.labels[start:stop].to(self.device)
-        ids = torch.as_tensor(self.data.ids[start:stop])
+        ids = torch.as_tensor(self.data.ids[start:stop], device=self.device)
         rows: list[pd.DataFrame] = []
         for name, defense in self.defenses.items():  # clean inputs
             rows.append(self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0))
@@ -99,10 +99,10 @@ class EvalWorker:
             logits = self.models["classifier"](purified.x)
         pred, diverged = logits.argmax(1).cpu(), diverged_rows(x_in, purified, logits).cpu()
         if purified.z is None:
-            scores = torch.full((len(x),), float("nan"))
+            scores = torch.full((len(x),), float("nan"))  # CPU: row values, as the .cpu() ones beside
         else:
             scores = detection_scores(self.models["classifier"], x_in, purified.x, self.cfg.detection_space).cpu()
-        n, none = len(x), torch.zeros(len(x))
+        n, none = len(x), torch.zeros(len(x))  # CPU: row values
         return EVAL_ROWS.frame(
             n,
             example_id=ids.cpu().numpy(),
@@ -338,7 +338,7 @@ def masking_flags(cfg: EvalConfig, rows: pd.DataFrame) -> pd.DataFrame:
 def example_grid(cfg: EvalConfig, models: dict, n: int = 6):
     """Clean / attacked / projected images of the first n examples (InvGAN Fig. 2), first attack vs classifier."""
     data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(min(n, cfg.limit or n))
-    x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)
+    x, y, ids = data.images, data.labels, torch.as_tensor(data.ids)  # CPU: the figure's images, on the driver
     name = next((k for k, s in cfg.attacks.items() if s.target == "classifier"), None)
     attacked = {name: cfg.attacks[name].build(cfg.seed)(models["classifier"], x, y, ids=ids).x_adv} if name else {}
     x_in = attacked[name] if name else x

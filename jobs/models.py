@@ -6,10 +6,14 @@ job's module for it.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Callable
+
+import torch
 
 from invgan_core.checkpoint import CheckpointError, load_model, read_manifest
 from invgan_core.data import check_images
+from jobs.common import UserError
 from jobs.config import DEFENSES, JobConfig
 
 if TYPE_CHECKING:
@@ -26,6 +30,20 @@ def load_models(cfg: JobConfig, device="cpu") -> dict:
         model, _ = load_model(root / kind, kind=kind, map_location=device)
         models[kind] = model.requires_grad_(False)
     return models
+
+
+def worker_device(resources) -> torch.device:
+    """Where a worker computes: CUDA when the job gives it GPUs, else the CPU. A worker given GPUs whose torch
+    sees no CUDA device stops with one line (UserError) instead of silently running on the CPU."""
+    if resources.num_gpus_per_worker <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"a worker was given {resources.num_gpus_per_worker:g} GPU(s) but torch {torch.__version__} on node "
+            f"{socket.gethostname()} sees no CUDA device (a CPU-only build of torch, or no driver): install a CUDA "
+            "build of torch on the GPU nodes, or set resources.num_gpus_per_worker: 0"
+        )
+    return torch.device("cuda")
 
 
 def build_defense(spec, G, I, f, seed: int):

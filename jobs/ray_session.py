@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from typing import Any, Iterator
+
+from jobs.common import UserError
 
 DEFAULT_WORKER_NICENESS = "0"  # Ray's default (15) lets any other busy process starve the workers
 
@@ -46,6 +49,8 @@ def ray_session(address: str | None = None, *, num_cpus: int, verbose: bool = Fa
     if not address:
         os.environ.setdefault("RAY_worker_niceness", DEFAULT_WORKER_NICENESS)  # read by the raylet it starts
         kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
+    else:
+        check_reachable(address)
     ray.init(**kwargs)
     try:
         yield
@@ -54,3 +59,19 @@ def ray_session(address: str | None = None, *, num_cpus: int, verbose: bool = Fa
         # closes it when the job ends), and later stages of the same command reuse it.
         if not in_job:
             ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where no Ray cluster listens (ray.init would retry its GCS for minutes, printing
+    only time-outs): UserError naming the address. 'auto' and addresses without a port are left to Ray."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(
+            f"no Ray cluster at {address}: nothing answers on {host}:{port} ({err.strerror or err}); start one "
+            "(`invgan cluster up --local`, or `ray up ray_cluster.yaml`) or give the head's address (HEAD_IP:6379)"
+        ) from None

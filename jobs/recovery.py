@@ -74,8 +74,8 @@ def _recover(G, x, ids, cfg: RecoveryConfig, constraint: str) -> torch.Tensor:
 def recovery_rows(cfg: RecoveryConfig, G, images: torch.Tensor, image_ids: list[int]) -> pd.DataFrame:
     """Table 1 rows (table=1: trial, constraint, sq_err = ||z - z'||²/d, mse) and Table 2 rows (table=2:
     image, recovery, constraint, z')."""
-    d = G.latent_dim
-    ids = torch.arange(cfg.trials)
+    d, device = G.latent_dim, next(G.parameters()).device
+    ids = torch.arange(cfg.trials, device=device)
     z = rng.sample_latents("uniform", cfg.seed + TARGET_STREAM, ids, 1, d)[:, 0]
     with torch.no_grad():
         x = G(z)
@@ -88,15 +88,22 @@ def recovery_rows(cfg: RecoveryConfig, G, images: torch.Tensor, image_ids: list[
         err = ((zr - z) ** 2).mean(1)
         out.append(
             pd.DataFrame(
-                {"table": 1, "trial": ids.numpy(), "constraint": constraint, "sq_err": err.numpy(), "mse": mse.numpy()}
+                {
+                    "table": 1,
+                    "trial": ids.cpu().numpy(),
+                    "constraint": constraint,
+                    "sq_err": err.cpu().numpy(),
+                    "mse": mse.cpu().numpy(),
+                }
             )
         )
         print(f"Table 1, {constraint}: {cfg.trials} trials in {time.perf_counter() - started:.0f} s", flush=True)
         if len(images):
             k = cfg.recoveries
             x2 = images.repeat_interleave(k, dim=0)
-            ids2 = torch.arange(len(x2)) + 10_000_000  # starts of their own, apart from Table 1's
-            zr2 = _recover(G, x2, ids2, cfg, constraint).numpy()
+            x2 = x2.to(device)
+            ids2 = torch.arange(len(x2), device=device) + 10_000_000  # starts of their own, apart from Table 1's
+            zr2 = _recover(G, x2, ids2, cfg, constraint).cpu().numpy()
             out.append(
                 pd.DataFrame(
                     {
@@ -162,7 +169,7 @@ def run_recovery(cfg: RecoveryConfig, opts: JobOptions | None = None) -> JobResu
     tags = {"kind": "recovery", "config_hash": cfg.config_hash(), "git_commit": git_commit()}
     with job_run(cfg, run_dir, enabled=opts.log_mlflow, tags=tags) as tracker:
         started = time.perf_counter()
-        images = data.images if data is not None else torch.empty(0)
+        images = data.images if data is not None else torch.empty(0)  # CPU, as loaded: recovery_rows moves it
         rows = recovery_rows(cfg, G, images, [int(i) for i in data.ids] if data is not None else [])
         write_shard(run_dir / "rows.parquet", rows)  # atomic: complete or absent
         tables = recovery_tables(rows, cfg.thresholds, d, cfg.seed)

@@ -34,7 +34,7 @@ from invgan_core.red import (
 from invgan_core.red_theory import convergence_trace, mu_vs_output_dim, realizable_instance
 from jobs.common import default_tracking_uri, runs_dir, start_mlflow
 from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict, load_config
-from jobs.models import check_job_inputs, load_models
+from jobs.models import check_job_inputs, load_models, worker_device
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import RED_ROWS
 from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
@@ -129,7 +129,7 @@ class RedWorker:
         self.cfg = RedConfig.model_validate(config)
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
-        self.device = torch.device("cuda" if res.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+        self.device = worker_device(res)
         self.models = load_models(self.cfg, self.device)
         self.dic = load_dictionary(dictionary)[0]
         self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.dictionary.attacks.items()}
@@ -143,7 +143,7 @@ class RedWorker:
 
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
         x, y = self.data.images[start:stop].to(self.device), self.data.labels[start:stop].to(self.device)
-        ids = torch.as_tensor(self.data.ids[start:stop])
+        ids = torch.as_tensor(self.data.ids[start:stop], device=self.device)
         f = self.models["classifier"]
         inputs = {"clean": x} | {name: a(f, x, y, ids=ids).x_adv for name, a in self.attacks.items()}
         rows = []
@@ -171,7 +171,8 @@ class RedWorker:
         f, G, cfg = self.models["classifier"], self.models["generator"], self.cfg
         if method == "cnn":
             with torch.no_grad():
-                return f(x).argmax(1).cpu(), torch.full((len(x),), -1), torch.full((len(x),), float("nan"))
+                no_type, no_loss = torch.full((len(x),), -1), torch.full((len(x),), float("nan"))  # CPU: row values
+                return f(x).argmax(1).cpu(), no_type, no_loss
         if method == "sbsc":
             r = sbsc_solve(
                 x, Ds=self.Ds, s_classes=self.s_classes, D=self.dic, lam_multiplier=cfg.lam_multiplier, steps=cfg.steps

@@ -37,7 +37,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from invgan_core.files import atomic_write_json
-from jobs.common import describe_error, git_commit, user_errors
+from jobs.common import UserError, describe_error, git_commit, user_errors
 from jobs.progress import Progress
 from jobs.ray_session import ray_session
 from jobs.run_folder import missing_shards, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path, write_shard
@@ -105,13 +105,22 @@ class ShardActor:
     with the node and process that computed them. A worker exception names the shard."""
 
     def __init__(self, worker: type, kwargs: dict):
-        self.worker = worker(**kwargs)
         self.node, self.where = _node_where()
+        # A worker that cannot start (a UserError: GPUs given but no CUDA in this node's torch) fails the first
+        # shard it is handed, naming it, instead of an actor death that would look like a lost node.
+        self.worker: Any = None
+        self.failed: UserError | None = None
+        try:
+            self.worker = worker(**kwargs)
+        except UserError as err:
+            self.failed = err
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frames = []
         for r in batch.itertuples():
             try:
+                if self.failed is not None:
+                    raise self.failed
                 _inject_fault(int(r.shard))
                 frame = self.worker.run_shard(int(r.shard), int(r.start), int(r.stop))
             except Exception as err:
@@ -145,6 +154,8 @@ def _retry_once_or_raise(err: BaseException, stats: ShardStats, desc: str, run_d
     if found is None or stats.attempts >= max_attempts:
         raise err
     shard, message = int(found.group(1)), found.group(2).splitlines()[0][:300]
+    if message.startswith(f"{UserError.__name__}: "):  # the user's to fix: it would fail again
+        raise UserError(f"{desc}: {message.removeprefix(f'{UserError.__name__}: ')}") from None
     if shard in stats.failed:
         raise RuntimeError(
             f"{desc}: shard {shard} failed twice ({message}); finished shards are kept in "
@@ -247,6 +258,7 @@ def _one_pass(
 ) -> None:
     import ray
 
+    check_fits(resources)
     items = [{"shard": k, "start": a, "stop": b} for k, a, b in left]
     size = min(resources.num_workers, len(items))
     # after a loss, take whatever actors the remaining nodes can hold rather than wait for the lost ones
@@ -281,6 +293,27 @@ def _one_pass(
             "Lower resources.num_workers (or the per-worker resources), add nodes, or set "
             "INVGAN_WAIT_FOR_WORKERS_S for a slower autoscaler"
         ) from err
+
+
+def check_fits(resources) -> None:
+    """Stop at once, naming what is missing and what the cluster has, when no live node can hold even one worker
+    (a GPU asked of a cluster without one): Ray would wait for it forever. An autoscaling cluster that adds such
+    nodes on demand sets $INVGAN_WAIT_FOR_WORKERS_S, and the runner waits that long instead."""
+    import ray
+
+    if "INVGAN_WAIT_FOR_WORKERS_S" in os.environ:
+        return
+    need = {"CPU": resources.num_cpus_per_worker, "GPU": resources.num_gpus_per_worker}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in need.items() if v > 0) for node in nodes):
+        return
+    wanted = " and ".join(f"{v:g} {k}" for k, v in need.items() if v > 0)
+    offered = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes) or "no live node"
+    raise UserError(
+        f"no node of the cluster can hold a worker of {wanted} (the nodes offer: {offered}): lower "
+        "resources.num_cpus_per_worker / num_gpus_per_worker, or add such a node (an autoscaling cluster: set "
+        "INVGAN_WAIT_FOR_WORKERS_S to wait for one)"
+    )
 
 
 def _caused_by(err: BaseException | None, cls: type) -> bool:

@@ -58,6 +58,7 @@ class BatchSampler:
 
     def __call__(self, step: int) -> torch.Tensor:
         epoch, k = divmod(step, self.per_epoch)
+        # CPU: the batch order, indices into the CPU training split (the batch is moved to the device after)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
         idx = perm[k * self.bs : (k + 1) * self.bs]
         share = self.bs // self.world

@@ -57,3 +57,19 @@ def test_a_failing_figure_is_an_error_row_not_a_crash(tmp_path, monkeypatch, cap
 def test_only_refuses_an_unknown_module():
     with pytest.raises(SystemExit, match="no figure module fig_nope"):
         run.discover(["fig_nope"])
+
+
+def test_the_gpu_check_runs_every_defense_and_attack_kind_on_the_cpu_path(tmp_path, capsys):
+    """`benchmarks/gpu_check.py --device cpu`: the script a GPU machine runs, on the CPU against itself. It must
+    cover every registered kind, agree with itself exactly, and write its JSON."""
+    from benchmarks import gpu_check
+    from jobs.specs import ATTACKS, BLACK_BOXES, DEFENSES, WRAPPERS
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    kinds = {spec["kind"] for spec, _ in gpu_check.ATTACKS.values()}
+    assert kinds == set(ATTACKS) | set(WRAPPERS) | set(BLACK_BOXES)  # a new attack kind must join the check
+    assert {spec["kind"] for spec in gpu_check.DEFENSES.values()} == set(DEFENSES)
+    assert set(result["agreement"]) == {"clean", *gpu_check.ATTACKS} and result["min_agreement"] == 1.0
+    assert result["projection_images_per_second"]["cpu"] > 0 and "predictions on cpu" in capsys.readouterr().out

@@ -22,8 +22,12 @@ setup: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/invgan eval
 
+# Two pytest workers (pytest-xdist), each taking whole test files, so a file's Ray instance stays one per module:
+# the suite is mostly waiting (Ray start-ups, subprocesses), and two files at once fit the 2-core machine's
+# 15-minute budget. TEST_WORKERS=1 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # Static checks (pyproject.toml: [tool.ruff], [tool.mypy]) and a strict build of the docs site (mkdocs.yml)
 # into a temp folder it then deletes; part of `make test`, so CI runs them. No --quiet: with it, mkdocs 1.6
@@ -35,7 +39,7 @@ lint: $(STAMP)
 	site=$$(mktemp -d) && $(BIN)/mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 test-slow: $(STAMP)
-	RUN_SLOW=1 $(BIN)/python -m pytest -q
+	RUN_SLOW=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,9 +40,14 @@ def pytest_collection_modifyitems(config, items):
         kind = _kind_of(item)
         if kind is not None:
             _KIND[item.nodeid] = kind
+            # travels with the item's reports: under pytest-xdist the controller, which counts, collects nothing
+            item.user_properties.append(("reliability", kind))
 
 
 def pytest_runtest_logreport(report):
+    kind = dict(report.user_properties).get("reliability")
+    if kind is not None:
+        _KIND[report.nodeid] = kind
     if report.nodeid not in _KIND:
         return
     if report.failed:

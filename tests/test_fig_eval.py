@@ -5,10 +5,14 @@ shared machine are not test material); what the figures compare must hold whatev
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
 from benchmarks import fig_eval
+
+# A benchmark smoke check (80 s: a Ray instance and every evaluation figure at its smallest): `make test-slow`.
+pytestmark = pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="benchmark smoke check: set RUN_SLOW=1")
 
 
 @pytest.fixture(scope="module")

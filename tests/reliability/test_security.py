@@ -170,10 +170,21 @@ def test_invgan_ui_starts_mlflow_on_loopback_only(tmp_path, monkeypatch):
     test checks): --host 127.0.0.1, whatever the port or store."""
     from typer.testing import CliRunner
 
+    from cluster import local
     from invgan.cli import app
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **k: calls.append(cmd) or 0)
+
+    class Finished:  # the server as `serve_ui` sees it: started with `cmd`, then exited 0
+        def __init__(self, cmd, *a, **k):
+            calls.append(cmd)
+            self.pid = os.getpid()
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(local.subprocess, "Popen", Finished)
+    monkeypatch.setattr(local, "_processes", lambda pgids, temp_dir: [])  # nothing of its own left to stop
     out = CliRunner().invoke(app, ["ui", "--port", "5123", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert out.exit_code == 0, out.output
     (cmd,) = calls

@@ -3,6 +3,7 @@ offers, a GPU worker whose torch sees no CUDA. One real Ray instance that declar
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -75,10 +76,10 @@ def test_a_gpu_worker_whose_torch_has_no_cuda_stops_the_job_in_one_line(ray_with
         evaluate(cfg, JobOptions(out=tmp_path / "run", progress=False, log_mlflow=False))
 
 
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="an MLflow server start-up (20-60 s): set RUN_SLOW=1")
 @pytest.mark.reliability(kind="fault")
 def test_invgan_ui_stopped_with_sigterm_stops_its_mlflow_server(tmp_path):
     """The UI's server and its web workers stop with the command: the port is free again."""
-    import os
     import signal
     import subprocess
     import sys

@@ -5,7 +5,7 @@ the dashboard and the job server), so a local cluster behaves like machines join
 jobs are submitted to it with `invgan submit`, shards spread over its nodes, and losing a node is a
 real fault. It is the way to try the cluster path, and what the tests run.
 
-    up:   token ─▶ MLflow server (SQLite, artifacts served, 127.0.0.1) ─▶ head ─▶ workers ─▶ state file
+    up:   token ─▶ MLflow server (SQLite, artifacts served, on --host) ─▶ head ─▶ workers ─▶ state file
     down: every process `up` started (each node's process group and descendants, and anything still
           running from the cluster's temp dir) gets SIGTERM, then SIGKILL; nothing else is touched.
 
@@ -13,10 +13,19 @@ Token authentication: `up` writes a random token to <state dir>/auth_token (mode
 node with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH pointing at it; `invgan submit`/`jobs` send it.
 Jobs on the cluster inherit the nodes' environment: MLFLOW_TRACKING_URI (the cluster's server),
 INVGAN_RUNS (run folders under <state dir>/runs) and RAY_worker_niceness (0 unless set).
+
+--host is the one address every service binds and every node and job is given, so it must be an address of
+this machine (127.0.0.1, the default, or one other machines reach), never a wildcard such as 0.0.0.0. Beyond
+127.0.0.1 the MLflow server requires a login (MLflow's basic-auth app, which needs `pip install 'mlflow[auth]'`;
+without it `up` refuses): an admin user with a random password in <state dir>/mlflow_auth.ini (mode 0600),
+which the nodes pass to the server (MLFLOW_TRACKING_USERNAME/PASSWORD in their environment).
 """
 
 from __future__ import annotations
 
+import configparser
+import importlib.util
+import ipaddress
 import json
 import os
 import secrets
@@ -36,6 +45,8 @@ from invgan_core.files import atomic_write_json
 from jobs.common import runs_dir
 
 STATE_FILE = "cluster.json"
+MLFLOW_AUTH_FILE = "mlflow_auth.ini"
+MLFLOW_USER = "invgan"
 
 
 def state_dir() -> Path:
@@ -51,6 +62,7 @@ class ClusterState:
     temp_dir: str
     runs_dir: str
     mlflow_uri: str | None = None
+    mlflow_auth: str | None = None  # the MLflow server's basic-auth config (user, password), when it has one
     nodes: list[dict] = field(default_factory=list)  # {"role", "pgid", "num_cpus", "log"}
     mlflow_pgid: int | None = None
     started: float = field(default_factory=time.time)
@@ -58,6 +70,13 @@ class ClusterState:
     def env(self) -> dict[str, str]:
         """What a client needs in its environment to talk to this cluster."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def mlflow_env(self) -> dict[str, str]:
+        """What an MLflow client needs to log in to this cluster's server (nothing when it has no login)."""
+        if self.mlflow_auth is None:
+            return {}
+        user, password = read_mlflow_login(Path(self.mlflow_auth))
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
 def load_state(folder: Path | None = None) -> ClusterState | None:
@@ -107,9 +126,11 @@ def _start(cmd: list[str], env: dict, log: Path, timeout: float = 120) -> int:
     return proc.pid  # start_new_session: the pgid is the pid of `ray start`
 
 
-def _wait_http(url: str, timeout: float, what: str, log: Path) -> None:
+def _wait_http(url: str, timeout: float, what: str, log: Path, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited (code {proc.returncode}) before it answered at {url}; see {log}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -120,11 +141,77 @@ def _wait_http(url: str, timeout: float, what: str, log: Path) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s; see {log}")
 
 
-def start_mlflow_server(folder: Path, host: str, env: dict) -> tuple[str, int]:
-    """An MLflow tracking server on an SQLite store, serving artifacts itself (--serve-artifacts), so
-    every node's driver reaches one store over HTTP. Returns (uri, pgid)."""
-    port = free_port(host)
-    log = folder / "mlflow-server.log"
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def has_basic_auth() -> bool:
+    """Whether MLflow's basic-auth app can run here (it needs Flask-WTF, the `mlflow[auth]` extra)."""
+    return importlib.util.find_spec("flask_wtf") is not None
+
+
+def check_host(host: str, mlflow: bool) -> None:
+    """Refuse, before anything starts, a --host the nodes cannot be given or an MLflow server open to others
+    without a login."""
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = not host.strip()
+    if wildcard:
+        raise SystemExit(
+            f"--host {host!r} is a wildcard: give an address of this machine that every node reaches (127.0.0.1, "
+            "or its address on the network of the other machines); the services bind it and the nodes and jobs "
+            "are given it (Ray's node address, the MLflow server's URI)"
+        )
+    if mlflow and not is_loopback(host) and not has_basic_auth():
+        raise SystemExit(
+            f"the cluster's MLflow server would listen on {host}, beyond this machine, where it requires a login "
+            "(MLflow's basic-auth app), which needs Flask-WTF: pip install 'mlflow[auth]'; or pass --no-mlflow, "
+            "or --host 127.0.0.1"
+        )
+
+
+def read_mlflow_login(config: Path) -> tuple[str, str]:
+    parser = configparser.ConfigParser()
+    parser.read(config)
+    return parser["mlflow"]["admin_username"], parser["mlflow"]["admin_password"]
+
+
+def mlflow_auth_config(folder: Path) -> Path:
+    """MLflow's basic-auth config for the cluster's server: one admin user (MLFLOW_USER) with a random password,
+    no access without a login, users in <folder>/mlflow_auth.db, and the auth app's secret key. Written once
+    (mode 0600) and kept: the user store remembers the first password, so a later `up` on the folder reuses it."""
+    path = folder / MLFLOW_AUTH_FILE
+    if not path.exists():
+        text = (
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{folder / 'mlflow_auth.db'}\n"
+            f"admin_username = {MLFLOW_USER}\n"
+            f"admin_password = {secrets.token_urlsafe(24)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "[invgan]\n"
+            f"flask_server_secret_key = {secrets.token_hex(32)}\n"  # the auth app's CSRF key (from its env)
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return path
+
+
+def mlflow_server_command(
+    folder: Path, host: str, port: int, artifacts: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The MLflow server's command line and what its environment adds: on 127.0.0.1 an open server; on any
+    other address the basic-auth app (every request needs the login of `mlflow_auth_config`) and that address
+    as the one Host it answers to. `artifacts`: where the server keeps artifacts [<folder>/mlartifacts], e.g.
+    s3://bucket/mlflow (the server writes there with boto3, from the AWS_* variables of its environment; the
+    jobs only talk to the server)."""
     cmd = [
         sys.executable,
         "-m",
@@ -134,7 +221,7 @@ def start_mlflow_server(folder: Path, host: str, env: dict) -> tuple[str, int]:
         f"sqlite:///{folder / 'mlflow.db'}",
         "--serve-artifacts",
         "--artifacts-destination",
-        str(folder / "mlartifacts"),
+        artifacts or str(folder / "mlartifacts"),
         "--host",
         host,
         "--port",
@@ -142,11 +229,38 @@ def start_mlflow_server(folder: Path, host: str, env: dict) -> tuple[str, int]:
         "--workers",
         "1",
     ]
+    if is_loopback(host):
+        return cmd, {}
+    cmd += ["--app-name", "basic-auth", "--allowed-hosts", f"{host},{host}:{port}"]
+    config = mlflow_auth_config(folder)
+    parser = configparser.ConfigParser()
+    parser.read(config)
+    return cmd, {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": parser["invgan"]["flask_server_secret_key"],
+    }
+
+
+def start_mlflow_server(folder: Path, host: str, env: dict, artifacts: str | None = None) -> tuple[str, int]:
+    """An MLflow tracking server on an SQLite store, serving artifacts itself (--serve-artifacts), so
+    every node's driver reaches one store over HTTP (with a login beyond 127.0.0.1). Returns (uri, pgid)."""
+    port = free_port(host)
+    log = folder / "mlflow-server.log"
+    if artifacts and artifacts.startswith("s3://"):
+        try:
+            import boto3  # noqa: F401 - the server's S3 client: present, or one line saying how to get it
+        except ImportError:
+            raise SystemExit(
+                f"--artifacts {artifacts}: MLflow needs boto3 for S3; install it with pip install 'invgan[s3]'"
+            ) from None
+    cmd, extra = mlflow_server_command(folder, host, port, artifacts)
+    if extra:  # the login is the config file's: MLFLOW_AUTH_ADMIN_* in this environment would override it
+        env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_AUTH_")} | extra
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://{host}:{port}"
     try:
-        _wait_http(f"{uri}/health", 120, "the MLflow server", log)
+        _wait_http(f"{uri}/health", 120, "the MLflow server", log, proc)
     except RuntimeError:
         _terminate(_processes({proc.pid}, None))
         raise
@@ -162,8 +276,10 @@ def up(
     mlflow: bool = True,
     object_store_mb: int = 512,
     folder: Path | None = None,
+    artifacts: str | None = None,
 ) -> ClusterState:
     """Start the MLflow server, a head node and `workers` worker nodes; write and return the cluster state."""
+    check_host(host, mlflow)
     folder = (folder or state_dir()).resolve()
     existing = load_state(folder)
     if existing is not None and _processes({n["pgid"] for n in existing.nodes}, None):
@@ -196,8 +312,11 @@ def up(
     env.pop("RAY_ADDRESS", None)
     try:
         if mlflow:
-            state.mlflow_uri, state.mlflow_pgid = start_mlflow_server(folder, host, env)
+            state.mlflow_uri, state.mlflow_pgid = start_mlflow_server(folder, host, env, artifacts)
+            if not is_loopback(host):
+                state.mlflow_auth = str(folder / MLFLOW_AUTH_FILE)
             env["MLFLOW_TRACKING_URI"] = state.mlflow_uri
+            env |= state.mlflow_env()
         dashboard_port = free_port(host)
         state.dashboard_url = f"http://{host}:{dashboard_port}"
         common = [

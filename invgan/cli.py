@@ -257,6 +257,29 @@ def tune(
 
 
 @app.command()
+@shared_options()
+def fetch(
+    uri: str = typer.Argument(..., help="a run folder (or search folder) at a URI, e.g. s3://bucket/runs/x"),
+    dest: Path = typer.Argument(..., help="the local folder to copy it into (created; files already there stay)"),
+    *,
+    verbose: bool,
+) -> None:
+    """Copy a run folder from object storage to this machine: its rows, tables, summary and config record.
+
+    Credentials and endpoint come from the standard variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_ENDPOINT_URL for an S3-compatible store; GOOGLE_APPLICATION_CREDENTIALS for gs://).
+
+        invgan fetch s3://my-bucket/runs/table2_mnist-0123456789ab runs/table2_mnist
+    """
+    from jobs import storage
+    from jobs.common import user_errors
+
+    with user_errors("fetch", verbose=verbose):
+        copied = storage.fetch(uri, dest)
+    print(f"{copied} file(s) copied from {uri} to {dest}")
+
+
+@app.command()
 def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None)) -> None:
     """Open the MLflow UI on 127.0.0.1 for the project's run store; Ctrl-C or SIGTERM stops the server too."""
     from cluster.local import serve_ui
@@ -286,22 +309,32 @@ def cluster_up(
     workers: int = typer.Option(2, min=0, help="worker nodes besides the head"),
     head_cpus: int = typer.Option(1, min=1, help="CPUs the head offers to tasks (the job's driver needs none)"),
     worker_cpus: int = typer.Option(1, min=1, help="CPUs each worker node offers"),
-    host: str = typer.Option("127.0.0.1", help="address every service binds (dashboard, MLflow, Ray's ports)"),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="this machine's address that every service binds and every node is given (dashboard, MLflow, Ray's "
+        "ports); not a wildcard such as 0.0.0.0. Beyond 127.0.0.1 MLflow requires a login (needs mlflow[auth])",
+    ),
     mlflow: bool = typer.Option(True, help="start the cluster's MLflow tracking server"),
+    artifacts: Optional[str] = typer.Option(
+        None,
+        help="where the MLflow server keeps artifacts, e.g. s3://bucket/mlflow (credentials from the AWS_* "
+        "variables; needs boto3: invgan[s3]) [runs/cluster/mlartifacts]",
+    ),
 ) -> None:
     """Start a head and N worker nodes (real `ray start` processes) and an MLflow server; jobs submitted
     with `invgan submit` then run on them and log to that server. Stop everything with `invgan cluster down`."""
-    from cluster.local import state_dir, up
+    from cluster.local import MLFLOW_USER, state_dir, up
 
     if not local:
         raise typer.BadParameter(
             "only --local is built in; on real machines run `ray up ray_cluster.yaml`", param_hint="--local"
         )
-    state = up(workers, head_cpus=head_cpus, worker_cpus=worker_cpus, host=host, mlflow=mlflow)
+    state = up(workers, head_cpus=head_cpus, worker_cpus=worker_cpus, host=host, mlflow=mlflow, artifacts=artifacts)
     typer.echo(f"Ray cluster up: head + {workers} worker node(s), {head_cpus + workers * worker_cpus} CPUs")
     typer.echo(f"  job server / dashboard: {state.dashboard_url}    (GCS {state.gcs_address})")
     if state.mlflow_uri:
-        typer.echo(f"  MLflow server (and UI): {state.mlflow_uri}")
+        login = f"    (login: user {MLFLOW_USER}, password in {state.mlflow_auth})" if state.mlflow_auth else ""
+        typer.echo(f"  MLflow server (and UI): {state.mlflow_uri}{login}")
     typer.echo(f"  auth token: {state.token_path}    state, logs, run folders: {state_dir()}")
     typer.echo("submit a job:  invgan submit -- eval --config configs/smoke.yaml")
 
@@ -340,6 +373,25 @@ def submit(
     env: list[str] = typer.Option(
         [], "--env", help="NAME=VALUE for the job's environment, e.g. MLFLOW_TRACKING_URI=http://..."
     ),
+    cpus: float = typer.Option(
+        0,
+        "--cpus",
+        min=0,
+        help="CPUs reserved for the job's entry point (its driver; the workers ask for their own). "
+        "0: it runs on the head; more: on any node with that many free",
+    ),
+    gpus: float = typer.Option(
+        0,
+        "--gpus",
+        min=0,
+        help="GPUs reserved for the job's entry point (the workers' GPUs are resources.num_gpus_per_worker)",
+    ),
+    install_deps: bool = typer.Option(
+        False,
+        "--install-deps",
+        help="the nodes pip-install the project's dependencies (pyproject.toml) for the job, into a virtualenv "
+        "made from their Python environment; without it they must have them already (docs/scale-out.md)",
+    ),
 ) -> None:
     """Run an invgan command (eval, red, curves, tune, train) as a job on a Ray cluster.
 
@@ -349,13 +401,24 @@ def submit(
     Examples:  invgan submit -- eval --config configs/mnist5k_table2.yaml
                invgan submit --no-wait -- red --config configs/red_mnist5k.yaml
                invgan submit --address http://HEAD:8265 -- tune --config configs/tune/inverter.yaml
+               invgan submit --install-deps --cpus 1 -- eval --config configs/smoke.yaml
     """
     from cluster.submit import submit as submit_job
 
     pairs = dict(item.split("=", 1) for item in env if "=" in item)
     if len(pairs) != len(env):
         raise typer.BadParameter("expected NAME=VALUE", param_hint="--env")
-    raise typer.Exit(submit_job(command or [], address=address, wait=wait, env=pairs or None))
+    raise typer.Exit(
+        submit_job(
+            command or [],
+            address=address,
+            wait=wait,
+            env=pairs or None,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            install_deps=install_deps,
+        )
+    )
 
 
 @jobs_app.command("list")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
@@ -46,7 +45,12 @@ class Opt:
 
 # The fields of jobs.sharded.JobOptions as options (--no-mlflow and --quiet negate log_mlflow and progress).
 JOB_OPTIONS: dict[str, Opt] = {
-    "out": Opt(("--out",), Optional[Path], None, "run folder [runs/<name>-<config hash>]; rerun to resume"),
+    "out": Opt(
+        ("--out",),
+        Optional[str],
+        None,
+        "run folder, a path or a URI such as s3://bucket/runs/x [$INVGAN_RUNS/<name>-<config hash>]; rerun to resume",
+    ),
     "address": Opt(
         ("--address",), Optional[str], None, "Ray cluster address ('auto' to join a running one); default: local"
     ),

@@ -20,8 +20,12 @@ WEIGHTS_DIR = PROJECT_ROOT / "weights"
 
 
 def runs_dir() -> Path:
-    """Where run folders and the default MLflow store live: $INVGAN_RUNS or ./runs (absolute)."""
-    return Path(os.environ.get("INVGAN_RUNS", "runs")).resolve()
+    """Where run folders and the default MLflow store live: $INVGAN_RUNS or ./runs (absolute). When $INVGAN_RUNS
+    is a URI (s3://...: the run folders go there, jobs/storage.py), the local files (an SQLite MLflow store,
+    the local cluster's state) stay in ./runs."""
+    root = os.environ.get("INVGAN_RUNS", "runs")
+    local = "://" not in root or root.startswith("file://")
+    return Path(root.removeprefix("file://") if local else "runs").resolve()
 
 
 def default_tracking_uri() -> str:

@@ -266,11 +266,12 @@ def eval_job(cfg: EvalConfig, run_dir: Path, *, kind: str = "eval", finish=None)
     return ShardedJob(
         kind=kind,
         worker=EvalWorker,
-        worker_kwargs={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},  # run_dir: the substitutes
+        worker_kwargs={"config": cfg.model_dump(mode="json")},
         schema=EVAL_ROWS,
         n_examples=n,
         expected=lambda a, b: expected_rows(cfg, a, b, n),
         prepare=lambda run_dir: prepare_substitutes(cfg, models, full, seeds, run_dir),
+        ships=(f"{SUBSTITUTES}/*",) if seeds else (),  # the trained substitutes, to every worker
         finish=finish or (lambda run_dir, rows, run, shards: finish_eval(cfg, run_dir, rows, run, models, shards)),
         on_start=lambda run: log_dataset(run, full, data),
         tags={"defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks)},

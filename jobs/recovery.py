@@ -27,6 +27,7 @@ from invgan_core import rng
 from invgan_core.checkpoint import atomic_write_json, load_model
 from invgan_core.data import load_dataset
 from invgan_core.inversion import per_example_mse, project
+from jobs import storage
 from jobs.common import git_commit
 from jobs.config import JobConfig, MlflowSpec, load_config
 from jobs.run_folder import run_folder, write_shard
@@ -186,6 +187,7 @@ def run_recovery(cfg: RecoveryConfig, opts: JobOptions | None = None) -> JobResu
                     if col != "n":
                         tracker.client.log_metric(tracker.run_id, f"recovered/{c}/{col.split('= ')[1]}", float(v))
             tracker.client.log_dict(tracker.run_id, summary, "summary.json")
+    storage.finish(run_dir)  # a URI run folder: its files to the URI
     run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
     return JobResult(run_dir, summary, run_id, rows)
 

@@ -37,7 +37,7 @@ from jobs.config import AttackSpec, JobConfig, MlflowSpec, Resources, _Strict, l
 from jobs.models import check_job_inputs, load_models, worker_device
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import RED_ROWS
-from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
+from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_sharded_job
 
 Method = Literal["cnn", "bsd_gan", "bsd_gan_inverter", "sbsc"]
 METHODS: tuple[Method, ...] = ("cnn", "bsd_gan", "bsd_gan_inverter", "sbsc")
@@ -125,13 +125,13 @@ def build_or_load_dictionary(cfg: RedConfig, run_dir: Path):
 class RedWorker:
     """Loads models, the dictionary and SBSC's signal dictionary once; per shard emits the rows."""
 
-    def __init__(self, config: dict, dictionary: str):
+    def __init__(self, config: dict, run_dir: str):
         self.cfg = RedConfig.model_validate(config)
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
         self.device = worker_device(res)
         self.models = load_models(self.cfg, self.device)
-        self.dic = load_dictionary(dictionary)[0]
+        self.dic = load_dictionary(Path(run_dir) / "dictionary")[0]  # shipped to this node by the runner
         self.attacks = {name: spec.build(self.cfg.seed) for name, spec in self.cfg.dictionary.attacks.items()}
         self.data = load_dataset(self.cfg.dataset, self.cfg.split, self.cfg.data_dir).subset(self.cfg.limit)
         if "sbsc" in self.cfg.methods:
@@ -251,7 +251,6 @@ def run_red(cfg: RedConfig, opts: JobOptions | None = None) -> JobResult:
     load_models(cfg)  # fail early on missing or altered weights
     data = load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit)
     check_job_inputs(cfg, data)  # models that agree and images they can score, before any run folder
-    run_dir = run_folder(cfg, opts.out)
     per_example = (1 + len(cfg.dictionary.attacks)) * len(cfg.methods)
     attack_names = list(cfg.dictionary.attacks)  # their order is the attack-type index
 
@@ -264,11 +263,12 @@ def run_red(cfg: RedConfig, opts: JobOptions | None = None) -> JobResult:
     job = ShardedJob(
         kind="red",
         worker=RedWorker,
-        worker_kwargs={"config": cfg.model_dump(mode="json"), "dictionary": str(run_dir / "dictionary")},
+        worker_kwargs={"config": cfg.model_dump(mode="json")},
         schema=RED_ROWS,
         n_examples=len(data),
         expected=lambda a, b: (b - a) * per_example,
         prepare=lambda run_dir: build_or_load_dictionary(cfg, run_dir),
+        ships=("dictionary.*",),
         finish=finish,
     )
     return run_sharded_job(cfg, job, opts)

@@ -7,7 +7,8 @@
         damaged/         shards found unreadable, moved aside and computed again
         summary.json, progress.log, mlflow_run.json
 
-A rerun computes only the shards whose file is missing or unreadable.
+A rerun computes only the shards whose file is missing or unreadable. `--out` (or $INVGAN_RUNS) may be a URI
+(s3://bucket/runs/x): the folder is then staged locally and each file pushed as it completes (jobs/storage.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from invgan_core.files import atomic_write_bytes, atomic_write_json
-from jobs.common import runs_dir
+from jobs import storage
 from jobs.schemas import Schema
 
 
-def run_folder(cfg, out: Path | None) -> Path:
-    """--out, or <runs>/<name>-<config hash> (any job config)."""
-    return Path(out) if out else runs_dir() / f"{cfg.name}-{cfg.config_hash()[:12]}"
+def run_folder(cfg, out: str | Path | None) -> Path:
+    """--out, or <runs>/<name>-<config hash> (any job config), as a local folder: a URI's local stand-in."""
+    location = out or storage.join(os.environ.get("INVGAN_RUNS", "runs"), f"{cfg.name}-{cfg.config_hash()[:12]}")
+    return storage.stand_in(str(location)) if storage.is_uri(location) else storage.local_path(location)
 
 
 def plan_shards(n_examples: int, shard_size: int) -> list[tuple[int, int, int]]:
@@ -63,6 +65,9 @@ def _readable_shard(path: Path) -> bool:
         damaged.mkdir(exist_ok=True)
         target = damaged / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
         path.replace(target)
+        stage = storage.stage_of(path)
+        if stage is not None:  # the URI's copy is the damaged one: move it aside there too
+            stage.move(path.relative_to(stage.local).as_posix(), target.relative_to(stage.local).as_posix())
         print(
             f"warning: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
             f"moved to {target} and computing the shard again",
@@ -81,6 +86,7 @@ def write_shard(path: Path, frame: pd.DataFrame, schema: Schema | None = None) -
     else:
         pq.write_table(schema.table(frame), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+    storage.push(path)
 
 
 def read_rows(run_dir: Path, schema: Schema) -> pd.DataFrame:
@@ -118,7 +124,7 @@ def lock_run_dir(run_dir: Path) -> None:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise SystemExit(
-            f"{run_dir} is being written by {holder}: wait for it to finish, or choose another --out"
+            f"{storage.where(run_dir)} is being written by {holder}: wait for it to finish, or choose another --out"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -131,6 +137,20 @@ def prepare_run_dir(cfg, run_dir: Path) -> None:
     """Create the run folder, or check that the one found holds the same config and the same weights
     (so a resume never mixes rows of two configs, or of weights retrained in place)."""
     lock_run_dir(run_dir)
+    stage = storage.stage_of(run_dir)
+    if stage is None:
+        _check_config(cfg, run_dir)
+        return
+    stage.take_lease()  # a URI: one writer there too, and the local folder made a copy of what it holds
+    try:
+        stage.pull()
+        _check_config(cfg, run_dir)
+    except BaseException:
+        stage.release_lease()
+        raise
+
+
+def _check_config(cfg, run_dir: Path) -> None:
     recorded = run_dir / "config.json"
     current = {
         "config_hash": cfg.config_hash(),
@@ -141,13 +161,14 @@ def prepare_run_dir(cfg, run_dir: Path) -> None:
         previous = json.loads(recorded.read_text())
         if previous.get("config_hash") != current["config_hash"]:
             raise SystemExit(
-                f"{run_dir} holds results of a different config ({previous.get('config_hash', '?')[:12]});"
-                " choose another --out or delete the folder"
+                f"{storage.where(run_dir)} holds results of a different config "
+                f"({previous.get('config_hash', '?')[:12]}); choose another --out or delete the folder"
             )
         if previous.get("weights_sha256", current["weights_sha256"]) != current["weights_sha256"]:
             raise SystemExit(
-                f"{run_dir} holds results of other weights than {cfg.weights_dir()} now has;"
+                f"{storage.where(run_dir)} holds results of other weights than {cfg.weights_dir()} now has;"
                 " choose another --out or delete the folder"
             )
     else:
         atomic_write_json(recorded, current)
+        storage.push(recorded)

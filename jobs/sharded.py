@@ -24,10 +24,13 @@ the progress bar in jobs/progress.py, the row schemas in jobs/schemas.py.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
+import shutil
 import socket
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from invgan_core.files import atomic_write_json
+from jobs import storage
 from jobs.common import UserError, describe_error, git_commit, user_errors
 from jobs.progress import Progress
 from jobs.ray_session import ray_session
@@ -73,7 +77,7 @@ class JobOptions:
     """The options every job command shares (declared once in the CLI): where results go, which Ray cluster and
     MLflow store to use, and how much to print."""
 
-    out: Path | None = None  # run folder [<runs>/<name>-<config hash>]; rerun to resume
+    out: str | Path | None = None  # run folder, a path or a URI [<runs>/<name>-<config hash>]; rerun to resume
     address: str | None = None  # Ray cluster ('auto' joins a running one); None starts a local instance
     tracking_uri: str | None = None  # MLflow store [$MLFLOW_TRACKING_URI or SQLite in the runs folder]
     log_mlflow: bool = True
@@ -87,25 +91,14 @@ def _node_where() -> tuple[str, str]:
     return ray.get_runtime_context().get_node_id(), f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _inject_fault(shard: int) -> None:
-    """For the fault tests only: $INVGAN_INJECT_FAULT = "<folder>:<shard>,<shard>" makes the first attempt
-    at each listed shard raise (a marker file in <folder> records the attempt)."""
-    spec = os.environ.get("INVGAN_INJECT_FAULT")
-    if not spec:
-        return
-    folder, shards = spec.rsplit(":", 1)
-    marker = Path(folder) / f"fault-shard-{shard}"
-    if str(shard) in shards.split(",") and not marker.exists():
-        marker.touch()
-        raise OSError(f"injected fault on the first attempt at shard {shard} ($INVGAN_INJECT_FAULT)")
-
-
 class ShardActor:
     """One Ray Data actor: builds the job's worker once, then runs one shard per call and tags its rows
     with the node and process that computed them. A worker exception names the shard."""
 
-    def __init__(self, worker: type, kwargs: dict):
+    def __init__(self, worker: type, kwargs: dict, shipped=None):
         self.node, self.where = _node_where()
+        if shipped is not None:  # the files the job ships (object store), in a folder of this node: its run_dir
+            kwargs = kwargs | {"run_dir": str(_materialize(shipped))}
         # A worker that cannot start (a UserError: GPUs given but no CUDA in this node's torch) fails the first
         # shard it is handed, naming it, instead of an actor death that would look like a lost node.
         self.worker: Any = None
@@ -121,7 +114,6 @@ class ShardActor:
             try:
                 if self.failed is not None:
                     raise self.failed
-                _inject_fault(int(r.shard))
                 frame = self.worker.run_shard(int(r.shard), int(r.start), int(r.stop))
             except Exception as err:
                 raise RuntimeError(
@@ -130,6 +122,26 @@ class ShardActor:
                 ) from err
             frames.append(frame.assign(node=self.node, worker=self.where))
         return pd.concat(frames, ignore_index=True)
+
+
+def _materialize(shipped) -> Path:
+    """Write the shipped files ({path relative to the run folder: bytes}, an object-store reference) into a new
+    local folder (removed when the actor's process exits)."""
+    import ray
+
+    files = ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped
+    folder = Path(tempfile.mkdtemp(prefix="invgan-shipped-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+def shipped_files(run_dir: Path, patterns: tuple[str, ...]) -> dict[str, bytes]:
+    """{path relative to the run folder: bytes} of the files matching `patterns` (glob, under the run folder)."""
+    paths = sorted({p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()})
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in paths}
 
 
 # ---------------------------------------------------------------- the runner
@@ -202,9 +214,11 @@ def run_shards(
     verbose: bool = False,
     on_shard: Callable[[Progress], None] | None = None,
     max_attempts: int = 3,
+    shipped: dict[str, bytes] | None = None,
 ) -> ShardStats:
     """Compute the `todo` shards with `worker` actors and write each one's rows (plus `node`, `worker`)
-    to the run folder as they arrive, after checking it holds the `expected(start, stop)` rows."""
+    to the run folder as they arrive, after checking it holds the `expected(start, stop)` rows. `shipped` files
+    travel to every worker through the object store and the worker gets the folder they are in as `run_dir`."""
 
     stats = ShardStats()
     bounds = {k: (a, b) for k, a, b in todo}
@@ -212,6 +226,9 @@ def run_shards(
     local_cpus = int(math.ceil(resources.num_workers * resources.num_cpus_per_worker)) + 1  # +1: Ray Data's tasks
     try:
         with ray_session(address, num_cpus=local_cpus, verbose=verbose):
+            import ray
+
+            ref = ray.put(shipped) if shipped is not None else None  # once, shared by every actor of every pass
             while True:
                 left = missing_shards(run_dir, todo)
                 if not left:
@@ -223,6 +240,7 @@ def run_shards(
                         run_dir,
                         worker,
                         worker_kwargs,
+                        ref,
                         resources,
                         bounds,
                         expected,
@@ -254,7 +272,20 @@ def run_shards(
 
 
 def _one_pass(
-    left, run_dir, worker, worker_kwargs, resources, bounds, expected, schema, bar, stats, on_shard, *, elastic: bool
+    left,
+    run_dir,
+    worker,
+    worker_kwargs,
+    shipped,
+    resources,
+    bounds,
+    expected,
+    schema,
+    bar,
+    stats,
+    on_shard,
+    *,
+    elastic: bool,
 ) -> None:
     import ray
 
@@ -272,7 +303,7 @@ def _one_pass(
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardActor,
-            fn_constructor_kwargs={"worker": worker, "kwargs": worker_kwargs},
+            fn_constructor_kwargs={"worker": worker, "kwargs": worker_kwargs, "shipped": shipped},
             batch_size=1,
             batch_format="pandas",
             compute=pool,
@@ -333,6 +364,7 @@ def _write_batch(batch, run_dir, bounds, expected, schema, bar, stats, on_shard)
         write_shard(shard_path(run_dir, int(shard)), frame.reset_index(drop=True), schema)
         stats.computed += 1
         bar.update(int(shard), b - a, str(frame["node"].iloc[0]))
+        storage.push(run_dir / "progress.log")
         if on_shard is not None:
             on_shard(bar)
 
@@ -355,6 +387,9 @@ class ShardedJob:
     finish: Callable[[Path, pd.DataFrame, JobRun | None, dict], dict]
     prepare: Callable[[Path], None] | None = None  # driver work before the first shard (substitutes, dictionary)
     on_start: Callable[[JobRun], None] | None = None  # what to record in the MLflow run at once (the dataset)
+    # Files of the run folder the workers need (glob patterns, e.g. the RED dictionary): they travel through the
+    # object store, never through a shared disk, and the worker gets the folder they land in as `run_dir`.
+    ships: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -395,6 +430,7 @@ def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
                 progress=opts.progress,
                 verbose=opts.verbose,
                 on_shard=tracker.progress if tracker else None,
+                shipped=shipped_files(run_dir, job.ships) if job.ships else None,
             )
         rows = read_rows(run_dir, job.schema)
         shards_info = {
@@ -410,6 +446,7 @@ def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
         run_id = tracker.run_id if tracker is not None else recorded_run_id(run_dir)
         extra = {"mlflow_run_id": run_id, "config_hash": cfg.config_hash(), "shards": shards_info}
         atomic_write_json(run_dir / "summary.json", summary | extra)
+        storage.finish(run_dir)  # a URI run folder: its summary, tables and figures; its lease released
     return JobResult(run_dir, summary, run_id, rows, len(todo), len(shards) - len(todo), stats.retried)
 
 
@@ -432,7 +469,7 @@ def job_main(
     retried = f", {result.retried_shards} run again (see summary.json: shards)" if result.retried_shards else ""
     if result.computed_shards or result.skipped_shards:
         print(f"\nshards: {result.computed_shards} computed, {result.skipped_shards} reused{retried}")
-    print(f"run folder: {result.run_dir}")
+    print(f"run folder: {storage.where(result.run_dir)}")
     if result.mlflow_run_id:
         print(
             f"MLflow run {result.mlflow_run_id} in experiment {cfg.family!r}; open with: "

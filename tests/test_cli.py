@@ -159,7 +159,7 @@ def test_a_job_command_passes_its_options_to_the_jobs_main(monkeypatch, tmp_path
     args += ["--address", "auto", "--tracking-uri", "sqlite:///x.db", "--no-mlflow", "--quiet", "-v"]
     out = runner.invoke(app, [command, *args])
     assert out.exit_code == 0, out.output
-    opts = JobOptions(tmp_path, "auto", "sqlite:///x.db", log_mlflow=False, progress=False, verbose=True)
+    opts = JobOptions(str(tmp_path), "auto", "sqlite:///x.db", log_mlflow=False, progress=False, verbose=True)
     assert calls == [((Path("c.yaml"), ["a=1", "b=2"], opts), {"limit": 3})]
 
 
@@ -173,7 +173,7 @@ def test_recovery_and_train_get_job_options_too(monkeypatch):
     assert runner.invoke(app, ["train", "gan", "--prior", "uniform", "--out", "w", "--quiet"]).exit_code == 0
     (settings, opts), _ = calls[0]
     assert settings["kind"] == "gan" and settings["prior"] == "uniform" and settings["steps"] is None
-    assert "out" not in settings and opts == JobOptions(out=Path("w"), progress=False)
+    assert "out" not in settings and opts == JobOptions(out="w", progress=False)
 
 
 # ---------------------------------------------------------------- one error path

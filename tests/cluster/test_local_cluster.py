@@ -1,8 +1,14 @@
-"""A real multi-node Ray cluster on this machine: `invgan cluster up --local`, `invgan submit`, a lost node.
+"""A real multi-node Ray cluster on this machine: `invgan cluster up --local`, `invgan submit`, a lost node, and
+run folders in an object store (a real S3 server, SeaweedFS).
 
 One cluster (head + 1 worker node, 1 CPU each, an MLflow server) serves the module; the tests run in
 file order and the last one kills the worker node, so it must stay last. Teardown always runs `down`
 and checks that every process the cluster started is gone.
+
+The jobs that write to the bucket (`--out s3://...`) run as on machines with their own disks: each node has
+its own Ray folder (its copy of the job's working_dir), the driver stages the run folder in a folder of its
+own, workers get what they need (the substitutes, the RED dictionary) through the object store, and the
+shared runs folder stays empty.
 """
 
 from __future__ import annotations
@@ -19,31 +25,38 @@ import pandas as pd
 import pytest
 
 from cluster.local import _processes, cluster_pids, down, up
+from jobs import storage
 from jobs.config import load_config
 from jobs.run_folder import read_rows
-from jobs.schemas import EVAL_ROWS
+from jobs.schemas import EVAL_ROWS, RED_ROWS
+from tests.s3server import s3_server
 
 PROJECT = Path(__file__).resolve().parents[2]
 IGNORED = ["seconds", "attack_seconds", "node", "worker"]  # where and how long, not what
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
     runs = tmp_path_factory.mktemp("runs")
-    env = os.environ | {"INVGAN_RUNS": str(runs)}
-    env.pop("RAY_ADDRESS", None)
-    old = os.environ.get("INVGAN_RUNS")
+    saved = dict(os.environ)
+    os.environ.update(s3.env())  # the nodes reach the bucket by the standard AWS_* variables, as on a real cluster
     os.environ["INVGAN_RUNS"] = str(runs)
-    state = up(workers=1, head_cpus=1, worker_cpus=1)
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    state = up(workers=1, head_cpus=1, worker_cpus=1, artifacts=s3.uri("mlflow"))  # MLflow's artifacts in the bucket
     started = cluster_pids(state)
     try:
         yield state, env
     finally:
         stopped = down()
-        if old is None:
-            os.environ.pop("INVGAN_RUNS", None)
-        else:
-            os.environ["INVGAN_RUNS"] = old
+        os.environ.clear()
+        os.environ.update(saved)
         time.sleep(1)
         alive = [pid for pid in started if _alive(pid)]
         assert not alive, f"processes of the local cluster still alive after down: {alive}"
@@ -82,28 +95,40 @@ def _run_dir(state, name: str) -> Path:
     return found
 
 
-def test_submitted_eval_spreads_over_both_nodes_and_matches_the_in_process_rows(cluster):
-    state, env = cluster
-    overrides = ["shard_size=2", "name=cluster-smoke"]
-    sets = [a for o in overrides for a in ("--set", o)]
-    proc = _invgan(env, "submit", "--", "eval", "--config", "configs/smoke.yaml", *sets)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SUCCEEDED" in proc.stderr and "Accuracy" in proc.stdout
-    assert " INFO " not in proc.stdout, "Ray's INFO log stream leaked into the job's output"
+# a substitute black box small enough for the suite: 20 seeds, 2 rounds of Jacobian augmentation, 3 epochs each
+SUBSTITUTE = "attacks.sub={kind: substitute, params: {seeds: 20, rounds: 2, epochs: 3}}"
 
-    run_dir = _run_dir(state, "cluster-smoke")
+
+def test_submitted_eval_with_a_substitute_writes_every_row_once_to_the_bucket_and_matches_in_process(
+    cluster, s3, tmp_path
+):
+    state, env = cluster
+    uri = s3.uri("runs/cluster-smoke")
+    overrides = ["shard_size=2", "name=cluster-smoke", SUBSTITUTE]
+    sets = [a for o in overrides for a in ("--set", o)]
+    stage = ["--env", f"INVGAN_STAGE={tmp_path / 'head-stage'}"]  # the driver's own folder
+    proc = _invgan(env, "submit", *stage, "--", "eval", "--config", "configs/smoke.yaml", "--out", uri, *sets)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stderr and "Accuracy" in proc.stdout and f"run folder: {uri}" in proc.stdout
+    assert " INFO " not in proc.stdout, "Ray's INFO log stream leaked into the job's output"
+    assert not list(Path(state.runs_dir).glob("cluster-smoke-*")), "the run folder went to the shared folder"
+
+    run_dir = tmp_path / "fetched"
+    storage.fetch(uri, run_dir)  # `invgan fetch`: the run folder, brought home from the bucket
     rows = read_rows(run_dir, EVAL_ROWS)
     assert rows["node"].nunique() == 2, f"every shard ran on one node: {rows['node'].unique()}"
     assert not rows.duplicated(["example_id", "attack", "defense"]).any()
+    assert set(rows["attack"]) == {"clean", "fgsm", "bpda", "sub"}
 
-    # the same shards computed in this process give the same rows (the cluster changes where, not what)
+    # the same shards computed in this process, with the substitute from the bucket, give the same rows (the
+    # cluster changes where, not what)
     import torch
 
     from jobs.evaluate import EvalWorker
 
     threads = torch.get_num_threads()
     cfg = load_config("configs/smoke.yaml", overrides)
-    worker = EvalWorker(cfg.model_dump(mode="json"))
+    worker = EvalWorker(cfg.model_dump(mode="json"), str(run_dir))
     local = pd.concat([worker.run_shard(k, a, min(a + 2, 16)) for k, a in enumerate(range(0, 16, 2))])
     torch.set_num_threads(threads)
     key = ["shard", "example_id", "attack", "defense"]
@@ -121,6 +146,8 @@ def test_submitted_eval_spreads_over_both_nodes_and_matches_the_in_process_rows(
     assert run.data.metrics["progress/shards_done"] == 8 and "accuracy/none/clean" in run.data.metrics
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["shards"]["computed"] == 8 and summary["shards"]["lost_workers"] == []
+    artifacts = storage.Stage.of(s3.uri("mlflow")).remote_files()  # the server put the run's artifacts there
+    assert any(record["run_id"] in key for key in artifacts), sorted(artifacts)[:20]
 
 
 def test_jobs_list_and_logs_show_the_submitted_job(cluster):
@@ -154,6 +181,67 @@ def test_more_workers_than_the_cluster_holds_fail_with_what_to_change(cluster):
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 worker(s) of 1 CPU(s) did not all start within 5 s" in proc.stdout + proc.stderr
     assert "Lower resources.num_workers" in proc.stdout + proc.stderr
+
+
+@pytest.mark.reliability(kind="fault")
+def test_a_killed_red_driver_resumes_from_the_bucket_computing_only_the_missing_shards(cluster, s3, tmp_path):
+    """`invgan red` submitted with its run folder in the bucket: its driver is killed (SIGKILL) once some shards
+    are there; the same command submitted again computes only the missing shards, from another driver folder,
+    and every row is in the bucket once."""
+    _, env = cluster
+    uri = s3.uri("runs/cluster-red")
+    shards = storage.Stage.of(uri)
+    command = ["--", "red", "--config", "configs/red_smoke.yaml", "--out", uri, "--no-mlflow"]
+    command += ["--set", "shard_size=1", "--set", "limit=12"]  # 12 shards of a few seconds each
+    first = subprocess.Popen(
+        [sys.executable, "-m", "invgan", "submit", "--env", f"INVGAN_STAGE={tmp_path / 'a'}", *command],
+        env=env,
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until the workers have finished a shard or two
+            done = [k for k in shards.remote_files() if k.startswith("rows/")]
+            if len(done) >= 2:
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.5)
+        else:
+            pytest.fail("no RED shard reached the bucket within 300 s")
+        for pid in _job_drivers("red --config configs/red_smoke.yaml"):
+            os.kill(pid, signal.SIGKILL)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    before = {k for k in shards.remote_files() if k.startswith("rows/")}
+    assert 2 <= len(before) < 12, f"the driver was killed too late: {sorted(before)}"
+
+    again = _invgan(env, "submit", "--env", f"INVGAN_STAGE={tmp_path / 'b'}", *command, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"shards: {12 - len(before)} computed, {len(before)} reused" in again.stdout
+    run_dir = tmp_path / "fetched"
+    storage.fetch(uri, run_dir)
+    rows = read_rows(run_dir, RED_ROWS)
+    assert rows["example_id"].nunique() == 12
+    assert not rows.duplicated(["example_id", "attack_type", "method"]).any()
+
+
+def _job_drivers(command: str) -> list[int]:
+    """The pids of the submitted job's driver: the `python -m invgan <command> ...` process (and the shell Ray's
+    job supervisor may have started it through)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if "-m invgan " + command in line and "submit" not in line:
+            found.append(p.info["pid"])
+    assert found, f"no driver process running {command!r}"
+    return found
 
 
 @pytest.mark.reliability(kind="fault")

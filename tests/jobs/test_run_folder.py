@@ -1,4 +1,4 @@
-"""The run folder's rules, without Ray: one writer per run folder."""
+"""The run folder's rules: one writer per run folder, one row per example however its shards fail."""
 
 from __future__ import annotations
 
@@ -53,109 +53,102 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(tmp_path):
 
 
 @pytest.mark.reliability(kind="fault")
-def test_two_evaluations_log_to_one_fresh_sqlite_store_at_once(tmp_path):
-    """Two real `invgan eval` processes, one new SQLite store: both finish, each with its own FINISHED run
-    (no 'database is locked', no migration race)."""
-    import json
-    import os
-
+def test_two_jobs_log_to_one_fresh_sqlite_store_at_once(tmp_path):
+    """Two processes start their MLflow runs in one new SQLite store at once, as two `invgan eval` do (through
+    `start_mlflow`): both finish, each with its own FINISHED run (no 'database is locked', no migration race)."""
     from mlflow.tracking import MlflowClient
 
-    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SMOKE.parents[1])!r})
+        import mlflow
+        from jobs.common import start_mlflow
+        start_mlflow({uri!r}, "smoke")
+        with mlflow.start_run() as run:
+            mlflow.log_metric("accuracy", 0.5)
+        print(run.info.run_id)
+    """)
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "invgan",
-                "eval",
-                "--config",
-                str(SMOKE),
-                "--set",
-                f"name={n}",
-                "--set",
-                "shard_size=8",
-                "--set",
-                "resources.num_workers=1",
-            ],
-            cwd=SMOKE.parents[1],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for n in ("left", "right")
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    ids = {
-        json.loads(next((tmp_path / "runs").glob(f"{n}-*/mlflow_run.json")).read_text())["run_id"]
-        for n in ("left", "right")
-    }
+    ids = {out.strip().splitlines()[-1] for out in outputs}
+    client = MlflowClient(uri)
     assert len(ids) == 2 and all(client.get_run(i).info.status == "FINISHED" for i in ids)
 
 
-def _eval(tmp_path, out: str, fault: str) -> subprocess.CompletedProcess:
-    import os
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
 
-    env = os.environ | {"INVGAN_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1", "INVGAN_INJECT_FAULT": fault}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "invgan",
-            "eval",
-            "--config",
-            str(SMOKE),
-            "--no-mlflow",
-            "--out",
-            str(tmp_path / out),
-            "--set",
-            "resources.num_workers=1",
-        ],
-        cwd=SMOKE.parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-
-
-@pytest.mark.reliability(kind="fault")
-def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path):
-    import json
-
-    from jobs.run_folder import read_rows
-    from jobs.schemas import EVAL_ROWS
-
-    proc = _eval(tmp_path, "run", f"{tmp_path}:1,2")  # the first attempts at shards 1 and 2 raise
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (
-        "shard 1 failed (OSError: injected fault" in proc.stdout + proc.stderr
-        or "shard 2 failed (OSError: injected fault" in proc.stdout + proc.stderr
-    )
-    rows = read_rows(tmp_path / "run", EVAL_ROWS)
-    assert len(rows) == 16 * 2 * 3 and not rows.duplicated(["example_id", "attack", "defense"]).any()
-    shards = json.loads((tmp_path / "run" / "summary.json").read_text())["shards"]
-    assert set(shards["failed_attempts"]) == {"1", "2"} and shards["retried"] >= 2
-    assert all("injected fault" in m for m in shards["failed_attempts"].values())
-
-
-@pytest.mark.reliability(kind="fault")
-def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path):
-    proc = _eval(tmp_path, "run", f"{tmp_path / 'no-such-folder'}:0")  # the marker cannot be written: always fails
-    assert proc.returncode != 0
-    assert "shard 0 failed twice (FileNotFoundError" in proc.stdout + proc.stderr
-    assert "finished shards are kept" in proc.stdout + proc.stderr
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @dataclass(frozen=True)
 class _Row:
     example_id: int
     shard: int
+
+
+class _FlakyWorker:
+    """The first attempt at each shard in `fail` raises (a marker file in `folder` records it); a `folder` that
+    does not exist makes every attempt raise."""
+
+    def __init__(self, folder: str, fail: list[int]):
+        self.folder, self.fail = Path(folder), fail
+
+    def run_shard(self, shard: int, start: int, stop: int):
+        import pandas as pd
+
+        marker = self.folder / f"fault-shard-{shard}"
+        if shard in self.fail and not marker.exists():
+            marker.touch()  # FileNotFoundError when the folder does not exist: every attempt fails
+            raise OSError(f"injected fault on the first attempt at shard {shard}")
+        return pd.DataFrame({"example_id": list(range(start, stop)), "shard": shard})
+
+
+def _flaky_job(run_dir: Path, folder: Path, fail: list[int]):
+    from jobs.config import Resources
+    from jobs.sharded import run_shards
+
+    shards = [(k, 2 * k, 2 * k + 2) for k in range(4)]
+    run_dir.mkdir()
+    return run_shards(
+        shards,
+        run_dir,
+        worker=_FlakyWorker,
+        worker_kwargs={"folder": str(folder), "fail": fail},
+        resources=Resources(num_workers=1, num_cpus_per_worker=1),
+        expected=lambda a, b: b - a,
+        schema=Schema(_Row),
+        desc="flaky",
+        progress=False,
+    )
+
+
+@pytest.mark.reliability(kind="fault")
+def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path, ray_instance):
+    from jobs.run_folder import read_rows
+
+    stats = _flaky_job(tmp_path / "run", tmp_path, [1, 2])  # the first attempts at shards 1 and 2 raise
+    rows = read_rows(tmp_path / "run", Schema(_Row))
+    assert sorted(rows["example_id"]) == list(range(8))  # every row, once
+    assert set(stats.failed) <= {1, 2} and stats.failed and stats.retried >= 1
+    assert all("OSError: injected fault" in m for m in stats.failed.values())
+    progress = (tmp_path / "run" / "progress.log").read_text()
+    assert "failed (OSError: injected fault" in progress and "missing shard(s) again" in progress
+
+
+@pytest.mark.reliability(kind="fault")
+def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path, ray_instance):
+    with pytest.raises(RuntimeError, match=r"shard 0 failed twice \(FileNotFoundError.*finished shards are kept"):
+        _flaky_job(tmp_path / "run", tmp_path / "no-such-folder", [0])
 
 
 class _SlowWorker:
@@ -172,7 +165,7 @@ class _SlowWorker:
 
 
 @pytest.mark.reliability(kind="fault")
-def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_path):
+def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_path, ray_instance):
     """Ray Data gives up on a dataset that moves no block for `execution_no_progress_timeout_s` (30 min by
     default); one shard of BPDA through Defense-GAN on a loaded machine takes longer. The runner turns that
     timeout off (lost workers are caught by its own retries): with the timeout at 1 s, 3-second shards finish."""
@@ -182,20 +175,16 @@ def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_pat
     from jobs.run_folder import read_rows
     from jobs.sharded import run_shards
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
-        run_shards(
-            [(0, 0, 2), (1, 2, 4)],
-            tmp_path,
-            worker=_SlowWorker,
-            worker_kwargs={"seconds": 3.0},
-            resources=Resources(num_workers=1, num_cpus_per_worker=1),
-            expected=lambda a, b: b - a,
-            schema=Schema(_Row),
-            desc="slow",
-            progress=False,
-        )
-        assert sorted(read_rows(tmp_path, Schema(_Row))["example_id"]) == [0, 1, 2, 3]
-    finally:
-        ray.shutdown()
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
+    run_shards(
+        [(0, 0, 2), (1, 2, 4)],
+        tmp_path,
+        worker=_SlowWorker,
+        worker_kwargs={"seconds": 3.0},
+        resources=Resources(num_workers=1, num_cpus_per_worker=1),
+        expected=lambda a, b: b - a,
+        schema=Schema(_Row),
+        desc="slow",
+        progress=False,
+    )
+    assert sorted(read_rows(tmp_path, Schema(_Row))["example_id"]) == [0, 1, 2, 3]

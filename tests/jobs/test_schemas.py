@@ -78,7 +78,7 @@ def test_the_red_workers_rows_are_the_red_schema(tmp_path):
         limit=2,
     )
     build_or_load_dictionary(cfg, tmp_path)
-    rows = RedWorker(cfg.model_dump(mode="json"), str(tmp_path / "dictionary")).run_shard(0, 0, 2)
+    rows = RedWorker(cfg.model_dump(mode="json"), str(tmp_path)).run_shard(0, 0, 2)
     assert list(rows.columns) == RED_ROWS.columns
     RED_ROWS.table(rows.assign(node="n", worker="h:1"))
     assert len(rows) == 2 * 3 * len(cfg.methods)

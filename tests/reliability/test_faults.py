@@ -108,7 +108,7 @@ def test_a_killed_red_driver_resumes_computing_only_the_missing_shards(tmp_path)
 
     overrides = [RED_TINY[i + 1] for i in range(2, len(RED_TINY), 2)]
     cfg = load_config(RED_SMOKE, overrides, model=RedConfig, limit=6)
-    uninterrupted = RedWorker(cfg.model_dump(mode="json"), str(run / "dictionary")).run_shard(0, 0, 6)
+    uninterrupted = RedWorker(cfg.model_dump(mode="json"), str(run)).run_shard(0, 0, 6)
     resumed = read_rows(run, RED_ROWS)
     assert len(resumed) == 6 * 3 * 4 and not resumed.duplicated(RED_KEY).any()
     resumed, uninterrupted = _comparable(resumed, RED_KEY), _comparable(uninterrupted, RED_KEY)

@@ -246,13 +246,8 @@ def start_mlflow_server(folder: Path, host: str, env: dict, artifacts: str | Non
     every node's driver reaches one store over HTTP (with a login beyond 127.0.0.1). Returns (uri, pgid)."""
     port = free_port(host)
     log = folder / "mlflow-server.log"
-    if artifacts and artifacts.startswith("s3://"):
-        try:
-            import boto3  # noqa: F401 - the server's S3 client: present, or one line saying how to get it
-        except ImportError:
-            raise SystemExit(
-                f"--artifacts {artifacts}: MLflow needs boto3 for S3; install it with pip install 'invgan[s3]'"
-            ) from None
+    if artifacts and artifacts.startswith("s3://") and importlib.util.find_spec("boto3") is None:
+        raise SystemExit(f"--artifacts {artifacts}: MLflow needs boto3 for S3: pip install 'invgan[s3]'")
     cmd, extra = mlflow_server_command(folder, host, port, artifacts)
     if extra:  # the login is the config file's: MLFLOW_AUTH_ADMIN_* in this environment would override it
         env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_AUTH_")} | extra

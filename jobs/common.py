@@ -97,7 +97,7 @@ class UserError(ValueError):
     raising it still yields a ValidationError naming the field."""
 
 
-def write_error(err: OSError, folder: Path | None) -> str | None:
+def write_error(err: OSError, folder: str | Path | None) -> str | None:
     """A disk-full, read-only or permission error while writing `folder` as one line naming the path (None
     for other OSErrors, e.g. a connection error: those are not about the folder). Shards, training state and
     summary.json are written atomically, so whatever was finished is complete and a rerun resumes from it."""
@@ -131,7 +131,7 @@ def describe_error(err: Exception) -> str:
     return "; ".join(problems)
 
 
-def user_message(what: str, err: BaseException, run_dir: Path | None = None) -> str | None:
+def user_message(what: str, err: BaseException, run_dir: str | Path | None = None) -> str | None:
     """The one line `user_errors` shows for `err`, or None when `err` is not the user's to fix (a bug)."""
     if isinstance(err, KeyboardInterrupt):
         kept = f"; what was finished is kept in {run_dir}: rerun the same command to resume" if run_dir else ""
@@ -150,7 +150,7 @@ def user_message(what: str, err: BaseException, run_dir: Path | None = None) -> 
 
 
 @contextmanager
-def user_errors(what: str, run_dir: Path | None = None, *, verbose: bool) -> Iterator[None]:
+def user_errors(what: str, run_dir: str | Path | None = None, *, verbose: bool) -> Iterator[None]:
     """Every command's one error path: an error the user can fix ends in one line (SystemExit: the line on
     stderr, exit code 1) instead of a traceback; anything else (a bug) keeps its traceback.
 

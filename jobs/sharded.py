@@ -463,7 +463,7 @@ def job_main(
     cfg = _load_config(what, load)
     if opts.tracking_uri:
         cfg.mlflow.tracking_uri = opts.tracking_uri
-    with user_errors(what, run_folder(cfg, opts.out), verbose=opts.verbose):
+    with user_errors(what, storage.where(run_folder(cfg, opts.out)), verbose=opts.verbose):
         result = run(cfg, opts)
     show(cfg, result)
     retried = f", {result.retried_shards} run again (see summary.json: shards)" if result.retried_shards else ""

@@ -81,20 +81,28 @@ class Stage:
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
-    def remote_files(self) -> dict[str, int]:
-        """{path relative to the run folder: size} of every file under the URI."""
-        selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        return {i.path[len(self.root) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    def remote_files(self, skip: tuple[str, ...] = ()) -> dict[str, int]:
+        """{path relative to the run folder: size} of every file under the URI, but those in the top-level
+        folders named in `skip` (never listed: e.g. Tune's experiment folder)."""
+        out: dict[str, int] = {}
+        todo = [self.root]
+        while todo:
+            for info in self.fs.get_file_info(pafs.FileSelector(todo.pop(), allow_not_found=True)):
+                rel = info.path[len(self.root) + 1 :]
+                if info.type == pafs.FileType.Directory and rel not in skip:
+                    todo.append(info.path)
+                elif info.type == pafs.FileType.File:
+                    out[rel] = info.size
+        return out
 
-    def pull(self, prune: bool = True) -> int:
-        """Make the local folder a copy of the URI's files (`prune`: remove local files the URI lacks); returns
-        how many files were downloaded."""
-        remote = {k: v for k, v in self.remote_files().items() if k not in LOCAL_ONLY}
+    def pull(self, prune: bool = True, skip: tuple[str, ...] = ()) -> int:
+        """Make the local folder a copy of the URI's files (`prune`: remove local files the URI lacks; `skip`: top
+        folders left alone); returns how many files were downloaded."""
+        remote = {k: v for k, v in self.remote_files(skip).items() if k not in LOCAL_ONLY}
         self.local.mkdir(parents=True, exist_ok=True)
         for path in [p for p in self.local.rglob("*") if p.is_file()] if prune else []:
             rel = path.relative_to(self.local).as_posix()
-            if rel not in remote and rel not in LOCAL_ONLY:
+            if rel not in remote and rel not in LOCAL_ONLY and rel.split("/", 1)[0] not in skip:
                 path.unlink()
         fetched = 0
         for rel, size in remote.items():

@@ -67,7 +67,23 @@ class TrainConfig(BaseModel):
         description="classifier: random translations of up to N pixels [image size // 14: 2 on MNIST, 0 on digits]",
     )
     device: Optional[Literal["cpu", "cuda", "mps"]] = Field(
-        None, description="device to train on [Accelerate picks: CUDA when present]"
+        None,
+        description="device to train on [Accelerate picks: CUDA when present; with --workers N: a GPU per worker "
+        "when the Ray cluster has N]",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Accelerate's mixed precision: fp16 or bf16 autocast, float32 weights (a GPU's gain)"
+    )
+    workers: int = Field(
+        1,
+        gt=0,
+        description="data-parallel processes: N > 1 runs the same loop on N Ray Train workers (a local Ray "
+        "instance, or the cluster of a submitted job), each taking 1/N of every global batch",
+    )
+    storage: Optional[str] = Field(
+        None,
+        description="--workers N: where Ray Train keeps the resumable state, a folder or a URI (s3://bucket/path) "
+        "every node can reach; in <storage>/<work dir's name> [the work dir]",
     )
     out: Optional[Path] = Field(None, description="folder for the model files [weights/<dataset>]")
     work_dir: Optional[Path] = Field(

@@ -21,8 +21,8 @@ LAYERS = {
 NOT_IN_CORE = {"ray", "mlflow", "accelerate", "optuna"}
 # Heavy or optional modules a function may import where it needs them, so that importing a module (and the
 # `invgan --help` front door) does not pay for them: Ray and Tune (~2 s), MLflow (~1 s), matplotlib, Accelerate,
-# Optuna, and the project's own layers from the front door (one command's layer per command).
-LAZY = {"ray", "mlflow", "matplotlib", "accelerate", "optuna", "foolbox", "psutil", "rich"}
+# Optuna, tomllib (Python 3.11+ only), and the project's own layers from the front door (one layer per command).
+LAZY = {"ray", "mlflow", "matplotlib", "accelerate", "optuna", "foolbox", "psutil", "rich", "tomllib"}
 
 
 def _modules() -> dict[str, Path]:

@@ -7,6 +7,14 @@
 
 Rerunning the same command continues the search from Tune's experiment state in <out>/tune: finished
 trials are kept, unfinished ones continue from their last Tune checkpoint.
+
+<out> is a local path or a URI (s3://bucket/tune/x). Tune's storage path is <out> itself, so each trial's
+folder <out>/tune/<trial dir>/ (its checkpoints, and the files the trial leaves: rows.parquet, starts.log, an
+inverter's weights/) is written by Tune from whatever node the trial runs on; the driver reads those files back
+through the results' filesystem (`Result.path`), never from a local path it assumes. The driver's own files
+(search.json, child_runs.json, mlflow_run.json, the RED dictionary, trials.parquet, best.yaml, summary.json,
+best-weights/) live in a local folder: <out> itself, or for a URI its stand-in (jobs/storage.py), held with a
+lease and pushed to the URI as they are written and at the end.
 """
 
 from __future__ import annotations
@@ -16,41 +24,72 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import yaml
+from pyarrow import fs as pafs
 
 from invgan_core.data import load_dataset
 from invgan_core.files import atomic_write_bytes, atomic_write_json
-from jobs.common import default_tracking_uri, describe_error, git_commit, runs_dir, user_errors
+from jobs import storage
+from jobs.common import default_tracking_uri, describe_error, git_commit, user_errors
 from jobs.models import load_models
 from jobs.ray_session import quiet_ray_logging, ray_session
 from jobs.run_tables import replace_table
-from jobs.tracking import log_weights, tracked_run, where_to_open
+from jobs.sharded import shipped_files
+from jobs.tracking import RUN_RECORD, log_weights, tracked_run, where_to_open
 from tuning.config import TuneSearch, load_search
 from tuning.space import Grid, LogUniform
 from tuning.tracking import SearchCallback
-from tuning.trials import TRIALS, eval_config_dict, red_dictionary
+from tuning.trials import DICTIONARY_FILES, TRIALS, eval_config_dict, red_dictionary
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside <out>
 
 
 @dataclass
 class SearchResult:
-    out: Path
+    out: Path  # the local folder of the driver's files (a URI's stand-in)
     best_trial: str | None
     best_config: dict
     best_metric: float | None
     trials: pd.DataFrame
     summary: dict
     mlflow_parent_run_id: str | None
+    location: str = ""  # the search's folder as given: a path or a URI (Tune's storage path)
 
 
-def default_out(search: TuneSearch) -> Path:
-    return runs_dir() / "tune" / f"{search.name}-{search.search_hash()[:12]}"
+def default_out(search: TuneSearch) -> str | Path:
+    """<runs>/tune/<name>-<hash>, <runs> being $INVGAN_RUNS (a path or a URI) or ./runs."""
+    return storage.join(os.environ.get("INVGAN_RUNS", "runs"), f"tune/{search.name}-{search.search_hash()[:12]}")
+
+
+def local_folder(location: str | Path) -> Path:
+    """The local folder of the driver's files for the search's folder `location` (a URI's stand-in)."""
+    return storage.stand_in(str(location)) if storage.is_uri(location) else storage.local_path(location)
+
+
+def open_folder(location: str | Path) -> tuple[Path, str]:
+    """(local folder of the driver's files, Tune's storage path) of the search's folder `location`.
+
+    A local path: both are that folder. A URI: the local folder is its stand-in, taken with the URI's lease (one
+    driver at a time) and made a copy of the driver's files the URI holds (Tune's experiment folder is not
+    copied: Tune reads it at the URI); Tune's storage path is the URI."""
+    folder = local_folder(location)
+    stage = storage.stage_of(folder) if storage.is_uri(location) else None
+    if stage is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder, str(folder)
+    stage.take_lease()
+    try:
+        stage.pull(skip=(EXPERIMENT,))  # Tune reads its experiment folder at the URI itself
+    except BaseException:
+        stage.release_lease()
+        raise
+    return folder, stage.uri
 
 
 def absolute_tracking_uri(uri: str | None) -> str:
@@ -72,21 +111,29 @@ def _record(search: TuneSearch, out: Path) -> None:
     if path.exists():
         recorded = json.loads(path.read_text()).get("search_hash")
         if recorded != search.search_hash():
-            raise SystemExit(f"{out} holds another search ({recorded[:12]}); choose another --out or delete the folder")
+            raise SystemExit(
+                f"{storage.where(out)} holds another search ({recorded[:12]}); "
+                "choose another --out or delete the folder"
+            )
     else:
         atomic_write_json(path, {"search_hash": search.search_hash(), "search": search.model_dump(mode="json")})
 
 
-def _tuner(search: TuneSearch, out: Path, callback):
+def _tuner(search: TuneSearch, out: Path, storage_path: str, callback):
+    """The Tuner of a new search, or the restored one of <storage_path>/tune. Nothing a trial gets names the driver's
+    folder `out`: the RED dictionary's bytes travel with the trainable's parameters (the object store)."""
     from ray import tune
 
+    params: dict = {"search": search.model_dump(mode="json")}
+    if search.kind == "red":
+        params["shipped"] = shipped_files(out, DICTIONARY_FILES)
     trainable = tune.with_resources(
-        tune.with_parameters(TRIALS[search.kind], search=search.model_dump(mode="json"), out=str(out)),
+        tune.with_parameters(TRIALS[search.kind], **params),
         {"cpu": search.resources.cpus, "gpu": search.resources.gpus},
     )
-    exp_dir = out / EXPERIMENT
-    if tune.Tuner.can_restore(str(exp_dir)):
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True), True
+    exp_dir = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
+    if tune.Tuner.can_restore(exp_dir):
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True), True
     reports = _reports_per_trial(search)
     scheduler = None
     if search.scheduler.kind == "asha":
@@ -110,7 +157,10 @@ def _tuner(search: TuneSearch, out: Path, callback):
     )
     run_config = tune.RunConfig(
         name=EXPERIMENT,
-        storage_path=str(out),
+        storage_path=storage_path,
+        # a trial's working directory (rows.parquet, starts.log, weights/) uploaded to its folder in the storage
+        # path with every checkpointed report: from a node with its own disk too
+        sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=0,
         callbacks=[callback],
         failure_config=tune.FailureConfig(max_failures=0),
@@ -161,16 +211,43 @@ def _reports_per_trial(search: TuneSearch) -> int:
 # ---------------------------------------------------------------- results
 
 
-def trials_table(grid, search: TuneSearch) -> pd.DataFrame:
+def trial_id_of(result) -> str:
+    """A Tune result's trial id (from its metrics, else from its folder's name: <trainable>_<id>_<n>_...)."""
+    if (result.metrics or {}).get("trial_id"):
+        return str(result.metrics["trial_id"])
+    found = re.search(r"_([0-9a-f]+_\d{5})(?:_|$)", PurePosixPath(result.path).name)
+    return found.group(1) if found else PurePosixPath(result.path).name
+
+
+def trial_folders(grid) -> dict[str, tuple]:
+    """{trial id: (filesystem, path)} of each trial's folder in the storage path, as Tune's results name it
+    (a local folder, or one at the URI): where the trial's rows.parquet, starts.log and weights/ are."""
+    return {trial_id_of(r): (r.filesystem, r.path) for r in grid}
+
+
+def read_trial_file(folder: tuple, rel: str) -> bytes:
+    """A file of a trial's folder (`trial_folders`), through its filesystem; FileNotFoundError if absent."""
+
+    filesystem, path = folder
+    target = f"{str(path).rstrip('/')}/{rel}"
+    if filesystem.get_file_info(target).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{target}: not in the trial's folder")
+    with filesystem.open_input_stream(target) as src:
+        return src.read()
+
+
+def trials_table(grid, search: TuneSearch, location: str | None = None) -> pd.DataFrame:
     """One row per trial: trial_id, each searched parameter, objective (the last reported: a stopped trial's is
-    on fewer examples or steps), value, seconds, reports, step (examples or training steps done), status."""
+    on fewer examples or steps), value, seconds, reports, step (examples or training steps done), status, folder
+    (the trial's folder: <location>/tune/<trial dir>, a path or a URI)."""
     rows = []
     for result in grid:
         m = result.metrics or {}
         status = "error" if result.error else ("complete" if m.get("complete") else "stopped")
+        name = PurePosixPath(result.path).name
         rows.append(
             {
-                "trial_id": m.get("trial_id") or Path(result.path).name.split("_")[1],
+                "trial_id": trial_id_of(result),
                 **{p: result.config.get(p) for p in search.space},
                 "objective": m.get("objective"),
                 "value": m.get("value", m.get("objective")),
@@ -179,6 +256,7 @@ def trials_table(grid, search: TuneSearch) -> pd.DataFrame:
                 "reports": m.get("training_iteration", 0),
                 "step": m.get("step"),
                 "status": status,
+                "folder": f"{location.rstrip('/')}/{EXPERIMENT}/{name}" if location else str(result.path),
             }
         )
     frame = pd.DataFrame(rows)
@@ -234,8 +312,17 @@ def objective_figure(table: pd.DataFrame, search: TuneSearch):
     return fig
 
 
-def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run_id: str | None) -> dict:
-    """trials.parquet, best.yaml (and the best inverter's weights folder), summary.json, all atomic."""
+def write_outputs(
+    search: TuneSearch,
+    out: Path,
+    table: pd.DataFrame,
+    parent_run_id: str | None,
+    folders: dict[str, tuple] | None = None,
+    location: str | None = None,
+) -> dict:
+    """trials.parquet, best.yaml (and the best inverter's weights folder, read from its trial's folder in
+    `folders`, see `trial_folders`), summary.json, all atomic, in the local folder `out`; `location`: the
+    search's folder as given (a URI for a staged `out`)."""
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     atomic_write_bytes(out / "trials.parquet", buffer.getvalue())
@@ -253,6 +340,7 @@ def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run
         "best_config": None,
         "best_metric": None,
         "mlflow_parent_run_id": parent_run_id,
+        "folder": location or str(out),
     }
     if best is not None:
         params = {p: _plain(best[p]) for p in search.space}
@@ -280,7 +368,7 @@ def write_outputs(search: TuneSearch, out: Path, table: pd.DataFrame, parent_run
                 "status": base.status,
                 "gain": gain,
             }
-        text, reproduce = best_yaml(search, out, params, best)
+        text, reproduce = best_yaml(search, out, params, best, folders or {})
         atomic_write_bytes(out / "best.yaml", text.encode())
         summary["reproduce"] = reproduce
     atomic_write_json(out / "summary.json", summary)
@@ -302,9 +390,10 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, str | None]:
+def best_yaml(search: TuneSearch, out: Path, params: dict, best, folders: dict[str, tuple]) -> tuple[str, str | None]:
     """A ready-to-run config with the best values (the base's split: the final, held-out evaluation) and the
-    command that reproduces the trial's measurement on the validation split."""
+    command that reproduces the trial's measurement on the validation split. An inverter search's best inverter
+    is read from its trial's folder (`folders`: the Tune results' filesystems) into <out>/best-weights."""
     trial_params = {} if search.kind == "inverter" else params
     cfg = eval_config_dict(search, trial_params, for_trial=False)
     trial = eval_config_dict(search, trial_params, for_trial=True)
@@ -316,8 +405,8 @@ def best_yaml(search: TuneSearch, out: Path, params: dict, best) -> tuple[str, s
             for ext in (".json", ".safetensors"):
                 shutil.copyfile(src / f"{kind}{ext}", weights / f"{kind}{ext}")
         for ext in (".json", ".safetensors"):
-            trained = out / "trials" / best.trial_id / "weights" / f"inverter{ext}"
-            shutil.copyfile(trained, weights / f"inverter{ext}")
+            trained = read_trial_file(folders[best.trial_id], f"weights/inverter{ext}")
+            atomic_write_bytes(weights / f"inverter{ext}", trained)
         cfg["weights"] = trial["weights"] = str(weights)
     command = "invgan red" if search.kind == "red" else "invgan eval"
     sets = (
@@ -374,19 +463,36 @@ def log_parent(client, run_id: str, search: TuneSearch, out: Path, table: pd.Dat
 def run_search(
     search: TuneSearch,
     *,
-    out: Path | None = None,
+    out: str | Path | None = None,
     address: str | None = None,
     progress: bool = True,
     log_mlflow: bool = True,
     verbose: bool = False,
 ) -> SearchResult:
-    """Run (or resume) the search; returns the trials table and the summary written to <out>."""
-    out = Path(out or default_out(search)).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    """Run (or resume) the search; returns the trials table and the summary written to <out> (a path or a URI:
+    then its local stand-in, pushed to the URI)."""
+    folder, location = open_folder(out or default_out(search))
+    try:
+        return _run_search(search, folder, location, address, progress, log_mlflow, verbose)
+    finally:
+        storage.finish(folder)  # a URI: every driver file pushed, its lease released (a local folder: nothing)
+
+
+def _run_search(
+    search: TuneSearch,
+    out: Path,
+    location: str,
+    address: str | None,
+    progress: bool,
+    log_mlflow: bool,
+    verbose: bool,
+) -> SearchResult:
     _record(search, out)
+    storage.push(out / "search.json")
     load_models(search.base_config())  # missing or altered weights fail before any trial
     if search.kind == "red":
         red_dictionary(search, out)
+        storage.push(*sorted(out.glob("dictionary.*")))
     # experiment state saved at every step: a kill loses no finished trial
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banner, no status tables; our lines instead
@@ -414,9 +520,10 @@ def run_search(
         config_dict=search.model_dump(mode="json"),
         tags=tags,
     ) as parent:
+        storage.push(out / RUN_RECORD)  # a URI's copy: a resume from another machine continues the same runs
         exp_id = parent.client.get_run(parent.run_id).info.experiment_id if parent else None
         callback = SearchCallback(
-            out=str(out),
+            out=location,
             tracking_uri=uri if parent else None,
             experiment_id=exp_id,
             parent_run_id=parent.run_id if parent else None,
@@ -428,19 +535,21 @@ def run_search(
         )
         cpus = math.ceil(search.search.max_concurrent_trials * search.resources.cpus)
         with ray_session(address, num_cpus=cpus, verbose=verbose):
-            tuner, resumed = _tuner(search, out, callback)
+            tuner, resumed = _tuner(search, out, location, callback)
             if progress:
                 print(
                     f"{'resuming' if resumed else 'starting'} search {search.name!r}: {total_trials(search)} "
                     f"trial(s) of {search.kind}, {search.objective.label()} ({search.mode}), "
-                    f"{search.search.max_concurrent_trials} at a time; folder {out}",
+                    f"{search.search.max_concurrent_trials} at a time; folder {location}",
                     flush=True,
                 )
             grid = tuner.fit()
         if len(grid) < total_trials(search) or grid.num_terminated + grid.num_errors < len(grid):
             raise KeyboardInterrupt  # Tune stopped on Ctrl-C and saved its state: mark the parent run KILLED
-        table = trials_table(grid, search)
-        summary = write_outputs(search, out, table, parent.run_id if parent else None)
+        table = trials_table(grid, search, location)
+        summary = write_outputs(search, out, table, parent.run_id if parent else None, trial_folders(grid), location)
+        outputs = ["trials.parquet", "summary.json", "best.yaml"]
+        storage.push(*[out / name for name in outputs], *sorted((out / "best-weights").glob("*")))
         if parent is not None:
             log_parent(parent.client, parent.run_id, search, out, table, summary)
     return SearchResult(
@@ -451,13 +560,14 @@ def run_search(
         table,
         summary,
         summary["mlflow_parent_run_id"],
+        location,
     )
 
 
 def main(
     config: Path,
     overrides: list[str],
-    out: Path | None,
+    out: str | Path | None,
     address: str | None,
     num_samples: int | None,
     tracking_uri: str | None,
@@ -475,9 +585,12 @@ def main(
             search = load_search(config, [*overrides, *extra])
         except ValueError as err:  # the loader's own: the file, a --set, a field (pydantic's ValidationError)
             raise SystemExit(f"invalid search config: {describe_error(err)}") from None
-    out = Path(out or default_out(search)).resolve()
-    with user_errors("search", out, verbose=verbose):
-        res = run_search(search, out=out, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose)
+    location = out or default_out(search)
+    with user_errors("search", storage.where(local_folder(location)), verbose=verbose):
+        res = run_search(
+            search, out=location, address=address, progress=progress, log_mlflow=log_mlflow, verbose=verbose
+        )
+    where = res.location
     s = res.summary
     print(
         f"\n{s['trials']} trial(s): {s['complete']} complete, {s['stopped_early']} stopped early, {s['errors']} failed"
@@ -503,9 +616,10 @@ def main(
             )
         print(
             f"best config: {s['best_yaml']}"
+            + (f" (a copy at {where}/best.yaml)" if storage.is_uri(where) else "")
             + (f"\n  reproduce the trial: {s['reproduce']}" if s.get("reproduce") else "")
         )
-    print(f"trials table: {out / 'trials.parquet'}; summary: {out / 'summary.json'}")
+    print(f"trials table: {where}/trials.parquet; summary: {where}/summary.json; trials' files: {where}/{EXPERIMENT}/")
     if res.mlflow_parent_run_id:
         print(
             f"MLflow parent run {res.mlflow_parent_run_id} in experiment {search.experiment!r} "

@@ -3,7 +3,8 @@
 A Tune callback runs on the driver, so the rule "only the driver writes to MLflow" holds: trials report
 metrics to Tune, the callback turns them into a nested child run of the search's parent run (params =
 the trial's point, every report a step of each metric, so the UI draws learning curves). The trial →
-child-run map is kept in <out>/child_runs.json, so a resumed search continues the same child runs.
+child-run map is kept in <out>/child_runs.json, so a resumed search continues the same child runs; for a search
+folder at a URI, in its local stand-in, pushed to the URI whenever it changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from ray import tune
 
 from invgan_core.files import atomic_write_json
+from jobs import storage
 from jobs.run_tables import flatten_config, safe_name
 
 if TYPE_CHECKING:
@@ -53,7 +55,9 @@ def _short(value) -> str:
 
 
 class SearchCallback(tune.Callback):
-    """Child MLflow runs under `parent_run_id` (when given) and one printed line per finished trial."""
+    """Child MLflow runs under `parent_run_id` (when given) and one printed line per finished trial.
+
+    `out`: the search's folder, a local path or a URI (then its local stand-in holds child_runs.json)."""
 
     def __init__(
         self,
@@ -72,10 +76,22 @@ class SearchCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self.metric, self.mode, self.label, self.total, self.show = metric, mode, label, total, show
         self._client: MlflowClient | None = None
+        self._folder: Path | None = None
         self._started: dict[str, float] = {}
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment: no live client in there
-        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_folder")} | {
+            "_client": None,
+            "_folder": None,
+        }
+
+    @property
+    def folder(self) -> Path:
+        """The local folder of the driver's files: `out` itself, or the stand-in of a URI (on this machine)."""
+        folder = getattr(self, "_folder", None)  # None too in a callback pickled by an older version
+        if folder is None:
+            folder = self._folder = storage.stand_in(self.out) if storage.is_uri(self.out) else Path(self.out)
+        return folder
 
     # -- MLflow
 
@@ -88,7 +104,7 @@ class SearchCallback(tune.Callback):
         return self._client
 
     def _runs(self) -> dict:
-        path = Path(self.out) / CHILD_RUNS
+        path = self.folder / CHILD_RUNS
         return json.loads(path.read_text()) if path.exists() else {}
 
     def child_run(self, trial) -> str | None:
@@ -112,7 +128,8 @@ class SearchCallback(tune.Callback):
             for key, value in flatten_config(trial.config).items():
                 self.client.log_param(run.info.run_id, key, value)
             runs[trial.trial_id] = run.info.run_id
-            atomic_write_json(Path(self.out) / CHILD_RUNS, runs)
+            atomic_write_json(self.folder / CHILD_RUNS, runs)
+            storage.push(self.folder / CHILD_RUNS)  # a URI's copy at once: a resume elsewhere continues these runs
         else:
             self.client.update_run(runs[trial.trial_id], status="RUNNING")
         return runs[trial.trial_id]

@@ -10,6 +10,13 @@
 
 No trial reads the test split: each sets $INVGAN_FORBIDDEN_SPLITS=test, so `load_dataset` refuses it.
 Only the driver writes to MLflow (tuning/tracking.py); trials report metrics to Tune.
+
+No trial reads or writes the search's folder on the driver's disk: a trial may run on a node with its own disk.
+What a trial needs from the driver (the RED dictionary) travels through the object store with the trainable's
+parameters (`tune.with_parameters`) and is written into a local temporary folder. What it leaves (rows.parquet,
+starts.log, an inverter's weights/) goes into its Tune working directory, which Tune uploads to the trial's
+folder in the storage path (<out>/tune/<trial dir>/, a path or a URI: `SyncConfig(sync_artifacts=True)`) with
+every checkpointed report, the last one included; the driver reads it back from there (`Result.path`).
 """
 
 from __future__ import annotations
@@ -25,13 +32,13 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
+from pyarrow import fs as pafs
 
 from invgan_core.checkpoint import load_model
 from invgan_core.data import FORBIDDEN_SPLITS_ENV, load_dataset
 from invgan_core.defenses import InvGAN
 from invgan_core.files import atomic_write_bytes
 from invgan_core.models import sample_prior
-from invgan_core.red import load_dictionary
 from jobs import run_tables
 from jobs.evaluate import EvalWorker
 from jobs.red import RedConfig, RedWorker, build_or_load_dictionary, red_tables
@@ -39,8 +46,10 @@ from jobs.run_folder import plan_shards
 from jobs.train import TrainConfig, run
 from tuning.config import TuneSearch, set_path
 
-TRIAL_ROWS = "rows.parquet"  # in <out>/trials/<trial id>/: every row the trial computed
+TRIAL_ROWS = "rows.parquet"  # in <out>/tune/<trial dir>/: every row of a complete trial
 STARTS_LOG = "starts.log"  # one line per time the trial's function started (fresh or restored)
+INVERTER_RESULT = "train_result.json"  # an inverter trial's files and test metrics (not Tune's result.json)
+DICTIONARY_FILES = ("dictionary.*",)  # what a RED trial needs from the search's folder, shipped as bytes
 
 
 # ---------------------------------------------------------------- job configs of a trial
@@ -73,19 +82,45 @@ def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> di
     return search.job_model().model_validate(raw).model_dump(mode="json")
 
 
-def _enter_trial(search: TuneSearch, out: Path) -> tuple[str, Path]:
-    """Guard the test split, size torch's threads, record the start; returns (trial id, trial folder)."""
+def _enter_trial(search: TuneSearch) -> tuple[str, Path]:
+    """Guard the test split, size torch's threads, record the start; returns (trial id, the trial's Tune working
+    directory: a local folder whose files Tune uploads to the trial's folder in the storage path)."""
     from ray import tune
 
     os.environ[FORBIDDEN_SPLITS_ENV] = "test"
     torch.set_num_threads(max(1, int(search.resources.cpus)))
-    trial_id = tune.get_context().get_trial_id()
-    folder = out / "trials" / trial_id
+    context = tune.get_context()
+    store = context.get_storage()
+    folder = Path(store.trial_working_directory)
     folder.mkdir(parents=True, exist_ok=True)
     restored = tune.get_checkpoint() is not None
-    with (folder / STARTS_LOG).open("a") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'restored' if restored else 'fresh'} pid {os.getpid()}\n")
-    return trial_id, folder
+    log = folder / STARTS_LOG
+    if not log.exists():  # a new working directory (a rerun, another node): continue the stored log
+        earlier = _read_stored(store.storage_filesystem, f"{store.trial_fs_path}/{STARTS_LOG}")
+        if earlier is not None:
+            log.write_bytes(earlier)
+    with log.open("a") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'restored' if restored else 'fresh'} pid {os.getpid()}\n")
+    store.persist_artifacts(force=True)  # the start is on record even if the trial dies before its first report
+    return context.get_trial_id(), folder
+
+
+def _read_stored(filesystem, path: str) -> bytes | None:
+    """A file of the storage path (local or a URI's filesystem), None if absent."""
+
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as src:
+        return src.read()
+
+
+def materialize(files: dict[str, bytes], folder: Path) -> Path:
+    """Write shipped files ({path relative to the search's folder: bytes}) into a local `folder`."""
+    for rel, data in files.items():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return folder
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -148,10 +183,10 @@ def defense_objective(search: TuneSearch, rows: pd.DataFrame) -> dict:
     }
 
 
-def defense_trial(config: dict, *, search: dict, out: str) -> None:
+def defense_trial(config: dict, *, search: dict) -> None:
     """Evaluate one point of a defense-time space on the validation split, one report per shard."""
     search_ = TuneSearch.model_validate(search)
-    trial_id, folder = _enter_trial(search_, Path(out))
+    trial_id, folder = _enter_trial(search_)
     cfg = eval_config_dict(search_, config, for_trial=True)
     worker = EvalWorker(cfg)
     _run_shards(worker, cfg["shard_size"], folder, lambda rows: defense_objective(search_, rows))
@@ -160,13 +195,21 @@ def defense_trial(config: dict, *, search: dict, out: str) -> None:
 # ---------------------------------------------------------------- inverter training
 
 
-def inverter_trial(config: dict, *, search: dict, out: str) -> None:
+def inverter_trial(config: dict, *, search: dict) -> None:
     """Train an inverter with one point's λ1, λ2, λ3, η, lr; report latent error and T = 0 val accuracy
-    after every saved state (ASHA's rungs), the state being the trial's Tune checkpoint."""
+    after every saved state (ASHA's rungs), the state being the trial's Tune checkpoint.
+
+    The Accelerate state lives in a local temporary folder (only its checkpoints reach the storage path); the
+    trained weights go to weights/ of the trial's working directory. The last report waits until they are
+    written, so they are uploaded with its checkpoint, before the driver learns the trial is complete."""
+    with tempfile.TemporaryDirectory(prefix="invgan-trial-") as tmp:
+        _inverter_trial(config, TuneSearch.model_validate(search), Path(tmp) / "train")
+
+
+def _inverter_trial(config: dict, search_: TuneSearch, work_dir: Path) -> None:
     from ray import tune
 
-    search_ = TuneSearch.model_validate(search)
-    trial_id, folder = _enter_trial(search_, Path(out))
+    trial_id, folder = _enter_trial(search_)
     base, inv = search_.base_config(), search_.inverter
     batch: dict[str, Any] = {"batch_size": inv.batch_size} if inv.batch_size else {}
     cfg = TrainConfig(
@@ -178,7 +221,7 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
         seed=inv.seed,
         generator=base.weights_dir() / "generator",
         out=folder / "weights",
-        work_dir=folder / "train",
+        work_dir=work_dir,
         eval_split="validation",
         quiet=True,
         device="cpu" if search_.resources.gpus == 0 else None,
@@ -186,12 +229,16 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
         **inv.fixed,
         **config,
     )
-    assert cfg.work_dir is not None and cfg.steps is not None, "steps and work_dir are given above"
-    work_dir, steps = cfg.work_dir, cfg.steps
+    assert cfg.steps is not None, "steps is given above"
+    steps = cfg.steps
     _restore_train_state(work_dir)
     f, _ = load_model(base.weights_dir() / "classifier", kind="classifier")
     f.requires_grad_(False)
     val = load_dataset(base.dataset, "validation", base.data_dir).subset(search_.validation.limit)
+    last: dict[str, Any] = {}  # the final report's metrics, reported once the weights are written
+
+    def report(metrics: dict) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(work_dir / "state")))
 
     def on_checkpoint(step: int, models: list, losses: dict) -> None:
         I, _, G = models
@@ -202,22 +249,31 @@ def inverter_trial(config: dict, *, search: dict, out: str) -> None:
             pred = InvGAN(G, I, f, steps=0, seed=base.seed).predict(val.images, torch.as_tensor(val.ids))
             t0 = (pred == val.labels).float().mean().item()
         I.train()
-        metrics = {"t0_accuracy": t0, "latent_error": latent_error}
-        tune.report(
-            {
-                "objective": metrics[search_.objective.metric],
-                **metrics,
-                "step": step,
-                "complete": int(step >= steps),
-                **{f"train/{k}": float(v) for k, v in losses.items()},
-            },
-            checkpoint=tune.Checkpoint.from_directory(str(work_dir / "state")),
-        )
+        measured = {"t0_accuracy": t0, "latent_error": latent_error}
+        metrics = {
+            "objective": measured[search_.objective.metric],
+            **measured,
+            "step": step,
+            "complete": int(step >= steps),
+            **{f"train/{k}": float(v) for k, v in losses.items()},
+        }
+        if step >= steps:
+            last.update(metrics)
+        else:
+            report(metrics)
 
     result = run(cfg, on_checkpoint=on_checkpoint, log_mlflow=False)
-    (folder / "result.json").write_text(
-        json.dumps({"files": result.get("files"), "metrics": result.get("metrics"), "step": result["step"]})
+    (folder / INVERTER_RESULT).write_text(
+        json.dumps(
+            {
+                "files": [str(Path(p).relative_to(folder)) for p in result.get("files") or []],
+                "metrics": result.get("metrics"),
+                "step": result["step"],
+            }
+        )
     )
+    if last:
+        report(last)
 
 
 def _restore_train_state(work_dir: Path) -> None:
@@ -250,15 +306,17 @@ def red_objective(search: TuneSearch, rows: pd.DataFrame, attack_names: list[str
     return {"objective": value, "value": value, "seconds_per_example": seconds}
 
 
-def red_trial(config: dict, *, search: dict, out: str) -> None:
-    """Algorithm 1 with one point's λ multiplier / z step / iterations on attacked validation images."""
+def red_trial(config: dict, *, search: dict, shipped: dict[str, bytes]) -> None:
+    """Algorithm 1 with one point's λ multiplier / z step / iterations on attacked validation images. `shipped`:
+    the search's dictionary files ({"dictionary.json": bytes, "dictionary.safetensors": bytes}), which travel
+    through the object store and are written into a local temporary folder for RedWorker to load."""
     search_ = TuneSearch.model_validate(search)
-    trial_id, folder = _enter_trial(search_, Path(out))
+    trial_id, folder = _enter_trial(search_)
     cfg = eval_config_dict(search_, config, for_trial=True)
-    dictionary = Path(out) / "dictionary"
-    worker = RedWorker(cfg, str(dictionary))
-    names = load_dictionary(dictionary)[0].attack_names
+    with tempfile.TemporaryDirectory(prefix="invgan-shipped-") as tmp:
+        worker = RedWorker(cfg, str(materialize(shipped, Path(tmp))))  # it loads <run_dir>/dictionary.*
+    names = worker.dic.attack_names
     _run_shards(worker, cfg["shard_size"], folder, lambda rows: red_objective(search_, rows, names))
 
 
-TRIALS = {"defense": defense_trial, "inverter": inverter_trial, "red": red_trial}
+TRIALS: dict[str, Callable[..., None]] = {"defense": defense_trial, "inverter": inverter_trial, "red": red_trial}

@@ -57,7 +57,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(30)
-    finished_before = [p.parent.name for p in (out / "trials").glob("*/rows.parquet")]
+    finished_before = [p.parent.name for p in (out / "tune").glob("*/rows.parquet")]  # trial folders' names
     assert len(finished_before) >= 1, "".join(seen)
     assert not (out / "summary.json").exists()
 
@@ -69,9 +69,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 3 and summary["complete"] == 3
     table = pd.read_parquet(out / "trials.parquet")
-    assert len(table) == 3 and set(finished_before) <= set(table.trial_id)
-    starts = {d.name: (d / "starts.log").read_text().splitlines() for d in (out / "trials").iterdir()}
-    assert set(starts) == set(table.trial_id)  # no trial was replaced by a new one
+    folders = {Path(f).name for f in table.folder}
+    assert len(table) == 3 and set(finished_before) <= folders
+    starts = {p.parent.name: p.read_text().splitlines() for p in (out / "tune").glob("*/starts.log")}
+    assert set(starts) == folders  # no trial was replaced by a new one
     for trial in finished_before:
         assert len(starts[trial]) == 1, starts  # a finished trial ran exactly once
     # the resumed search logged to the same parent run, one child per trial

@@ -117,8 +117,9 @@ def test_best_yaml_reproduces_the_best_trial_through_invgan_eval(defense_search,
 def test_no_test_id_reaches_a_trial(defense_search):
     _, result, _, tmp = defense_search
     val, test = set(load_dataset("digits", "validation").ids), set(load_dataset("digits", "test").ids)
-    files = list((tmp / "out" / "trials").glob("*/rows.parquet"))
+    files = [Path(f) / "rows.parquet" for f in result.trials.folder if (Path(f) / "rows.parquet").exists()]
     assert len(files) == (result.trials.status == "complete").sum() >= 1
+    assert all(Path(f).parent == tmp / "out" / "tune" for f in result.trials.folder)  # Tune's trial folders
     seen = set(pd.concat([pd.read_parquet(f) for f in files]).example_id)
     assert seen and seen <= val and not seen & test
 
@@ -186,7 +187,7 @@ def test_red_search_measures_attacked_validation_images_with_a_dictionary_from_t
     val, fit = load_dataset("digits", "validation"), load_dataset("digits", "fit")
     dic = load_dictionary(tmp_path / "out" / "dictionary")[0]
     assert len(dic.source_index) == 2 * 5 * 10 and int(dic.source_index.max()) < len(fit)  # drawn from `fit`
-    rows = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out" / "trials").glob("*/rows.parquet"))
+    rows = pd.concat(pd.read_parquet(Path(f) / "rows.parquet") for f in result.trials.folder)
     assert set(rows.example_id) <= set(val.ids[:16])
     best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
     assert best["lam_multiplier"] == pytest.approx(result.best_config["lam_multiplier"])

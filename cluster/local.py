@@ -395,7 +395,7 @@ def _processes(pgids: set[int], temp_dir: str | None) -> list:
     return list(found.values())
 
 
-def _terminate(procs: list, grace: float = 15) -> list[int]:
+def _terminate(procs: list, grace: float = 5) -> list[int]:
     import psutil
 
     for p in procs:

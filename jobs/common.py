@@ -19,11 +19,26 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
 
 
+SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job server in the driver of a submitted job
+
+
+def runs_root() -> str:
+    """Where run folders go: $INVGAN_RUNS (a path or a URI) or ./runs. A submitted job's ./runs would be Ray's
+    copy of the project on the head, deleted with it: there it must be set (UserError)."""
+    if "INVGAN_RUNS" not in os.environ and SUBMITTED_JOB in os.environ:
+        raise UserError(
+            "this job runs on the cluster, where ./runs is Ray's copy of the project on the head, deleted with it: "
+            "pass --out (a folder every run of it can reach, or s3://bucket/...) or set INVGAN_RUNS on the cluster "
+            "(invgan submit --env INVGAN_RUNS=s3://bucket/runs)"
+        )
+    return os.environ.get("INVGAN_RUNS", "runs")
+
+
 def runs_dir() -> Path:
     """Where run folders and the default MLflow store live: $INVGAN_RUNS or ./runs (absolute). When $INVGAN_RUNS
     is a URI (s3://...: the run folders go there, jobs/storage.py), the local files (an SQLite MLflow store,
     the local cluster's state) stay in ./runs."""
-    root = os.environ.get("INVGAN_RUNS", "runs")
+    root = runs_root()
     local = "://" not in root or root.startswith("file://")
     return Path(root.removeprefix("file://") if local else "runs").resolve()
 

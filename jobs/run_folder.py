@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 
 from invgan_core.files import atomic_write_bytes, atomic_write_json
 from jobs import storage
+from jobs.common import runs_root
 from jobs.schemas import Schema
 
 
 def run_folder(cfg, out: str | Path | None) -> Path:
     """--out, or <runs>/<name>-<config hash> (any job config), as a local folder: a URI's local stand-in."""
-    location = out or storage.join(os.environ.get("INVGAN_RUNS", "runs"), f"{cfg.name}-{cfg.config_hash()[:12]}")
+    location = out or storage.join(runs_root(), f"{cfg.name}-{cfg.config_hash()[:12]}")
     return storage.stand_in(str(location)) if storage.is_uri(location) else storage.local_path(location)
 
 

@@ -47,7 +47,7 @@ from jobs.ray_session import ray_session
 from jobs.run_folder import missing_shards, plan_shards, prepare_run_dir, read_rows, run_folder, shard_path, write_shard
 from jobs.run_folder import weights_hashes as weights_hashes
 from jobs.schemas import Schema
-from jobs.tracking import JobRun, job_run, recorded_run_id, where_to_open
+from jobs.tracking import RUN_RECORD, JobRun, job_run, recorded_run_id, where_to_open
 
 # The first pass waits this long for the whole actor pool before it hands out shards (so the first actor up
 # does not take every shard while the others load their models), then fails with a message that names the
@@ -411,6 +411,7 @@ def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
         **job.tags,
     }
     with job_run(cfg, run_dir, enabled=opts.log_mlflow, tags=tags) as tracker:
+        storage.push(run_dir / RUN_RECORD)  # a resume elsewhere continues this MLflow run
         if tracker is not None and job.on_start is not None:
             job.on_start(tracker)
         stats = ShardStats()

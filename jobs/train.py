@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -190,12 +190,10 @@ def run(
     start, run_id = _resume(cfg, accelerator)
     if log:
         run_id = _start_run(cfg, run_id)
-    t0, step, status = time.monotonic(), start, "FAILED"
+    t0, step = time.monotonic(), start
     history: list[tuple[int, dict]] = []
     bar = _progress(cfg, start, main)
-    signals = contextlib.ExitStack()
-    signals.enter_context(sigterm_interrupts())  # `kill` / `ray job stop`: end the MLflow run KILLED, not RUNNING
-    try:
+    with _run_status(log):  # `kill` / `ray job stop`: the MLflow run ends KILLED, not RUNNING
         while step < cfg.steps:
             _reseed(cfg, step, accelerator.process_index)
             metrics = loop.step(step)
@@ -240,15 +238,26 @@ def run(
             result["metrics"] = metrics
             result["history"] = history
             result["train_examples"] = len(train)
-        status = "FINISHED"
         return result
-    except BaseException as err:  # the run ends KILLED on Ctrl-C / SIGTERM, FAILED with the error otherwise
+
+
+@contextlib.contextmanager
+def _run_status(log: bool) -> Iterator[None]:
+    """SIGTERM as Ctrl-C while training; the MLflow run (when `log`) ends FINISHED, KILLED on Ctrl-C / SIGTERM, or
+    FAILED with the error as a tag."""
+    import mlflow
+
+    status = "FAILED"
+    try:
+        with sigterm_interrupts():
+            yield
+        status = "FINISHED"
+    except BaseException as err:
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
         if log:
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:MAX_TAG_VALUE])
         raise
     finally:
-        signals.close()
         if log:
             mlflow.end_run(status=status)
 
@@ -336,10 +345,7 @@ def run_on_ray(cfg: TrainConfig, *, address: str | None = None, log_mlflow: bool
             print(f"{start} on {cfg.workers} Ray Train workers ({device}), state in {where}")
         if log_mlflow:
             run_id = _start_run(cfg, run_id)
-        status = "FAILED"
-        signals = contextlib.ExitStack()
-        signals.enter_context(sigterm_interrupts())
-        try:
+        with _run_status(log_mlflow):
             trainer = TorchTrainer(
                 _ray_worker,  # type: ignore[arg-type]  # typed as returning None; rank 0's value is the Result's
                 train_loop_config={"cfg": cfg.model_dump(mode="json"), "use_gpu": use_gpu, "mlflow_run_id": run_id},
@@ -372,17 +378,7 @@ def run_on_ray(cfg: TrainConfig, *, address: str | None = None, log_mlflow: bool
                 assert run_id is not None, "set by _start_run"
                 client = mlflow.MlflowClient()
                 result["logged_models"] = [log_weights(client, run_id, Path(f)) for f in files]
-            status = "FINISHED"
             return result
-        except BaseException as err:  # as in run(): KILLED on Ctrl-C / SIGTERM, FAILED with the error otherwise
-            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            if log_mlflow:
-                mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:MAX_TAG_VALUE])
-            raise
-        finally:
-            signals.close()
-            if log_mlflow:
-                mlflow.end_run(status=status)
 
 
 def _ray_worker(config: dict) -> dict | None:

@@ -36,7 +36,7 @@ from pyarrow import fs as pafs
 from invgan_core.data import load_dataset
 from invgan_core.files import atomic_write_bytes, atomic_write_json
 from jobs import storage
-from jobs.common import default_tracking_uri, describe_error, git_commit, user_errors
+from jobs.common import default_tracking_uri, describe_error, git_commit, runs_root, user_errors
 from jobs.models import load_models
 from jobs.ray_session import quiet_ray_logging, ray_session
 from jobs.run_tables import replace_table
@@ -64,7 +64,7 @@ class SearchResult:
 
 def default_out(search: TuneSearch) -> str | Path:
     """<runs>/tune/<name>-<hash>, <runs> being $INVGAN_RUNS (a path or a URI) or ./runs."""
-    return storage.join(os.environ.get("INVGAN_RUNS", "runs"), f"tune/{search.name}-{search.search_hash()[:12]}")
+    return storage.join(runs_root(), f"tune/{search.name}-{search.search_hash()[:12]}")
 
 
 def local_folder(location: str | Path) -> Path:

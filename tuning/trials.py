@@ -85,6 +85,7 @@ def eval_config_dict(search: TuneSearch, params: dict, *, for_trial: bool) -> di
 def _enter_trial(search: TuneSearch) -> tuple[str, Path]:
     """Guard the test split, size torch's threads, record the start; returns (trial id, the trial's Tune working
     directory: a local folder whose files Tune uploads to the trial's folder in the storage path)."""
+    import ray
     from ray import tune
 
     os.environ[FORBIDDEN_SPLITS_ENV] = "test"
@@ -100,7 +101,9 @@ def _enter_trial(search: TuneSearch) -> tuple[str, Path]:
         if earlier is not None:
             log.write_bytes(earlier)
     with log.open("a") as handle:
-        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'restored' if restored else 'fresh'} pid {os.getpid()}\n")
+        node = ray.get_runtime_context().get_node_id()[:12]
+        started = "restored" if restored else "fresh"
+        handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {started} pid {os.getpid()} node {node}\n")
     store.persist_artifacts(force=True)  # the start is on record even if the trial dies before its first report
     return context.get_trial_id(), folder
 

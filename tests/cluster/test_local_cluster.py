@@ -78,6 +78,28 @@ def _invgan(env, *args, timeout=420) -> subprocess.CompletedProcess:
     )
 
 
+def _background(env, *args) -> subprocess.Popen:
+    """`invgan <args>` started, not waited for."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "invgan", *args],
+        env=env,
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(condition, job: subprocess.Popen, timeout: float) -> None:
+    """Until `condition()` holds; fails if `job` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, job.communicate()
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout:.0f} s")
+        time.sleep(0.3)
+
+
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     """numpy floats (NaN for missing) and strings, whatever backend (Arrow from Ray Data, numpy here) held them."""
     return pd.DataFrame(
@@ -193,24 +215,9 @@ def test_a_killed_red_driver_resumes_from_the_bucket_computing_only_the_missing_
     shards = storage.Stage.of(uri)
     command = ["--", "red", "--config", "configs/red_smoke.yaml", "--out", uri, "--no-mlflow"]
     command += ["--set", "shard_size=1", "--set", "limit=12"]  # 12 shards of a few seconds each
-    first = subprocess.Popen(
-        [sys.executable, "-m", "invgan", "submit", "--env", f"INVGAN_STAGE={tmp_path / 'a'}", *command],
-        env=env,
-        cwd=PROJECT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _background(env, "submit", "--env", f"INVGAN_STAGE={tmp_path / 'a'}", *command)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # until the workers have finished a shard or two
-            done = [k for k in shards.remote_files() if k.startswith("rows/")]
-            if len(done) >= 2:
-                break
-            assert first.poll() is None, first.communicate()
-            time.sleep(0.5)
-        else:
-            pytest.fail("no RED shard reached the bucket within 300 s")
+        _wait_for(lambda: len([k for k in shards.remote_files() if k.startswith("rows/")]) >= 2, first, 300)
         for pid in _job_drivers("red --config configs/red_smoke.yaml"):
             os.kill(pid, signal.SIGKILL)
         first.communicate(timeout=120)
@@ -244,6 +251,74 @@ def _job_drivers(command: str) -> list[int]:
     return found
 
 
+def test_a_submitted_search_runs_trials_on_both_nodes_and_keeps_everything_in_the_bucket(cluster, s3, tmp_path):
+    """`invgan tune` submitted with its folder in the bucket: trials run on the head and on the worker node (each
+    trial's start log names its Ray node), every trial's rows and the search's outputs are in the bucket, and the
+    shared runs folder gets nothing."""
+    state, env = cluster
+    uri = s3.uri("tune/cluster")
+    proc = _invgan(
+        env,
+        "submit",
+        "--env",
+        f"INVGAN_STAGE={tmp_path / 'stage'}",
+        "--",
+        "tune",
+        "--config",
+        "configs/tune/smoke.yaml",
+        "--out",
+        uri,
+        "--no-mlflow",
+        "--set",
+        "scheduler.kind=none",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = storage.Stage.of(uri).remote_files()
+    assert {"search.json", "trials.parquet", "best.yaml", "summary.json"} <= set(files)
+    trials = [k.rsplit("/", 1)[0] for k in files if k.endswith("/rows.parquet") and k.count("/") == 2]  # tune/<trial>/
+    assert len(trials) == 4, sorted(files)
+    run_dir = tmp_path / "fetched"
+    storage.fetch(uri, run_dir)
+    nodes = {line.split(" node ")[1] for t in trials for line in (run_dir / t / "starts.log").read_text().splitlines()}
+    assert len(nodes) == 2, f"every trial ran on one node: {nodes}"
+    assert not (Path(state.runs_dir) / "tune").exists()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RUN_SLOW"),
+    reason="70 s; make test runs Ray Train on 2 workers in tests/jobs/test_train_ray.py (agreement with 1 process)",
+)
+def test_submitted_training_on_two_ray_train_workers_writes_the_weights_on_the_driver(cluster, s3, tmp_path):
+    """`invgan submit -- train inverter --workers 2`: two Ray Train workers (one per node), checkpoints in the
+    bucket, the model files and manifest written by the driver."""
+    _, env = cluster
+    out = tmp_path / "weights"
+    proc = _invgan(
+        env,
+        "submit",
+        "--",
+        "train",
+        "inverter",
+        "--dataset",
+        "digits",
+        "--generator",
+        str(PROJECT / "weights" / "digits" / "generator"),
+        "--steps",
+        "8",
+        "--workers",
+        "2",
+        "--storage",
+        s3.uri("train"),
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "inverter.safetensors").exists() and (out / "inverter.json").exists()
+    assert json.loads((out / "inverter.json").read_text())["training"]["workers"] == 2
+    assert any("checkpoint" in k for k in storage.Stage.of(s3.uri("train")).remote_files())  # resumable state
+
+
 @pytest.mark.reliability(kind="fault")
 def test_a_lost_worker_node_costs_a_retry_not_a_row(cluster):
     """Kill the worker node (raylet and its actors, SIGKILL) while the job runs: the runner reruns the
@@ -251,35 +326,14 @@ def test_a_lost_worker_node_costs_a_retry_not_a_row(cluster):
     state, env = cluster
     overrides = ["shard_size=2", "limit=40", "name=cluster-lost", "attacks.bpda.base.params.steps=20"]
     sets = [a for o in overrides for a in ("--set", o)]
-    job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "invgan",
-            "submit",
-            "--",
-            "eval",
-            "--config",
-            "configs/smoke.yaml",
-            "--no-mlflow",
-            *sets,
-        ],
-        env=env,
-        cwd=PROJECT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+
+    def shards() -> list[Path]:
+        return list(Path(state.runs_dir).glob("cluster-lost-*/rows/*.parquet"))
+
+    job = _background(env, "submit", "--", "eval", "--config", "configs/smoke.yaml", "--no-mlflow", *sets)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # wait until the worker node has finished a shard
-            done = list(Path(state.runs_dir).glob("cluster-lost-*/rows/*.parquet"))
-            if len(done) >= 3:
-                break
-            assert job.poll() is None, job.communicate()
-            time.sleep(0.2)
-        else:
-            pytest.fail("no shard finished within 240 s")
+        _wait_for(lambda: len(shards()) >= 3, job, 240)  # the worker node has finished a shard
+        done = shards()
         assert len(done) < 20, "the job finished before the node could be killed: make its shards slower"
         worker = next(n for n in state.nodes if n["role"] == "worker")
         victims = _processes({worker["pgid"]}, os.path.join(state.temp_dir, "w0"))

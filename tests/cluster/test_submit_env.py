@@ -268,7 +268,7 @@ def test_the_nodes_get_the_mlflow_address_on_the_host_and_its_login(tmp_path, mo
     monkeypatch.setattr(local, "free_port", lambda host="": 40000 + len(started))
     monkeypatch.setattr(local, "_wait_http", lambda *a, **k: None)
 
-    def fake_mlflow(folder, host, env):
+    def fake_mlflow(folder, host, env, artifacts=None):
         local.mlflow_server_command(folder, host, 5000)
         return f"http://{host}:5000", 11
 

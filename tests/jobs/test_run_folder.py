@@ -98,14 +98,15 @@ class _Row:
 
 class _FlakyWorker:
     """The first attempt at each shard in `fail` raises (a marker file in `folder` records it); a `folder` that
-    does not exist makes every attempt raise."""
+    does not exist makes every attempt raise. Each shard takes `seconds`."""
 
-    def __init__(self, folder: str, fail: list[int]):
-        self.folder, self.fail = Path(folder), fail
+    def __init__(self, folder: str, fail: list[int], seconds: float = 0.0):
+        self.folder, self.fail, self.seconds = Path(folder), fail, seconds
 
     def run_shard(self, shard: int, start: int, stop: int):
         import pandas as pd
 
+        time.sleep(self.seconds)
         marker = self.folder / f"fault-shard-{shard}"
         if shard in self.fail and not marker.exists():
             marker.touch()  # FileNotFoundError when the folder does not exist: every attempt fails
@@ -113,7 +114,7 @@ class _FlakyWorker:
         return pd.DataFrame({"example_id": list(range(start, stop)), "shard": shard})
 
 
-def _flaky_job(run_dir: Path, folder: Path, fail: list[int]):
+def _flaky_job(run_dir: Path, folder: Path, fail: list[int], seconds: float = 0.0):
     from jobs.config import Resources
     from jobs.sharded import run_shards
 
@@ -123,7 +124,7 @@ def _flaky_job(run_dir: Path, folder: Path, fail: list[int]):
         shards,
         run_dir,
         worker=_FlakyWorker,
-        worker_kwargs={"folder": str(folder), "fail": fail},
+        worker_kwargs={"folder": str(folder), "fail": fail, "seconds": seconds},
         resources=Resources(num_workers=1, num_cpus_per_worker=1),
         expected=lambda a, b: b - a,
         schema=Schema(_Row),
@@ -134,9 +135,15 @@ def _flaky_job(run_dir: Path, folder: Path, fail: list[int]):
 
 @pytest.mark.reliability(kind="fault")
 def test_a_shard_that_fails_once_is_retried_and_every_row_is_there_once(tmp_path, ray_instance):
+    """Shards 1 and 2 raise at their first attempt: each runs again, and every row is there once. The shards also
+    outlast Ray Data's no-progress timeout (30 min by default, as one shard of BPDA through Defense-GAN on a loaded
+    machine can; set to 1 s here): the runner turns it off (its own retries catch lost workers), so they finish."""
+    import ray
+
     from jobs.run_folder import read_rows
 
-    stats = _flaky_job(tmp_path / "run", tmp_path, [1, 2])  # the first attempts at shards 1 and 2 raise
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
+    stats = _flaky_job(tmp_path / "run", tmp_path, [1, 2], seconds=2.0)
     rows = read_rows(tmp_path / "run", Schema(_Row))
     assert sorted(rows["example_id"]) == list(range(8))  # every row, once
     assert set(stats.failed) <= {1, 2} and stats.failed and stats.retried >= 1
@@ -151,40 +158,17 @@ def test_a_shard_that_fails_every_time_stops_the_job_naming_it(tmp_path, ray_ins
         _flaky_job(tmp_path / "run", tmp_path / "no-such-folder", [0])
 
 
-class _SlowWorker:
-    """A worker whose shards outlast Ray Data's no-progress timeout (set to 1 s below)."""
+def test_a_submitted_job_without_a_runs_folder_is_refused_before_writing_into_rays_copy(monkeypatch, tmp_path):
+    """In a submitted job (Ray's job server sets RAY_JOB_CONFIG_JSON_ENV_VAR) ./runs is Ray's working-directory
+    copy on the head: without --out or $INVGAN_RUNS the job stops with what to set; with either it runs."""
+    from jobs.common import UserError
+    from jobs.run_folder import run_folder
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def run_shard(self, shard: int, start: int, stop: int):
-        import pandas as pd
-
-        time.sleep(self.seconds)
-        return pd.DataFrame({"example_id": list(range(start, stop)), "shard": shard})
-
-
-@pytest.mark.reliability(kind="fault")
-def test_a_shard_slower_than_ray_datas_no_progress_timeout_is_waited_for(tmp_path, ray_instance):
-    """Ray Data gives up on a dataset that moves no block for `execution_no_progress_timeout_s` (30 min by
-    default); one shard of BPDA through Defense-GAN on a loaded machine takes longer. The runner turns that
-    timeout off (lost workers are caught by its own retries): with the timeout at 1 s, 3-second shards finish."""
-    import ray
-
-    from jobs.config import Resources
-    from jobs.run_folder import read_rows
-    from jobs.sharded import run_shards
-
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
-    run_shards(
-        [(0, 0, 2), (1, 2, 4)],
-        tmp_path,
-        worker=_SlowWorker,
-        worker_kwargs={"seconds": 3.0},
-        resources=Resources(num_workers=1, num_cpus_per_worker=1),
-        expected=lambda a, b: b - a,
-        schema=Schema(_Row),
-        desc="slow",
-        progress=False,
-    )
-    assert sorted(read_rows(tmp_path, Schema(_Row))["example_id"]) == [0, 1, 2, 3]
+    cfg = load_config(SMOKE)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.delenv("INVGAN_RUNS", raising=False)
+    with pytest.raises(UserError, match="pass --out .* or set INVGAN_RUNS"):
+        run_folder(cfg, None)
+    assert run_folder(cfg, str(tmp_path / "run")) == tmp_path / "run"
+    monkeypatch.setenv("INVGAN_RUNS", str(tmp_path / "runs"))
+    assert run_folder(cfg, None).parent == tmp_path / "runs"

@@ -214,7 +214,9 @@ def test_the_local_cluster_starts_every_ray_service_on_loopback_by_default(tmp_p
     started, mlflow_hosts = [], []
     monkeypatch.setattr(local, "_start", lambda cmd, env, log: started.append(cmd) or 10**7 + len(started))
     monkeypatch.setattr(
-        local, "start_mlflow_server", lambda folder, host, env: mlflow_hosts.append(host) or (f"http://{host}:1", 10**7)
+        local,
+        "start_mlflow_server",
+        lambda folder, host, env, artifacts=None: mlflow_hosts.append(host) or (f"http://{host}:1", 10**7),
     )
     monkeypatch.setattr(local, "_wait_http", lambda *a, **k: None)
     monkeypatch.setattr(local, "_processes", lambda *a, **k: [])

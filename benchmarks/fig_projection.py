@@ -4,7 +4,9 @@ Shipped mnist5k generator, classifier and inverter; mnist5k test images. Every f
 measured in this process: baselines and candidates are interleaved and the medians of repeats used.
 
 - projection_flops_vs_matmul: achieved FLOP/s of `project`'s loop (FLOPs of one step of the reference
-  computation, forward + backward to z, counted by FlopCounterMode) ÷ a 2048² float32 matmul's FLOP/s.
+  computation, forward + backward to z, counted by FlopCounterMode) ÷ a 2048² float32 matmul's FLOP/s, at 256
+  rows; projection_flops_vs_matmul_batch16 the same at 16 rows (both from one measurement at 1, 4, 16, 64, 256
+  and 640 rows: a first-success attack's late steps project a few survivors each).
 - batched_vs_reference_loop: row-steps per second of `project` on examples x restarts in one batch
   ÷ a plain per-example loop (one example, one restart, torch.optim.Adam, batch 1 through G).
 - projection_step_speedups: seconds per Adam step through each variant tried (channels-last, batch norm
@@ -76,9 +78,12 @@ def matmul_seconds(n: int = 2048) -> tuple[float, int]:
     return seconds(lambda: [a @ b for _ in range(3)]), 3 * 2 * n**3
 
 
-def projection_flops_vs_matmul(quick: bool) -> dict:
+@functools.cache
+def _flop_ratios(quick: bool) -> tuple[dict, float, int]:
+    """({rows: FLOPs per row-step, seconds, FLOP/s, ratio}, matmul FLOP/s, steps): `project`'s loop at each batch,
+    interleaved with the matmul so both see the same load. Shared by the figures below (measured once)."""
     G = models()["generator"]
-    batches, steps, repeats = ((64,), 3, 2) if quick else ((64, 256, 640), 20, 5)
+    batches, steps, repeats = ((1, 16, 64), 3, 2) if quick else ((1, 4, 16, 64, 256, 640), 20, 5)
     matmul_seconds()  # warm up MKL
     per_batch, peak = {}, []
     for rows in batches:
@@ -98,13 +103,18 @@ def projection_flops_vs_matmul(quick: bool) -> dict:
     peak_flops = statistics.median(peak)
     for d in per_batch.values():
         d["ratio"] = d["flop_per_s"] / peak_flops
-    head = 256 if 256 in per_batch else batches[0]
+    return per_batch, peak_flops, steps
+
+
+def _flop_figure(name: str, quick: bool, head: int, target: float) -> dict:
+    per_batch, peak_flops, steps = _flop_ratios(quick)
+    head = head if head in per_batch else max(per_batch)
     value = per_batch[head]["ratio"]
     return {
-        "name": "projection_flops_vs_matmul",
+        "name": name,
         "value": value,
-        "target": "≥ 0.7",
-        "met": value >= 0.7,
+        "target": f"≥ {target}",
+        "met": value >= target,
         "unit": f"of matmul FLOP/s ({head} rows)",
         "details": {
             "matmul_flop_per_s": peak_flops,
@@ -113,6 +123,16 @@ def projection_flops_vs_matmul(quick: bool) -> dict:
             "by_rows": per_batch,
         },
     }
+
+
+def projection_flops_vs_matmul(quick: bool) -> dict:
+    """At 256 rows, a full batch (issue #23's target: 0.6; #9 asked 0.7)."""
+    return _flop_figure("projection_flops_vs_matmul", quick, 256, 0.6)
+
+
+def projection_flops_vs_matmul_batch16(quick: bool) -> dict:
+    """At 16 rows: the late steps of a first-success attack, where only survivors are projected (#23)."""
+    return _flop_figure("projection_flops_vs_matmul_batch16", quick, 16, 0.5)
 
 
 def _variants(G, compile_it: bool) -> tuple[dict, dict]:
@@ -338,6 +358,7 @@ def invgan_iterations_to_defensegan(quick: bool) -> dict:
 
 FIGURES = [
     projection_flops_vs_matmul,
+    projection_flops_vs_matmul_batch16,
     projection_step_speedups,
     batched_vs_reference_loop,
     defensegan_pruned_cost,

@@ -1,4 +1,4 @@
-"""Suite-wide hooks: the reliability battery's one-line count (issue #12).
+"""Suite-wide hooks: the reliability battery's one-line count (issue #12), and the longest files first.
 
 A test joins the battery with `@pytest.mark.reliability(kind=...)`, kind one of KINDS; each collected
 item (every parametrized case) counts once. After the run, `make test` prints one line such as
@@ -35,7 +35,24 @@ def _kind_of(item) -> str | None:
     return kind
 
 
+# The files that take longest (minutes: a multi-node cluster, Ray Train, many Ray Data runs), run first: `make test`
+# hands whole files to its two pytest-xdist workers in collection order (--no-loadscope-reorder), so a long file
+# started last would leave one worker idle while the other finishes it.
+LONGEST_FIRST = [
+    "tests/cluster/test_local_cluster.py",
+    "tests/jobs/test_train_ray.py",
+    "tests/reliability/test_invariance.py",
+    "tests/tuning/test_search.py",
+    "tests/jobs/test_evaluate.py",
+    "tests/core/test_attacks.py",
+    "tests/tuning/test_resume.py",
+    "tests/jobs/test_run_folder.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {path: k for k, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     for item in items:
         kind = _kind_of(item)
         if kind is not None:

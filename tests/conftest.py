@@ -45,7 +45,6 @@ LONGEST_FIRST = [
     "tests/tuning/test_search.py",
     "tests/jobs/test_evaluate.py",
     "tests/core/test_attacks.py",
-    "tests/tuning/test_resume.py",
     "tests/jobs/test_run_folder.py",
 ]
 

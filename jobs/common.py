@@ -39,8 +39,17 @@ def runs_dir() -> Path:
     is a URI (s3://...: the run folders go there, jobs/storage.py), the local files (an SQLite MLflow store,
     the local cluster's state) stay in ./runs."""
     root = runs_root()
-    local = "://" not in root or root.startswith("file://")
-    return Path(root.removeprefix("file://") if local else "runs").resolve()
+    return local_path("runs" if is_uri(root) else root)
+
+
+def is_uri(location: str | Path | None) -> bool:
+    """A location another machine can reach by name (s3://, gs://, ...); file:// and plain paths are local."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def local_path(location: str | Path) -> Path:
+    """A local location as an absolute path (file:///x -> /x)."""
+    return Path(str(location).removeprefix("file://")).resolve()
 
 
 def default_tracking_uri() -> str:

@@ -132,6 +132,11 @@ def _materialize(shipped) -> Path:
     files = ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped
     folder = Path(tempfile.mkdtemp(prefix="invgan-shipped-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_files(files, folder)
+
+
+def write_files(files: dict[str, bytes], folder: Path) -> Path:
+    """Write {path relative to `folder`: bytes} (what `shipped_files` read) into `folder`; returns it."""
     for rel, data in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)

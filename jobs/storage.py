@@ -33,21 +33,13 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
+from invgan_core.files import atomic_write_bytes
 from jobs.common import UserError
+from jobs.common import is_uri as is_uri  # a URI or a path: told apart in jobs.common (runs_dir needs it too)
+from jobs.common import local_path as local_path
 
 LEASE_S = 600.0  # a killed holder's lease blocks other machines this long
 LOCAL_ONLY = {".lock"}  # the local flock file: never pushed, never removed by a pull
-
-
-def is_uri(location: str | Path | None) -> bool:
-    """A location another machine can reach by name (s3://, gs://, ...); file:// and plain paths are local."""
-    return isinstance(location, str) and "://" in location and not location.startswith("file://")
-
-
-def local_path(location: str | Path) -> Path:
-    """A local location as an absolute path (file:///x -> /x)."""
-    text = str(location)
-    return Path(text[len("file://") :] if text.startswith("file://") else text).resolve()
 
 
 def join(location: str | Path, name: str) -> str | Path:
@@ -109,12 +101,8 @@ class Stage:
             target = self.local / rel
             if target.exists() and target.stat().st_size == size:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_input_stream(self.key(rel)) as src:
-                data = src.read()
-            tmp = target.with_name(f".{target.name}.pull")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+                atomic_write_bytes(target, src.read())
             fetched += 1
         return fetched
 

@@ -43,6 +43,7 @@ from jobs import run_tables
 from jobs.evaluate import EvalWorker
 from jobs.red import RedConfig, RedWorker, build_or_load_dictionary, red_tables
 from jobs.run_folder import plan_shards
+from jobs.sharded import write_files
 from jobs.train import TrainConfig, run
 from tuning.config import TuneSearch, set_path
 
@@ -115,15 +116,6 @@ def _read_stored(filesystem, path: str) -> bytes | None:
         return None
     with filesystem.open_input_stream(path) as src:
         return src.read()
-
-
-def materialize(files: dict[str, bytes], folder: Path) -> Path:
-    """Write shipped files ({path relative to the search's folder: bytes}) into a local `folder`."""
-    for rel, data in files.items():
-        target = folder / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return folder
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -317,7 +309,7 @@ def red_trial(config: dict, *, search: dict, shipped: dict[str, bytes]) -> None:
     trial_id, folder = _enter_trial(search_)
     cfg = eval_config_dict(search_, config, for_trial=True)
     with tempfile.TemporaryDirectory(prefix="invgan-shipped-") as tmp:
-        worker = RedWorker(cfg, str(materialize(shipped, Path(tmp))))  # it loads <run_dir>/dictionary.*
+        worker = RedWorker(cfg, str(write_files(shipped, Path(tmp))))  # it loads <run_dir>/dictionary.*
     names = worker.dic.attack_names
     _run_shards(worker, cfg["shard_size"], folder, lambda rows: red_objective(search_, rows, names))
 

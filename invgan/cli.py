@@ -31,6 +31,7 @@ app = typer.Typer(
 
 # help texts with a [default] that typer's rich markup would otherwise drop
 WEIGHTS_HELP = plain("weights folder [weights/<dataset>]")
+PLAN_FROM_HELP = plain("run folders (or folders of them) to fit --plan's cost model on [the runs folder]")
 NUM_SAMPLES_HELP = plain("trials to run [search.num_samples of the config]")
 
 # TrainConfig fields given by the shared options rather than by an option of their own (see jobs.train.main)
@@ -61,12 +62,19 @@ def train(*, settings: dict[str, Any], opts: JobOptions) -> None:
 @shared_options()
 def eval_(
     config: Path = typer.Option(Path("configs/default.yaml"), help="YAML config (see configs/)"),
+    plan: bool = typer.Option(
+        False, "--plan", help="print the predicted core-hours per cell and in total, and the wall time, then stop"
+    ),
+    plan_from: list[Path] = typer.Option([], "--plan-from", help=PLAN_FROM_HELP),
     *,
     overrides: list[str],
     limit: Optional[int],
     opts: JobOptions,
 ) -> None:
     """Evaluate every attack against every defense on Ray Data; record the results in MLflow.
+
+    --plan runs nothing: it prints what the config will cost (core-seconds per cell, core-hours in all, wall
+    time for 1, 2, 4, 8 workers), from a cost model fitted on earlier runs' rows (or the shipped defaults).
 
     Prints the accuracy table (defenses x attacks, like InvGAN Table 2), the detection AUC table
     (Table 3), the run folder and the MLflow run. Rerunning the same command resumes: finished
@@ -76,6 +84,13 @@ def eval_(
                invgan eval --config configs/mnist5k_table2.yaml --set attacks.pgd_linf.params.eps=0.2 --limit 500
                invgan eval --config configs/smoke.yaml --out /tmp/run1
     """
+    if plan:
+        from jobs.common import user_errors
+        from jobs.plan import main as plan_main
+
+        with user_errors("plan", verbose=opts.verbose):
+            plan_main(config, overrides, limit=limit, plan_from=plan_from)
+        return
     from jobs.evaluate import main as eval_main
 
     eval_main(config, overrides, opts, limit=limit)

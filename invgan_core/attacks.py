@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import enum
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union, final, runtime_checkable
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from invgan_core import rng
 from invgan_core.defenses import Defense
+from invgan_core.inversion import busy_clock
 
 if TYPE_CHECKING:
     import numpy as np
@@ -143,9 +143,9 @@ def _judge(target: Target, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Te
     `Defense.predict`) also that purification and its seconds (else None, 0: a classifier, or a defense
     that predicts its own way)."""
     if isinstance(target, Defense) and type(target).predict is Defense.predict:
-        started = time.perf_counter()
+        started = busy_clock()
         purified = target.purify(x, ids)
-        seconds = time.perf_counter() - started
+        seconds = busy_clock() - started
         return target.classifier(purified.x).argmax(1), purified, seconds
     return predict(target, x, ids), None, 0.0
 

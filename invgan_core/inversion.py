@@ -7,14 +7,20 @@
 Examples x restarts form one batch through G. The objective is the *sum* of per-example losses, and
 Adam/SGD act coordinate-wise, so each example's trajectory is independent of what else is in the
 batch; random starts and clipping draws come from (seed, example id), see `rng.py`.
+
+`FusedGenerator` goes one step further: projections running in different threads (every attack and
+defense of an evaluation shard) send each step's rows through G as one batch, each keeping its own
+optimiser, step count and stopping rule.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Callable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -205,7 +211,11 @@ class _Active:
 
 @contextmanager
 def _frozen_eval(G: nn.Module):
-    """G in eval mode without parameter gradients, restored afterwards."""
+    """G in eval mode without parameter gradients, restored afterwards (nothing to do, and nothing touched, if
+    it is so already: concurrent projections in a `FusedGenerator` share a G frozen once for all)."""
+    if not G.training and not any(p.requires_grad for p in G.parameters()):
+        yield
+        return
     was_training, flags = G.training, [p.requires_grad for p in G.parameters()]
     G.eval()  # batch norm must use its running statistics, or examples would interact
     G.requires_grad_(False)
@@ -296,7 +306,7 @@ def project(
         z0 = initial_latents(G, x, ids, restarts, init, seed).reshape(n * restarts, d)
         _apply_constraint(z0, constraint, seed, ids, restarts, step=-2)
         act = _Active(z0, n, restarts, lambda params: _make_optimizer(optimizer, params, lr))
-        G_step = step_generator(G) if fast else G
+        G_step = _stepper(G, fast)
         res = _Result(x, d, restarts, steps, keep_trace)
         best, since = (
             torch.full((n,), float("inf"), device=x.device),
@@ -305,12 +315,8 @@ def project(
         for t in range(steps):
             if len(act.ex) == 0:
                 break
-            with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
-                out = G_step(act.z)
-                losses = per_example_mse(out, x[act.ex])
-                act.opt.zero_grad(set_to_none=True)
-                losses.sum().backward()  # sum, not mean: each example's step does not depend on batch size
-            losses, out = losses.detach(), out.detach()
+            out, losses, grad = G_step(act.z.detach(), x[act.ex])
+            act.z.grad = grad
             res.restart_losses[act.ex, act.r] = losses
             if res.trace is not None:
                 res.trace[t, act.ex.cpu(), act.r.cpu()] = losses.cpu()
@@ -334,8 +340,7 @@ def project(
                 _apply_constraint(act.z.data, constraint, seed, ids, restarts, step=t, rows=act.ex * restarts + act.r)
         with torch.no_grad():
             if len(act.ex):
-                out = G_step(act.z)
-                losses = per_example_mse(out, x[act.ex])
+                out, losses, _ = G_step(act.z.detach(), x[act.ex])
                 res.restart_losses[act.ex, act.r] = losses
                 res.finish(act, torch.arange(len(act.ex) // act.k, device=x.device), out, losses)
         return _projection(res, n, steps)
@@ -356,3 +361,145 @@ def _projection(res: _Result, n: int, steps: int) -> Projection:
         trace=trace,
         iterations=iterations,
     )
+
+
+# ---------------------------------------------------------------- one batch through G for many projections
+
+Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+
+def _rows_step(G_step: nn.Module, z: torch.Tensor, target: torch.Tensor):
+    """G(z), the per-row losses ||G(z) - target||² / n and their gradients in z, all detached. The objective is
+    the *sum* of the rows' losses: row i's gradient is its own loss's, whatever else is in the batch."""
+    with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
+        z = z.detach().requires_grad_(True)
+        out = G_step(z)
+        losses = per_example_mse(out, target)
+        (grad,) = torch.autograd.grad(losses.sum(), z)
+    return out.detach(), losses.detach(), grad
+
+
+def _stepper(G: nn.Module, fast: bool) -> Step:
+    """What `project` calls at each step: the fused batch of this thread's `FusedGenerator` session when it
+    serves G, else one step of `step_generator(G)` (or of G itself when not `fast`) on these rows alone."""
+    session, index = getattr(_member, "session", None), getattr(_member, "index", None)
+    if fast and session is not None and session.G is G:
+        return lambda z, target: session.step(index, z, target)
+    G_step = step_generator(G) if fast else G
+    return lambda z, target: _rows_step(G_step, z, target)
+
+
+_member = threading.local()  # the FusedGenerator session this thread takes part in, its index, its clock
+
+
+def busy_clock() -> float:
+    """Seconds for timing work: `time.perf_counter()` outside a `FusedGenerator`; inside one, this thread's CPU
+    time with the fused steps it computed taken out and its share of every fused step it took part in put in
+    (the step's wall time split by rows). The projections of one shard run side by side, so wall time would
+    count each of them for the whole shard; this charges each its own part."""
+    if getattr(_member, "session", None) is None:
+        return time.perf_counter()
+    return time.thread_time() - _member.excluded + _member.share
+
+
+class FusedGenerator:
+    """One batch through G for every projection step of the threads taking part (`member`).
+
+    A projection that runs in a member thread hands each step's rows to `step` and waits; when every member
+    is waiting (or has left), the rows of all of them go through G as one batch, ordered by member index, and
+    each gets its own G(z), losses and gradients back. Every projection keeps its own optimiser, step count
+    and stopping rule, so its trajectory is the one it has alone, up to the float rounding of a larger batch.
+    Each round holds exactly one step of every member, so which rows share a batch does not depend on thread
+    timing. Small batches run far below the matmul rate (benchmarks/README.md): fusing the survivors of many
+    attacks fills them.
+    """
+
+    def __init__(self, G: nn.Module, members: int):
+        self.G, self.G_step = G, step_generator(G)
+        self._cv = threading.Condition()
+        # every member counts from the start: a round waits for all of them, whichever thread starts first
+        self._members = members
+        self._pending: dict[int, list] = {}  # index -> [z, target, result, error, share]
+        self.rounds, self.rows = 0, 0  # fused steps computed, rows they held (batch size = rows / rounds)
+
+    @contextmanager
+    def member(self, index: int) -> Iterator[None]:
+        """This thread is member `index` (one of `members`; orders the rows in the batch) until the block ends,
+        then leaves: later rounds wait for the others only. G must stay frozen meanwhile (`run_fused` does it)."""
+        _member.session, _member.index, _member.excluded, _member.share = self, index, 0.0, 0.0
+        try:
+            yield
+        finally:
+            _member.session = None
+            with self._cv:
+                self._members -= 1
+                self._run_if_ready()
+
+    def step(self, index: int, z: torch.Tensor, target: torch.Tensor):
+        started = time.thread_time()
+        request: list = [z.detach(), target, None, None, 0.0]
+        with self._cv:
+            self._pending[index] = request
+            self._run_if_ready()
+            while request[2] is None and request[3] is None:
+                self._cv.wait()
+        _member.excluded += time.thread_time() - started
+        _member.share += request[4]
+        if request[3] is not None:
+            raise RuntimeError("the fused generator step failed (see the cause above)") from request[3]
+        return request[2]
+
+    def _run_if_ready(self) -> None:
+        """With the lock held: compute the round once every member has handed in its rows."""
+        if not self._pending or len(self._pending) < self._members:
+            return
+        batch = [self._pending[i] for i in sorted(self._pending)]
+        self._pending = {}
+        sizes = [len(r[0]) for r in batch]
+        started = time.perf_counter()
+        try:
+            out, losses, grad = _rows_step(
+                self.G_step, torch.cat([r[0] for r in batch]), torch.cat([r[1] for r in batch])
+            )
+        except Exception as err:  # every member raises it: none of them may wait for a batch that never comes
+            for r in batch:
+                r[3] = err
+        else:
+            seconds, total = time.perf_counter() - started, sum(sizes)
+            for r, o, l_, g in zip(batch, out.split(sizes), losses.split(sizes), grad.split(sizes), strict=True):
+                r[2], r[4] = (o, l_, g), seconds * len(r[0]) / max(total, 1)
+            self.rounds, self.rows = self.rounds + 1, self.rows + total
+        self._cv.notify_all()
+
+
+def run_fused(G: nn.Module | None, tasks: Sequence[Callable[[], object]], *, fused: bool = True) -> list[object]:
+    """Run `tasks` (functions of no arguments) and return their results in order. `fused` (and a G): each task
+    in its own thread, every projection through G they make fused into one batch per step (`FusedGenerator`);
+    otherwise one after the other. The first task that raises is re-raised once all have stopped."""
+    if not fused or G is None or len(tasks) < 2:
+        return [task() for task in tasks]
+    session = FusedGenerator(G, members=len(tasks))
+
+    def run(i: int, task):
+        with session.member(i):
+            return task()
+
+    with _frozen_eval(G):
+        results: list = [None] * len(tasks)
+        errors: list = [None] * len(tasks)
+
+        def target(i: int, task) -> None:
+            try:
+                results[i] = run(i, task)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                errors[i] = err
+
+        threads = [threading.Thread(target=target, args=(i, t), daemon=True) for i, t in enumerate(tasks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return results

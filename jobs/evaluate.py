@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,7 @@ import torch
 from invgan_core.checkpoint import load_model, read_manifest, save_model
 from invgan_core.data import load_dataset
 from invgan_core.detection import detection_scores
+from invgan_core.inversion import busy_clock, run_fused
 from invgan_core.models import build_model, default_arch
 from jobs import masking, run_tables
 from jobs.config import BLACK_BOXES, EvalConfig, MaskingChecks, examples_in_shard, load_config
@@ -58,31 +60,40 @@ class EvalWorker:
             f(G(G.sample_latent(2)))
 
     def run_shard(self, shard: int, start: int, stop: int) -> pd.DataFrame:
+        """Every (attack, target) of the shard and every defense's clean rows, as tasks whose projections through
+        G go as one batch per step (`run_fused`; `resources.fused: false` runs them one after the other)."""
         x = self.data.images[start:stop].to(self.device)
         y = self.data.labels[start:stop].to(self.device)
         ids = torch.as_tensor(self.data.ids[start:stop], device=self.device)
-        rows: list[pd.DataFrame] = []
-        for name, defense in self.defenses.items():  # clean inputs
-            rows.append(self._rows(shard, "clean", name, defense, x, y, ids, None, 0.0))
-        for name, attack in self.attacks.items():
+        tasks = [  # clean inputs
+            partial(self._rows, shard, "clean", name, defense, x, y, ids, None, 0.0)
+            for name, defense in self.defenses.items()
+        ]
+        for name in self.attacks:
             spec = self.cfg.attacks[name]
             at = examples_in_shard(spec, start, stop, len(self.data))  # spread over the split (attack `limit`)
-            if not at:
-                continue
-            xs, ys, ids_s = x[at], y[at], ids[at]
-            # `each`: end to end against each defense, rows for that defense only; otherwise computed once against
-            # the classifier or one defense and fed to every defense. A black box attacks through its substitute
-            # trained on that target's labels (on the driver, before the shards).
-            for t in attack_targets(self.cfg, name):
-                target = self.models["classifier"] if t == "classifier" else self.defenses[t]
-                result, secs = _attack(self.substitutes.get((name, t), attack), target, xs, ys, ids_s)
-                for dname in [t] if spec.target == "each" else list(self.defenses):
-                    rows.append(
-                        self._rows(
-                            shard, name, dname, self.defenses[dname], xs, ys, ids_s, result, secs, reuse=dname == t
-                        )
-                    )
-        return pd.concat(rows, ignore_index=True)
+            if at:
+                tasks += [
+                    partial(self._attack_rows, shard, name, t, x[at], y[at], ids[at])
+                    for t in attack_targets(self.cfg, name)
+                ]
+        frames = run_fused(self.models["generator"], tasks, fused=self.cfg.resources.fused)
+        return pd.concat(
+            [f for frame in frames for f in (frame if isinstance(frame, list) else [frame])], ignore_index=True
+        )
+
+    def _attack_rows(self, shard, name, t, xs, ys, ids_s) -> list[pd.DataFrame]:
+        """Attack `name` against target `t` ('classifier' or a defense) and the rows it feeds. `each`: end to end
+        against each defense, rows for that defense only; otherwise computed once against the classifier or one
+        defense and fed to every defense. A black box attacks through its substitute trained on that target's
+        labels (on the driver, before the shards)."""
+        spec = self.cfg.attacks[name]
+        target = self.models["classifier"] if t == "classifier" else self.defenses[t]
+        result, secs = _attack(self.substitutes.get((name, t), self.attacks[name]), target, xs, ys, ids_s)
+        return [
+            self._rows(shard, name, dname, self.defenses[dname], xs, ys, ids_s, result, secs, reuse=dname == t)
+            for dname in ([t] if spec.target == "each" else list(self.defenses))
+        ]
 
     def _rows(
         self, shard, attack_name, defense_name, defense, x, y, ids, result, attack_secs, *, reuse: bool = False
@@ -150,9 +161,10 @@ def _attack(attack, target, x, y, ids):
 
 
 def _timed(fn):
-    t = time.perf_counter()
+    """fn's result and seconds (`busy_clock`: inside a fused shard, this task's own share of the work)."""
+    t = busy_clock()
     out = fn()
-    return out, time.perf_counter() - t
+    return out, busy_clock() - t
 
 
 # ---------------------------------------------------------------- black boxes, trained once on the driver

@@ -137,6 +137,11 @@ class Resources(_Strict):
     num_cpus_per_worker: float = Field(1, gt=0)
     num_gpus_per_worker: float = Field(0, ge=0)
     torch_threads: Optional[int] = Field(None, gt=0, description="default: the worker's CPUs")
+    fused: bool = Field(
+        True,
+        description="a shard's attacks and defenses run side by side, their projection steps through the generator "
+        "as one batch (same predictions; false: one after the other, each its own batch)",
+    )
 
 
 class MlflowSpec(_Strict):

@@ -204,3 +204,55 @@ def test_stochastic_clipping_recovers_uniform_latents_better_than_clipping():
         rates[constraint] = [(err < eps).float().mean().item() for eps in (1e-3, 1e-2, 1e-1)]
     # measured: clip 0.176 / 0.512 / 0.859, stochastic 0.219 / 0.578 / 0.883
     assert all(s > c for s, c in zip(rates["stochastic_clip"], rates["clip"], strict=True)), rates
+
+
+def test_fused_projections_follow_the_trajectories_they_have_alone(small_G):
+    """Projections of every kind in threads (`run_fused`) share each step's batch through G and end where each
+    ends alone: same latents within the 1e-4 a change of batch allows, same number of steps per example."""
+    from invgan_core.inversion import run_fused
+
+    torch.manual_seed(3)
+    inverter = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, small_G.latent_dim))
+    x = torch.rand(6, 1, 8, 8)
+    ids = torch.arange(40, 46)
+    # different lengths, restarts, stopping rules, starts, constraints: they leave the batch at different steps
+    jobs = [
+        dict(x=x, ids=ids, steps=30, restarts=4, prune_every=5),
+        dict(x=x[:1], ids=ids[:1], steps=70, init=inverter),
+        dict(x=x[2:], ids=ids[2:], steps=50, restarts=2, early_stop_tol=1e-3, patience=3, optimizer="momentum", lr=0.5),
+        dict(x=x[:3], ids=ids[:3], steps=20, restarts=2, constraint="clip", optimizer="sgd", lr=2.0),
+    ]
+    alone = [project(small_G, **job) for job in jobs]
+    fused = run_fused(small_G, [lambda job=job: project(small_G, **job) for job in jobs])
+    for a, f in zip(alone, fused, strict=True):
+        torch.testing.assert_close(f.z, a.z, atol=1e-4, rtol=0)
+        torch.testing.assert_close(f.loss, a.loss, atol=1e-6, rtol=1e-4)
+        assert torch.equal(f.iterations, a.iterations)
+    assert small_G.training is False and all(p.requires_grad for p in small_G.parameters())  # restored
+
+
+def test_fused_rounds_hold_every_members_rows_and_an_error_stops_nobody_else(small_G):
+    from invgan_core import inversion
+
+    x, ids = torch.rand(5, 1, 8, 8), torch.arange(5)
+    seen = []
+    real = inversion.FusedGenerator._run_if_ready
+
+    def spy(self):
+        seen.append(sum(len(r[0]) for r in self._pending.values()) if len(self._pending) >= self._members else None)
+        real(self)
+
+    def fails():
+        project(small_G, x[:2], ids=ids[:2], steps=3)
+        raise KeyError("task failed")
+
+    inversion.FusedGenerator._run_if_ready = spy
+    try:
+        tasks = [lambda: project(small_G, x, ids=ids, steps=10, restarts=3), fails]
+        with pytest.raises(KeyError, match="task failed"):
+            inversion.run_fused(small_G, tasks)
+    finally:
+        inversion.FusedGenerator._run_if_ready = real
+    rounds = [s for s in seen if s]
+    # 15 + 2 rows for the first 3 steps and the failing task's final forward, then 15 alone (10 steps + final)
+    assert rounds == [17] * 4 + [15] * 7

@@ -53,6 +53,9 @@ from jobs.specs import (
     MlflowSpec as MlflowSpec,
 )
 from jobs.specs import (
+    Precision as Precision,
+)
+from jobs.specs import (
     Resources as Resources,
 )
 from jobs.specs import (
@@ -102,6 +105,10 @@ class JobConfig(_Strict):
     """What every sharded job's config shares: weights folder, hash, MLflow experiment family."""
 
     family_prefix: ClassVar[str] = "eval"  # experiment: <prefix>-<dataset> unless mlflow.experiment is given
+    # Sections that do not change a row: not in the hash, so a rerun with other values continues the same run
+    # folder, and MLflow records them as tags (a param cannot change). `precision` only decides how many
+    # examples are added after the configured ones.
+    NOT_RESULTS: ClassVar[tuple[str, ...]] = ("resources", "mlflow", "precision")
     # every job config declares these fields (eval, RED, curves); named here for the methods below
     weights: Path
     dataset: str
@@ -118,7 +125,7 @@ class JobConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of everything that changes results (not resources or MLflow)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "mlflow"})
+        payload = self.model_dump(mode="json", exclude=set(self.NOT_RESULTS))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -142,6 +149,7 @@ class EvalConfig(JobConfig):
     mlflow: MlflowSpec = MlflowSpec()
     curves: Optional[CurvesSpec] = None  # used by `invgan curves`
     masking_checks: Optional[MaskingChecks] = None  # off by default: the extra attacks cost time
+    precision: Optional[Precision] = None  # add examples until every accuracy cell's interval is this narrow
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":

@@ -25,10 +25,11 @@ from invgan_core.data import load_dataset
 from invgan_core.detection import detection_scores
 from invgan_core.inversion import busy_clock, run_fused
 from invgan_core.models import build_model, default_arch
-from jobs import masking, run_tables
+from jobs import masking, precision, run_tables
 from jobs.config import BLACK_BOXES, EvalConfig, MaskingChecks, examples_in_shard, load_config
 from jobs.models import build_defense, check_job_inputs, load_models, worker_device
 from jobs.paper_spec import tables_fed_by
+from jobs.precision import new_positions
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import EVAL_ROWS
 from jobs.sharded import JobOptions, JobResult, ShardedJob, job_main, run_folder, run_sharded_job
@@ -45,8 +46,11 @@ DIVERGED_LATENT = 100.0
 class EvalWorker:
     """Loads the models once; per shard, runs every attack and defense and returns its rows."""
 
-    def __init__(self, config: dict, run_dir: str | None = None):
+    def __init__(self, config: dict, run_dir: str | None = None, after: dict[str, int] | None = None):
+        """`after`: a precision round (jobs/precision.py): no clean rows, and each attack only on the examples its
+        limit in `config` adds to `after[attack]` (attacks not in `after` or not growing: none)."""
         self.cfg = EvalConfig.model_validate(config)
+        self.after = after
         res = self.cfg.resources
         torch.set_num_threads(res.torch_threads or max(1, int(res.num_cpus_per_worker)))
         self.device = worker_device(res)
@@ -68,10 +72,15 @@ class EvalWorker:
         tasks = [  # clean inputs
             partial(self._rows, shard, "clean", name, defense, x, y, ids, None, 0.0)
             for name, defense in self.defenses.items()
+            if self.after is None
         ]
         for name in self.attacks:
             spec = self.cfg.attacks[name]
             at = examples_in_shard(spec, start, stop, len(self.data))  # spread over the split (attack `limit`)
+            if self.after is not None:  # a precision round: only the examples this round adds
+                at = new_positions(
+                    self.cfg, name, self.after, _limits(self.cfg, self.after), (shard, start, stop), len(self.data)
+                )
             if at:
                 tasks += [
                     partial(self._attack_rows, shard, name, t, x[at], y[at], ids[at])
@@ -266,6 +275,16 @@ def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
     )
 
 
+def _limits(cfg: EvalConfig, after: dict[str, int]) -> dict[str, int]:
+    """Each attack of `after` at its limit in `cfg` (a round's config), as a count of examples."""
+    return {a: cfg.attacks[a].limit or after[a] for a in after}
+
+
+def expected_round_rows(cfg: EvalConfig, before: dict[str, int], after: dict[str, int], shard, n: int) -> int:
+    """Rows a precision round's shard holds: the attacks' added examples in it x defenses."""
+    return len(cfg.defenses) * sum(len(new_positions(cfg, a, before, after, shard, n)) for a in before)
+
+
 def eval_job(cfg: EvalConfig, run_dir: Path, *, kind: str = "eval", finish=None) -> ShardedJob:
     """The sharded job of an eval config, its inputs checked (weights, data, substitute seeds) before any work.
     `finish` replaces the eval summary (curves adds its own table to it)."""
@@ -287,6 +306,7 @@ def eval_job(cfg: EvalConfig, run_dir: Path, *, kind: str = "eval", finish=None)
         finish=finish or (lambda run_dir, rows, run, shards: finish_eval(cfg, run_dir, rows, run, models, shards)),
         on_start=lambda run: log_dataset(run, full, data),
         tags={"defenses": ",".join(cfg.defenses), "attacks": ",".join(cfg.attacks)},
+        more=(lambda run_dir, rows: precision.more_shards(cfg, n, run_dir, rows)) if cfg.precision else None,
     )
 
 
@@ -303,6 +323,10 @@ def finish_eval(cfg: EvalConfig, run_dir: Path, rows: pd.DataFrame, tracker, mod
     summary = run_tables.summarize(headline)
     flags = masking_flags(cfg, rows)
     summary["masking"] = masking.flags_summary(flags)
+    if cfg.precision is not None:
+        summary["precision"] = precision.status(
+            cfg, int((rows["attack"] == "clean").sum() / len(cfg.defenses)), rows, run_dir
+        )
     if tracker is not None:
         figures = {"roc": run_tables.roc_figure(headline), "images": example_grid(cfg, models)}
         run_tables.log_results(
@@ -369,6 +393,8 @@ def show(cfg: EvalConfig, res: JobResult) -> None:
     if res.summary.get("auc"):
         print("\nDetection ROC AUC, clean vs attacked\n" + run_tables.markdown_table(res.summary, "auc"))
     print("\n" + masking_text(res.summary.get("masking")))
+    if res.summary.get("precision"):
+        print("\n" + precision.status_text(res.summary["precision"]))
 
 
 def main(config: Path, overrides: list[str], opts: JobOptions, *, limit: int | None = None) -> JobResult:

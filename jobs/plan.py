@@ -252,7 +252,37 @@ def suggest_shard_size(cfg: EvalConfig, n: int, cells: list[Cell], workers: int)
     return (name, size) if per_shard < FUSED_ROWS and size > cfg.shard_size else None
 
 
-def report(cfg: EvalConfig, n: int, model: CostModel) -> str:
+def precision_lines(cfg: EvalConfig, n: int, cells: list[Cell], rows: pd.DataFrame | None) -> list[str]:
+    """With `precision:`: the examples each attack's widest cell needs for the target (at the accuracy of this
+    config's earlier rows when there are some, else at 0.5, the widest case), capped at the split, and what
+    adding them costs against the budget."""
+    from jobs.precision import cell_widths, needed
+
+    assert cfg.precision is not None
+    h = cfg.precision.half_width
+    widths = cell_widths(rows) if rows is not None and len(rows) else None
+    lines = ["", f"Precision target ±{h} (95 % Wilson), budget {cfg.precision.budget_core_hours} core-hours:"]
+    total = sum(c.seconds for c in cells)
+    extra = 0.0
+    for a in cfg.attacks:
+        mine = [c for c in cells if c.attack == a]
+        m = max(c.examples for c in mine)
+        if widths is not None and a in set(widths["attack"]):
+            w = widths[widths["attack"] == a]
+            need = max(needed(int(k), int(k_n), h) for k, k_n in zip(w["k"], w["n"], strict=True))
+            basis = "at the earlier rows' accuracy"
+        else:
+            need, basis = needed(1, 2, h), "at accuracy 0.5"
+        need = min(max(need, m), n)
+        cost = sum(c.seconds for c in mine) / m * (need - m)
+        extra += cost
+        lines.append(f"  {a}: {need} examples ({basis}; the config runs {m}): +{cost / 3600:.3f} core-hours")
+    fits = "within" if total + extra <= cfg.precision.budget_core_hours * 3600 else "beyond"
+    lines.append(f"  all cells at the target: {(total + extra) / 3600:.3f} core-hours, {fits} the budget")
+    return lines
+
+
+def report(cfg: EvalConfig, n: int, model: CostModel, rows: pd.DataFrame | None = None) -> str:
     """The plan as printed: core-seconds per cell (attacks x defenses), totals, wall time by workers."""
     cells, shards, driver = plan(cfg, n, model)
     res = cfg.resources
@@ -269,8 +299,8 @@ def report(cfg: EvalConfig, n: int, model: CostModel) -> str:
     for a in attacks_:
         row = [by.get((a, d)) for d in cfg.defenses]
         n_a = max(c.examples for c in row if c is not None)
-        cols = ["" if c is None else f"{c.seconds:,.0f}" + ("*" if c.bound else "") for c in row]
-        lines.append(f"| {a} | {n_a} | " + " | ".join(cols) + f" | {sum(c.seconds for c in row if c):,.0f} |")
+        cols = ["" if c is None else _num(c.seconds) + ("*" if c.bound else "") for c in row]
+        lines.append(f"| {a} | {n_a} | " + " | ".join(cols) + f" | {_num(sum(c.seconds for c in row if c))} |")
     total = sum(c.seconds for c in cells) + driver
     lines += [
         "",
@@ -284,6 +314,8 @@ def report(cfg: EvalConfig, n: int, model: CostModel) -> str:
     largest = max(shards, default=0.0)
     if shards and largest > 0.25 * sum(shards) and len(shards) > 1:
         lines.append(f"the largest shard is {largest / sum(shards):.0%} of the work: more workers cannot beat it")
+    if cfg.precision is not None:
+        lines += precision_lines(cfg, n, cells, rows)
     hint = suggest_shard_size(cfg, n, cells, res.num_workers)
     if hint:
         per_shard = len(attacked_positions(cfg.attacks[hint[0]].limit, n)) * cfg.shard_size / n
@@ -293,6 +325,10 @@ def report(cfg: EvalConfig, n: int, model: CostModel) -> str:
             "a new run folder)"
         )
     return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def _duration(seconds: float) -> str:
@@ -320,6 +356,7 @@ def main(config: Path, overrides: list[str], *, limit: int | None, plan_from: li
     cfg = load_config(config, overrides, limit=limit)
     n = len(load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit))
     runs = earlier_runs(plan_from or [runs_dir()])
-    text = report(cfg, n, fit(runs))
+    mine = [r for c, r in runs if c.config_hash() == cfg.config_hash()]  # this config's own earlier rows
+    text = report(cfg, n, fit(runs), pd.concat(mine, ignore_index=True) if mine else None)
     print(text)
     return text

@@ -91,8 +91,9 @@ def write_shard(path: Path, frame: pd.DataFrame, schema: Schema | None = None) -
 
 
 def read_rows(run_dir: Path, schema: Schema) -> pd.DataFrame:
-    """Every shard's rows of a run folder (no rows: an empty frame with the schema's stored columns)."""
-    files = sorted((run_dir / "rows").glob("shard-*.parquet"))
+    """Every shard's rows of a run folder, those of its added rounds too (`rounds/*/rows/`, jobs/precision.py);
+    no rows: an empty frame with the schema's stored columns."""
+    files = sorted((run_dir / "rows").glob("shard-*.parquet")) + sorted(run_dir.glob("rounds/*/rows/shard-*.parquet"))
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else schema.empty()
 
 

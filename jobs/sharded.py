@@ -378,6 +378,18 @@ def _write_batch(batch, run_dir, bounds, expected, schema, bar, stats, on_shard)
 
 
 @dataclass
+class MoreShards:
+    """Shards a job adds after its own (`ShardedJob.more`): computed into `folder` (its own rows/ and progress
+    log) by workers built from `worker_kwargs`, each holding `expected(start, stop)` rows."""
+
+    folder: Path
+    shards: list[tuple[int, int, int]]
+    worker_kwargs: dict
+    expected: Callable[[int, int], int]
+    label: str
+
+
+@dataclass
 class ShardedJob:
     """What a sharded job (eval, red, curves) supplies to `run_sharded_job`."""
 
@@ -396,6 +408,9 @@ class ShardedJob:
     # object store, never through a shared disk, and the worker gets the folder they land in as `run_dir`.
     ships: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    # From the run folder and the rows so far: more shards to compute before the summary (an eval's precision
+    # rounds), asked again after each, until it returns None. Their rows join the job's (`read_rows`).
+    more: Callable[[Path, pd.DataFrame], MoreShards | None] | None = None
 
 
 def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
@@ -439,6 +454,27 @@ def run_sharded_job(cfg, job: ShardedJob, opts: JobOptions) -> JobResult:
                 shipped=shipped_files(run_dir, job.ships) if job.ships else None,
             )
         rows = read_rows(run_dir, job.schema)
+        prepared = bool(todo)
+        while job.more is not None and (added := job.more(run_dir, rows)) is not None:
+            if not prepared and job.prepare is not None:
+                job.prepare(run_dir)
+                prepared = True
+            more = run_shards(
+                missing_shards(added.folder, added.shards),
+                added.folder,
+                worker=job.worker,
+                worker_kwargs=added.worker_kwargs,
+                resources=cfg.resources,
+                expected=added.expected,
+                schema=job.schema,
+                desc=f"{job.kind} {cfg.name} {added.label}",
+                address=opts.address,
+                progress=opts.progress,
+                verbose=opts.verbose,
+                shipped=shipped_files(run_dir, job.ships) if job.ships else None,
+            )
+            stats.computed, stats.retried = stats.computed + more.computed, stats.retried + more.retried
+            rows = read_rows(run_dir, job.schema)
         shards_info = {
             "total": len(shards),
             "computed": stats.computed,

@@ -144,6 +144,16 @@ class Resources(_Strict):
     )
 
 
+class Precision(_Strict):
+    """Precision-targeted evaluation: after the configured examples, add examples (in each attack's spread order)
+    to every attack whose accuracy cells' 95 % Wilson intervals are still wider than `half_width`, until all are
+    narrower, the split is used up, or the run has spent `budget_core_hours` (rows' seconds)."""
+
+    half_width: float = Field(gt=0, lt=0.5, description="target half-width of every accuracy cell's 95 % interval")
+    budget_core_hours: float = Field(gt=0, description="stop adding examples once the run has spent this much")
+    max_rounds: int = Field(8, gt=0, description="rounds of added examples at most")
+
+
 class MlflowSpec(_Strict):
     experiment: Optional[str] = None  # default: the config family, e.g. 'eval-mnist5k'
     tracking_uri: Optional[str] = None

@@ -119,8 +119,8 @@ def job_run(cfg, run_dir: Path, *, enabled: bool, tags: dict):
         experiment=cfg.family,
         run_name=f"{cfg.name}-{cfg.config_hash()[:8]}",
         run_dir=run_dir,
-        config_dict=cfg.model_dump(mode="json"),
-        tags=tags,
+        config_dict=cfg.model_dump(mode="json", exclude=set(cfg.NOT_RESULTS)),
+        tags=tags | {k: json.dumps(v) for k, v in cfg.model_dump(mode="json", include=set(cfg.NOT_RESULTS)).items()},
     )
 
 

@@ -394,3 +394,40 @@ def test_fused_projections_give_every_example_the_same_prediction_and_step(confi
     dg = a["defense"].map(lambda d: cfg.defenses[d].kind) == "defensegan"
     pd.testing.assert_series_equal(a["detection_score"][dg], b["detection_score"][dg], rtol=1e-2, atol=1e-3)
     assert (a["seconds"] + a["attack_seconds"]).sum() > 0
+
+
+def test_precision_adds_spread_examples_until_cells_are_narrow_or_the_budget_is_spent(ray_instance, tmp_path):
+    """`precision:` after the configured examples: nothing added when the budget is already spent; a rerun with
+    a larger budget continues the same run folder with rounds of added examples (each attack's next ones in its
+    spread order, no example twice) until every cell's 95 % interval is within the target."""
+    from jobs.config import attacked_positions
+    from jobs.stats import wilson
+
+    def run(budget):
+        cfg = load_config(
+            SMOKE,
+            ["limit=48", "attacks.fgsm.limit=6", "attacks.bpda.limit=6"],
+            precision={"half_width": 0.15, "budget_core_hours": budget},
+            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
+        return cfg, evaluate(cfg, JobOptions(out=tmp_path / "run", progress=False))
+
+    cfg, first = run(1e-7)
+    p = first.summary["precision"]
+    assert p["stopped"] == "the budget is spent" and p["rounds"] == []
+    assert {v["n"] for v in p["cells"].values()} == {6} and not any(v["reached"] for v in p["cells"].values())
+    cfg, second = run(1.0)  # same config hash: the same folder, continued
+    assert second.run_dir == first.run_dir and second.skipped_shards == first.computed_shards
+    p = second.summary["precision"]
+    assert p["rounds"] and all(v["reached"] or v["n"] == 48 for v in p["cells"].values()), p
+    assert p["stopped"] in ("every cell reached the target", "the split is used up")
+    rows, n = second.rows, 48
+    assert not rows.duplicated(KEY).any()
+    clean_ids = rows[rows["attack"] == "clean"].drop_duplicates("example_id")["example_id"].tolist()
+    for attack in ("fgsm", "bpda"):
+        final = p["rounds"][-1]["limits"][attack]
+        got = set(rows[rows["attack"] == attack]["example_id"])
+        assert got == {clean_ids[i] for i in attacked_positions(final, n)}  # the spread order, nested
+        for d in cfg.defenses:
+            cell = rows[(rows["attack"] == attack) & (rows["defense"] == d) & ~rows["diverged"]]
+            assert wilson(int(cell["correct"].sum()), len(cell)).half_width <= 0.15 or final == n

@@ -93,3 +93,19 @@ def test_plan_command_prints_the_cells_and_fits_on_given_run_folders(smoke_rows,
     assert not (tmp_path / "runs").exists()  # nothing ran
     bad = CliRunner().invoke(app, ["eval", "--plan", "--config", str(SMOKE), "--set", "shard_size=0"])
     assert bad.exit_code == 1 and "shard_size" in bad.output
+
+
+def test_with_precision_the_plan_says_how_many_examples_each_attack_needs(smoke_rows):
+    from jobs.precision import cell_widths, needed
+
+    _, rows = smoke_rows
+    cfg = load_config(
+        SMOKE, ["limit=200", "attacks.bpda.limit=16"], precision={"half_width": 0.1, "budget_core_hours": 1.0}
+    )
+    text = plan.report(cfg, 200, plan.fit([(load_config(SMOKE), rows)]), rows)
+    w = cell_widths(rows)  # the smoke rows' own accuracies decide bpda's need; the split (200) caps it
+    mine = w[w["attack"] == "bpda"]
+    need = min(200, max(16, *(needed(int(k), int(m), 0.1) for k, m in zip(mine["k"], mine["n"], strict=True))))
+    assert f"  bpda: {need} examples (at the earlier rows' accuracy; the config runs 16)" in text
+    assert "  fgsm: 200 examples" in text  # already on the whole split
+    assert "all cells at the target:" in text and "within the budget" in text

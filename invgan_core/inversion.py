@@ -369,21 +369,36 @@ def _projection(res: _Result, n: int, steps: int) -> Projection:
 Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
-# Rows per pass through G on a CPU: beyond ~100 rows the step's activations leave the core's cache and the rate
-# falls (measured on the mnist5k generator, one thread, interleaved: 5,300 row-steps/s at 24-128 rows, 4,100 at
-# 256; benchmarks/README.md "Small batches"), so larger batches go through in equal pieces of at most this many.
-CPU_ROWS = 64
+# On a CPU, every pass through G holds a multiple of CPU_BLOCK rows (a batch is padded with zero rows, dropped
+# after) and at most ~CPU_ROWS. Measured on the shipped generators (torch 2.13 CPU, oneDNN; 1 and 2 threads): at
+# a multiple of 8 rows, each row's G(z), loss and gradient are bit-identical whatever the batch size and whatever
+# else is in it, while 1-3, 5, 7 or 9 rows take other kernel paths that differ in the last bits (enough to move a
+# long projection of an adversarial input, and the step at which BPDA fools it). So a projection's result does
+# not depend on its batch: not on shard size, workers, or what a fused step holds (tests/core/test_inversion.py
+# checks it on this machine's CPU). Beyond ~100 rows the activations leave the core's cache and the rate falls
+# (one thread: 5,300 row-steps/s at 24-128 rows, 4,100 at 256; benchmarks/README.md), hence the pieces.
+CPU_BLOCK, CPU_ROWS = 8, 64
 
 
 def _rows_step(G_step: nn.Module, z: torch.Tensor, target: torch.Tensor):
     """G(z), the per-row losses ||G(z) - target||² / n and their gradients in z, all detached. The objective is
     the *sum* of the rows' losses: row i's gradient is its own loss's, whatever else is in the batch (so a
-    batch may go through in pieces: `CPU_ROWS`)."""
-    if z.device.type == "cpu" and len(z) > CPU_ROWS:
-        size = math.ceil(len(z) / math.ceil(len(z) / CPU_ROWS))
-        parts = [_rows_step(G_step, a, b) for a, b in zip(z.split(size), target.split(size), strict=True)]
-        out, losses, grad = (torch.cat(p) for p in zip(*parts, strict=True))
-        return out, losses, grad
+    batch may be padded and go through in pieces: `CPU_BLOCK`, `CPU_ROWS`)."""
+    if z.device.type != "cpu":
+        return _one_pass(G_step, z, target)
+    n = len(z)
+    padded = math.ceil(n / CPU_BLOCK) * CPU_BLOCK
+    if padded != n:
+        z = torch.cat([z.detach(), z.new_zeros(padded - n, *z.shape[1:])])
+        target = torch.cat([target, target.new_zeros(padded - n, *target.shape[1:])])
+    pieces = math.ceil(padded / CPU_ROWS)
+    size = math.ceil(padded / pieces / CPU_BLOCK) * CPU_BLOCK  # near-equal pieces, each a multiple of the block
+    parts = [_one_pass(G_step, a, b) for a, b in zip(z.split(size), target.split(size), strict=True)]
+    out, losses, grad = (torch.cat(p)[:n] for p in zip(*parts, strict=True))
+    return out, losses, grad
+
+
+def _one_pass(G_step: nn.Module, z: torch.Tensor, target: torch.Tensor):
     with torch.enable_grad():  # a projection is an optimisation, even when called under no_grad
         z = z.detach().requires_grad_(True)
         out = G_step(z)

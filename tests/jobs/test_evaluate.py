@@ -372,28 +372,20 @@ def test_the_substitute_black_box_is_trained_once_per_oracle_on_unevaluated_seed
 @pytest.mark.parametrize(("config", "stop"), [("smoke.yaml", 4), ("default.yaml", 2)])
 def test_fused_projections_give_every_example_the_same_prediction_and_step(config, stop):
     """A shard's attacks and defenses side by side, every projection step through G in one batch
-    (`resources.fused`, the default), against one after the other: every row the same prediction and the
-    same queries (each example fooled at the same step), the same distortions (1e-2 relative: sign steps
-    amplify float rounding), Defense-GAN's detection scores too. InvGAN's scores are not compared: a
-    200-step Adam projection of an adversarial input is chaotic under any change of batch, today's unfused
-    code included (measured on the default config's first 8 PGD inputs: the latents of a batch of 8 and of
-    each example alone differ by up to 0.52, fused and alone by 0.19; on clean inputs 7e-3 and 3e-3; at
-    20 steps 5e-4 and 8e-7). The default config on a 2-example shard: every one of its attacks and defenses."""
+    (`resources.fused`, the default), against one after the other: the same rows, bit for bit (predictions,
+    the step each example is fooled at, distortions, detection scores), since a row's pass through G does not
+    depend on its batch (inversion.CPU_BLOCK). The default config on a 2-example shard: every one of its
+    attacks and defenses."""
     from jobs.evaluate import EvalWorker
 
     rows = {}
     for fused in (True, False):
         cfg = load_config(ROOT / "configs" / config, [f"resources.fused={str(fused).lower()}"])
         rows[fused] = EvalWorker(cfg.model_dump(mode="json")).run_shard(0, 0, stop)
-    a, b = rows[True], rows[False]
-    assert set(a["attack"]) == {"clean", *cfg.attacks}  # every attack has examples in the shard
-    exact = ["example_id", "label", "attack", "defense", "prediction", "correct", "queries", "effective_iterations"]
-    pd.testing.assert_frame_equal(a[exact], b[exact])
-    for column in ("l2", "linf"):
-        pd.testing.assert_series_equal(a[column], b[column], rtol=1e-2, atol=1e-3)
-    dg = a["defense"].map(lambda d: cfg.defenses[d].kind) == "defensegan"
-    pd.testing.assert_series_equal(a["detection_score"][dg], b["detection_score"][dg], rtol=1e-2, atol=1e-3)
-    assert (a["seconds"] + a["attack_seconds"]).sum() > 0
+    assert set(rows[True]["attack"]) == {"clean", *cfg.attacks}  # every attack has examples in the shard
+    timing = ["seconds", "attack_seconds"]
+    pd.testing.assert_frame_equal(rows[True].drop(columns=timing), rows[False].drop(columns=timing))
+    assert (rows[True]["seconds"] + rows[True]["attack_seconds"]).sum() > 0
 
 
 def test_precision_adds_spread_examples_until_cells_are_narrow_or_the_budget_is_spent(ray_instance, tmp_path):

@@ -1,19 +1,21 @@
 """The adaptive cells' cost (issue #23): BPDA to many steps, both losses, end to end through Defense-GAN 10 x 200,
 InvGAN T = 1000 and InvGAN T = 200 (configs/repro/table2_mnist_bpda500.yaml with a margin-loss twin of its
-attack), core-seconds per attacked example, three ways in one process on one thread (an eval worker of 1 CPU):
+attack), core-seconds per attacked example, in one process on one thread (an eval worker of 1 CPU):
 
-- today: every example in its own shard (the repro config's layout: its 20 attacked examples are spread over
-  200, one per shard of 10), the attacks and defenses one after the other, each projection its own batch;
-- batched by shard: all examples in one shard, still one after the other;
-- fused: all examples in one shard, every projection step of every attack and defense as one batch through G
-  (`resources.fused`, the default; `invgan_core.inversion.FusedGenerator`).
+- today: the code before #23 on the repro config's layout: every attacked example in its own shard (its 20
+  attacked examples are spread over 200, one per shard of 10), the attacks and defenses one after the other,
+  each projection its own batch, G stepped on exactly the rows it is given (`inversion.CPU_BLOCK = 1`, no
+  pieces);
+- fused: all examples in one shard (`invgan eval --plan`'s shard-size hint), every projection step of every
+  attack and defense as one batch through G (`resources.fused`), padded to a multiple of 8 rows in pieces
+  of at most 64 (today's defaults).
 
 The figure is fused ÷ today. The details count the rows whose prediction or fooling step (queries) differ
-from today's: none is expected, but a long InvGAN projection of an adversarial input is chaotic under any
-change of batch, today's code included (tests/jobs/test_evaluate.py), so a borderline example may move.
-Full mode: the official MNIST test set when ../shared/data/mnist holds it (else mnist5k's test split),
-6 examples, 100 attack steps (500 would take hours per case; the per-step cost is what changes).
-Quick mode: the digits models, 3 examples, 3 steps.
+from today's: today's unpadded small batches differ from padded ones in the last bits, and a long InvGAN
+projection of an adversarial input amplifies that (fused rows equal unfused ones bit for bit:
+tests/jobs/test_evaluate.py). Full mode: the official MNIST test set when ../shared/data/mnist holds it
+(else mnist5k's test split), 6 examples, 100 attack steps (500 would take hours per case; the per-step cost
+is what changes). Quick mode: the digits models, 3 examples, 3 steps.
 """
 
 from __future__ import annotations
@@ -74,18 +76,25 @@ def _run(cfg) -> tuple[float, object]:
     return time.perf_counter() - started, pd.concat(rows, ignore_index=True)
 
 
-def bpda500_fused_vs_today(quick: bool) -> dict:
+def bpda_core_seconds_fused_vs_today(quick: bool) -> dict:
+    from invgan_core import inversion
+
     n = 3 if quick else 6
-    cases = {"today": (1, False), "batched_by_shard": (n, False), "fused": (n, True)}
+    cases = {"today": (1, False, 1, 10**9), "fused": (n, True, inversion.CPU_BLOCK, inversion.CPU_ROWS)}
     seconds, rows = {}, {}
     with _threads(1):
-        for case, (shard_size, fused) in cases.items():
-            seconds[case], rows[case] = _run(_config(quick, n, shard_size, fused))
+        for case, (shard_size, fused, block, pieces) in cases.items():
+            kept = inversion.CPU_BLOCK, inversion.CPU_ROWS
+            inversion.CPU_BLOCK, inversion.CPU_ROWS = block, pieces
+            try:
+                seconds[case], rows[case] = _run(_config(quick, n, shard_size, fused))
+            finally:
+                inversion.CPU_BLOCK, inversion.CPU_ROWS = kept
     key = ["example_id", "attack", "defense"]
     base = rows["today"].sort_values(key)[COLUMNS].reset_index(drop=True)
     differ = {}  # rows whose prediction or fooling step differs from today's (a long InvGAN projection of an
     # adversarial input is chaotic under any change of batch: see tests/jobs/test_evaluate.py)
-    for case in ("batched_by_shard", "fused"):
+    for case in ("fused",):
         other = rows[case].sort_values(key)[COLUMNS].reset_index(drop=True)
         differ[case] = int((base != other).any(axis=1).sum())
     attacked = rows["today"][rows["today"]["attack"] != "clean"]
@@ -102,15 +111,16 @@ def bpda500_fused_vs_today(quick: bool) -> dict:
             "dataset": rows["today"].attrs.get("dataset", _config(quick, n, 1, True).dataset),
             "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "core_seconds_per_example": {k: round(v / n, 1) for k, v in seconds.items()},
-            "batched_by_shard_vs_today": round(seconds["batched_by_shard"] / seconds["today"], 3),
-            "fused_vs_batched_by_shard": round(seconds["fused"] / seconds["batched_by_shard"], 3),
             "accuracy": {
-                f"{a}/{d}": round(float(g["correct"].mean()), 3)
-                for (a, d), g in attacked.groupby(["attack", "defense"])
+                case: {
+                    f"{a}/{d}": round(float(g["correct"].mean()), 3)
+                    for (a, d), g in r[r["attack"] != "clean"].groupby(["attack", "defense"])
+                }
+                for case, r in rows.items()
             },
             "mean_queries": round(float(attacked["queries"].mean()), 1),
         },
     }
 
 
-FIGURES = [bpda500_fused_vs_today]
+FIGURES = [bpda_core_seconds_fused_vs_today]

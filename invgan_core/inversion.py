@@ -373,10 +373,11 @@ Step = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor,
 # after) and at most ~CPU_ROWS. Measured on the shipped generators (torch 2.13 CPU, oneDNN; 1 and 2 threads): at
 # a multiple of 8 rows, each row's G(z), loss and gradient are bit-identical whatever the batch size and whatever
 # else is in it, while 1-3, 5, 7 or 9 rows take other kernel paths that differ in the last bits (enough to move a
-# long projection of an adversarial input, and the step at which BPDA fools it). So a projection's result does
-# not depend on its batch: not on shard size, workers, or what a fused step holds (tests/core/test_inversion.py
-# checks it on this machine's CPU). Beyond ~100 rows the activations leave the core's cache and the rate falls
-# (one thread: 5,300 row-steps/s at 24-128 rows, 4,100 at 256; benchmarks/README.md), hence the pieces.
+# long projection of an adversarial input, and the step at which BPDA fools it). So a projection's steps from
+# given starting latents do not depend on the batch, nor on what a fused step holds (tests/core/test_inversion.py
+# checks it on this machine's CPU; an inverter's starting point and the classifier are not padded).
+# Beyond ~100 rows the activations leave the core's cache and the rate falls (one thread: 5,300 row-steps/s
+# at 24-128 rows, 4,100 at 256; benchmarks/README.md), hence the pieces.
 CPU_BLOCK, CPU_ROWS = 8, 64
 
 

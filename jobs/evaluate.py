@@ -29,6 +29,7 @@ from jobs import masking, precision, run_tables
 from jobs.config import BLACK_BOXES, EvalConfig, MaskingChecks, examples_in_shard, load_config
 from jobs.models import build_defense, check_job_inputs, load_models, worker_device
 from jobs.paper_spec import tables_fed_by
+from jobs.precision import expected_round_rows as expected_round_rows
 from jobs.precision import new_positions
 from jobs.ray_session import quiet_ray_logging
 from jobs.schemas import EVAL_ROWS
@@ -278,11 +279,6 @@ def expected_rows(cfg: EvalConfig, start: int, stop: int, n: int) -> int:
 def _limits(cfg: EvalConfig, after: dict[str, int]) -> dict[str, int]:
     """Each attack of `after` at its limit in `cfg` (a round's config), as a count of examples."""
     return {a: cfg.attacks[a].limit or after[a] for a in after}
-
-
-def expected_round_rows(cfg: EvalConfig, before: dict[str, int], after: dict[str, int], shard, n: int) -> int:
-    """Rows a precision round's shard holds: the attacks' added examples in it x defenses."""
-    return len(cfg.defenses) * sum(len(new_positions(cfg, a, before, after, shard, n)) for a in before)
 
 
 def eval_job(cfg: EvalConfig, run_dir: Path, *, kind: str = "eval", finish=None) -> ShardedJob:

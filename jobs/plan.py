@@ -29,8 +29,11 @@ from pathlib import Path
 import pandas as pd
 
 from invgan_core import adaptive, attacks
-from jobs.config import EvalConfig, attacked_positions, examples_in_shard
+from invgan_core.data import load_dataset
+from jobs.common import runs_dir
+from jobs.config import EvalConfig, attacked_positions, examples_in_shard, load_config
 from jobs.specs import BLACK_BOXES, DEFENSES, WRAPPERS
+from jobs.stats import cell_widths, needed
 
 DEFAULTS = Path(__file__).with_name("cost_defaults.json")
 START_SECONDS = 20.0  # Ray start, one model load per worker, the driver's summary (measured: 15-25 s)
@@ -256,8 +259,6 @@ def precision_lines(cfg: EvalConfig, n: int, cells: list[Cell], rows: pd.DataFra
     """With `precision:`: the examples each attack's widest cell needs for the target (at the accuracy of this
     config's earlier rows when there are some, else at 0.5, the widest case), capped at the split, and what
     adding them costs against the budget."""
-    from jobs.precision import cell_widths, needed
-
     assert cfg.precision is not None
     h = cfg.precision.half_width
     widths = cell_widths(rows) if rows is not None and len(rows) else None
@@ -349,10 +350,6 @@ def measured_core_seconds(cfg: EvalConfig, rows: pd.DataFrame) -> float:
 
 def main(config: Path, overrides: list[str], *, limit: int | None, plan_from: list[Path]) -> str:
     """`invgan eval --plan`: the config validated, its size read, the plan printed; nothing runs."""
-    from invgan_core.data import load_dataset
-    from jobs.common import runs_dir
-    from jobs.config import load_config
-
     cfg = load_config(config, overrides, limit=limit)
     n = len(load_dataset(cfg.dataset, cfg.split, cfg.data_dir).subset(cfg.limit))
     runs = earlier_runs(plan_from or [runs_dir()])

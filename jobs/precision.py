@@ -14,7 +14,6 @@ or a narrower target, continues with new rounds: `precision` is not part of the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import pandas as pd
 
 from invgan_core.files import atomic_write_json
 from jobs.config import EvalConfig, attacked_positions, examples_in_shard
-from jobs.masking import is_check
 from jobs.plan import measured_core_seconds
 from jobs.run_folder import missing_shards, plan_shards
-from jobs.stats import wilson
+from jobs.sharded import MoreShards
+from jobs.stats import cell_widths, needed
 
 ROUNDS = "rounds"
 
@@ -44,24 +43,6 @@ class Round:
 def attacked(cfg: EvalConfig, n: int) -> dict[str, int]:
     """Examples each attack runs on under the config's limits."""
     return {a: len(attacked_positions(s.limit, n)) for a, s in cfg.attacks.items()}
-
-
-def needed(k: int, m: int, half_width: float) -> int:
-    """Examples a cell with accuracy k/m needs for a Wilson half-width <= `half_width` at that accuracy."""
-    p = min(max(k / m if m else 0.5, 0.02), 0.98)  # a cell at 0 or 1 still needs a finite n: take p near it
-    n = max(m, 1)
-    while wilson(round(p * n), n).half_width > half_width:
-        n = math.ceil(n * 1.1) + 1
-    return n
-
-
-def cell_widths(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (attack, defense) accuracy cell of the rows (diverged rows, masking checks and the clean cells, whose
-    n is the config's `limit`, left out): n, correct, and the Wilson half-width."""
-    scored = rows[~rows["diverged"] & ~rows["attack"].map(is_check) & (rows["attack"] != "clean")]
-    out = scored.groupby(["attack", "defense"], sort=False)["correct"].agg(n="size", k="sum").reset_index()
-    out["half_width"] = [wilson(int(k), int(m)).half_width for k, m in zip(out["k"], out["n"], strict=True)]
-    return out
 
 
 def recorded_rounds(run_dir: Path) -> list[Round]:
@@ -184,9 +165,6 @@ def status_text(p: dict) -> str:
 def more_shards(cfg: EvalConfig, n: int, run_dir: Path, rows: pd.DataFrame):
     """The runner's hook (`ShardedJob.more`): the next round as shards for EvalWorkers of the round's limits, or
     None when the rounds are over."""
-    from jobs.evaluate import expected_round_rows
-    from jobs.sharded import MoreShards
-
     r = next_round(cfg, n, rows, run_dir)
     if r is None:
         return None
@@ -200,3 +178,8 @@ def more_shards(cfg: EvalConfig, n: int, run_dir: Path, rows: pd.DataFrame):
         expected=lambda a, b: expected_round_rows(cfg, r.before, r.limits, (0, a, b), n),
         label=f"{r.name}: " + ", ".join(f"{a} {r.before[a]}→{m}" for a, m in r.limits.items() if m > r.before[a]),
     )
+
+
+def expected_round_rows(cfg: EvalConfig, before: dict[str, int], after: dict[str, int], shard, n: int) -> int:
+    """Rows a precision round's shard holds: the attacks' added examples in it x defenses."""
+    return len(cfg.defenses) * sum(len(new_positions(cfg, a, before, after, shard, n)) for a in before)

@@ -17,7 +17,10 @@ import statistics
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+from jobs.masking import is_check
 
 Z95 = statistics.NormalDist().inv_cdf(0.975)
 MIN_N = 20  # below: "n too small", whatever the interval
@@ -112,3 +115,21 @@ def format_interval(i: Interval, places: int | None = None) -> str:
     """'0.25 [0.11, 0.47] (n=20)'."""
     d = decimals(i) if places is None else places
     return f"{i.value:.{d}f} [{i.low:.{d}f}, {i.high:.{d}f}] (n={i.n})"
+
+
+def needed(k: int, m: int, half_width: float) -> int:
+    """Examples a cell with accuracy k/m needs for a Wilson half-width <= `half_width` at that accuracy."""
+    p = min(max(k / m if m else 0.5, 0.02), 0.98)  # a cell at 0 or 1 still needs a finite n: take p near it
+    n = max(m, 1)
+    while wilson(round(p * n), n).half_width > half_width:
+        n = math.ceil(n * 1.1) + 1
+    return n
+
+
+def cell_widths(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (attack, defense) accuracy cell of the rows (diverged rows, masking checks and the clean cells, whose
+    n is the config's `limit`, left out): n, correct, and the Wilson half-width."""
+    scored = rows[~rows["diverged"] & ~rows["attack"].map(is_check) & (rows["attack"] != "clean")]
+    out = scored.groupby(["attack", "defense"], sort=False)["correct"].agg(n="size", k="sum").reset_index()
+    out["half_width"] = [wilson(int(k), int(m)).half_width for k, m in zip(out["k"], out["n"], strict=True)]
+    return out

@@ -17,13 +17,15 @@ from benchmarks import run
 
 
 def test_quick_run_produces_every_projection_and_red_figure(tmp_path, capsys):
-    from benchmarks import fig_projection, fig_red
+    from benchmarks import fig_adaptive, fig_projection, fig_red
 
     out = tmp_path / "results.json"
-    assert run.main(["--quick", "--only", "fig_projection,fig_red", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        run.main(["--quick", "--only", "fig_adaptive,fig_projection,fig_red", "--threads", "1", "--out", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
     names = [f["name"] for f in result["figures"]]
-    assert names == [fn.__name__ for fn in fig_projection.FIGURES + fig_red.FIGURES]
+    assert names == [fn.__name__ for fn in fig_adaptive.FIGURES + fig_projection.FIGURES + fig_red.FIGURES]
     for fig in result["figures"]:
         assert math.isfinite(fig["value"]) and fig["target"][:1] in "≥≤" and fig["met"] in (True, False, None)
         assert isinstance(fig["details"], dict) and len(fig["loadavg_before"]) == 3

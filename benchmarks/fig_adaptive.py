@@ -123,4 +123,33 @@ def bpda_core_seconds_fused_vs_today(quick: bool) -> dict:
     }
 
 
-FIGURES = [bpda_core_seconds_fused_vs_today]
+def plan_predicted_vs_measured(quick: bool) -> dict:
+    """`invgan eval --plan`'s core-seconds (shipped defaults, jobs/cost_defaults.json) ÷ the rows' own, for a
+    config run here in one process: the default config at half its examples (attack limits halved alike;
+    quick: the smoke config). Target: within 0.8-1.25."""
+    from jobs.config import load_config
+    from jobs.plan import CostModel, measured_core_seconds, plan
+
+    if quick:
+        cfg = load_config(ROOT / "configs" / "smoke.yaml", ["limit=8", "shard_size=4"])
+    else:
+        cfg = load_config(
+            ROOT / "configs" / "default.yaml", ["limit=30", "attacks.cw.limit=15", "attacks.bpda.limit=5"]
+        )
+    cells, _, driver = plan(cfg, cfg.limit or 0, CostModel.shipped())
+    predicted = sum(c.seconds for c in cells) + driver
+    with _threads(1):
+        _, rows = _run(cfg)
+    measured = measured_core_seconds(cfg, rows)
+    ratio = predicted / measured
+    return {
+        "name": "plan_predicted_vs_measured",
+        "value": ratio,
+        "target": "≤ 1.25 and ≥ 0.8",
+        "met": 0.8 <= ratio <= 1.25,
+        "unit": "ratio",
+        "details": {"config": cfg.name, "limit": cfg.limit, "predicted_core_s": predicted, "measured_core_s": measured},
+    }
+
+
+FIGURES = [bpda_core_seconds_fused_vs_today, plan_predicted_vs_measured]

@@ -245,6 +245,11 @@ def two_vs_one_worker(quick: bool) -> dict:
         "makespan_2_workers": round(makespan2, 1),
         "ratio_if_fixed_and_schedule_explain_it": round((fixed + makespan2) / (fixed + sum(work)), 3),
         "ratio_with_no_fixed_part": round(makespan2 / sum(work), 3),
+        # the shards' own seconds when two run at once ÷ alone: what sharing the machine costs each shard
+        "shard_slowdown_2_workers": round(
+            statistics.median(sum(s) for s in shard_seconds[2]) / statistics.median(sum(s) for s in shard_seconds[1]),
+            3,
+        ),
     }
     return {
         "name": "two_vs_one_worker",

@@ -81,7 +81,17 @@ def matmul_seconds(n: int = 2048) -> tuple[float, int]:
 @functools.cache
 def _flop_ratios(quick: bool) -> tuple[dict, float, int]:
     """({rows: FLOPs per row-step, seconds, FLOP/s, ratio}, matmul FLOP/s, steps): `project`'s loop at each batch,
-    interleaved with the matmul so both see the same load. Shared by the figures below (measured once)."""
+    interleaved with the matmul so both see the same load, on one thread: an eval worker's setting (one torch
+    thread per Ray CPU), where a row cannot leave a second core idle. Shared by the figures below (measured once)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_flop_ratios(quick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure_flop_ratios(quick: bool) -> tuple[dict, float, int]:
     G = models()["generator"]
     batches, steps, repeats = ((1, 16, 64), 3, 2) if quick else ((1, 4, 16, 64, 256, 640), 20, 5)
     matmul_seconds()  # warm up MKL
@@ -119,7 +129,7 @@ def _flop_figure(name: str, quick: bool, head: int, target: float) -> dict:
         "details": {
             "matmul_flop_per_s": peak_flops,
             "steps": steps,
-            "threads": torch.get_num_threads(),
+            "threads": 1,
             "by_rows": per_batch,
         },
     }

@@ -51,11 +51,23 @@ from jobs.paper_spec import (
     Table,
     load_paper_numbers,
 )
+from jobs.protocol import deviations
 from jobs.recovery import RecoveryConfig, recovery_tables
 from jobs.red import RedConfig, confusion_figure, red_tables
 from jobs.run_tables import scored
 from jobs.schemas import EVAL_ROWS, RED_ROWS
 from jobs.sharded import read_rows
+from jobs.stats import (
+    MAX_HALF_WIDTH,
+    MIN_N,
+    Interval,
+    bootstrap_auc,
+    decimals,
+    paired_difference,
+    tally,
+    verdict,
+    wilson,
+)
 from jobs.tracking import recorded_run_id
 
 
@@ -64,6 +76,12 @@ class Cell:
     ours: float | None
     n: int
     paper: float | None
+    interval: Interval | None = None  # 95 %: Wilson for an accuracy, bootstrap for an AUC; None: no interval
+
+    @property
+    def verdict(self) -> str:
+        """Ours against the paper's number (jobs.stats.verdict); '' without an interval or a paper number."""
+        return verdict(self.interval, self.paper) if self.interval is not None and self.ours is not None else ""
 
 
 def combined_correct(d_rows: pd.DataFrame, attacks: list[str]) -> pd.Series | None:
@@ -75,6 +93,13 @@ def combined_correct(d_rows: pd.DataFrame, attacks: list[str]) -> pd.Series | No
     return wide.astype(bool).all(axis=1) if len(wide) else None
 
 
+def fraction_cell(value: float | None, n: int, paper: float | None) -> Cell:
+    """A fraction of n (an accuracy, a recovery rate) computed elsewhere, with its Wilson interval."""
+    if value is None or not n:
+        return Cell(value, n, paper)
+    return Cell(value, n, paper, wilson(round(value * n), n))
+
+
 def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers) -> dict[str, dict[str, Cell]]:
     out: dict[str, dict[str, Cell]] = {}
     for defense, d_rows in rows.groupby("defense", sort=False):
@@ -82,8 +107,11 @@ def accuracy_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Num
         for column, attacks in columns.items():
             correct = combined_correct(d_rows, attacks)
             theirs = paper.get(defense, {}).get(column)
+            if correct is None:
+                out[defense][column] = Cell(None, 0, theirs)
+                continue
             out[defense][column] = Cell(
-                None if correct is None else float(correct.mean()), 0 if correct is None else len(correct), theirs
+                float(correct.mean()), len(correct), theirs, wilson(int(correct.sum()), len(correct))
             )
     return out
 
@@ -99,8 +127,15 @@ def auc_cells(rows: pd.DataFrame, columns: dict[str, list[str]], paper: Numbers)
             pos = d_rows[d_rows["attack"] == attacks[0]]
             pos = pos[np.isfinite(pos["detection_score"].to_numpy(dtype=float))]
             neg = clean.reindex(pos["example_id"].to_numpy()).dropna()
-            auc = detection_auc(neg.to_numpy(), pos["detection_score"].to_numpy()) if len(pos) and len(neg) else None
-            out[defense][column] = Cell(auc, len(pos), paper.get(defense, {}).get(column))
+            theirs = paper.get(defense, {}).get(column)
+            if not (len(pos) and len(neg)):
+                out[defense][column] = Cell(None, len(pos), theirs)
+                continue
+            attacked = pos["detection_score"].to_numpy()
+            auc = detection_auc(neg.to_numpy(), attacked)
+            both = np.r_[neg.to_numpy(), attacked]
+            labels = np.r_[np.zeros(len(neg)), np.ones(len(attacked))]
+            out[defense][column] = Cell(auc, len(pos), theirs, bootstrap_auc(labels, both))
     return out
 
 
@@ -168,11 +203,13 @@ def find_run_dir(cfg, runs: Path) -> Path:
 
 
 def paired_comparison(
-    rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]], *, min_n: int = 20
+    rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]], *, min_n: int = MIN_N
 ) -> list[str]:
-    """One line per column: the cheap defense's accuracy against the reference's on the same examples, the
-    difference with twice its standard error, and plainly whether it matches (no worse than 0.02 below),
-    falls short (and whether that is beyond 2 standard errors), or cannot tell (fewer than `min_n` examples)."""
+    """One line per column: the cheap defense's accuracy against the reference's on the same examples, their
+    paired difference with its 95 % bootstrap interval, and one of the four verdicts on the claim that the cheap
+    one is as accurate (jobs.stats.verdict with 0 as the claimed difference): n too small (fewer than `min_n`
+    pairs), undecided (the interval wider than ±0.10), reproduced (0 lies in it), not reproduced (above: the
+    cheap one better; below: worse)."""
     lines = []
     for column, attacks in columns.items():
         a = combined_correct(rows[rows["defense"] == cheap], attacks)
@@ -182,19 +219,10 @@ def paired_comparison(
         common = a.index.intersection(b.index)
         if not len(common):
             continue
-        d = a[common].astype(float) - b[common].astype(float)
-        diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        if len(d) < min_n:
-            verdict = f"too few examples to tell (n < {min_n})"
-        elif diff >= -0.02:
-            verdict = "matches"
-        elif diff + 2 * se >= -0.02:
-            verdict = f"falls short by {-diff:.2f}, within 2 standard errors of matching"
-        else:
-            verdict = f"falls short by {-diff:.2f}"
+        diff = paired_difference(a[common].to_numpy(), b[common].to_numpy())
         lines.append(
             f"- {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
-            f"{diff:+.2f}" + (f" ± {2 * se:.2f}" if np.isfinite(se) else "") + f"): **{verdict}**"
+            f"{diff.value:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]): **{verdict(diff, 0.0, min_n=min_n)}**"
         )
     return lines
 
@@ -203,8 +231,12 @@ def _fmt(v: float | None, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int | dict[str, int], first: str = "defense") -> str:
-    """`digits`: for every column, or per column (e.g. an MSE column beside accuracies)."""
+def cells_markdown(
+    cells: dict[str, dict[str, Cell]], digits: int | None | dict[str, int | None], first: str = "defense"
+) -> str:
+    """`digits`: for every column, or per column (e.g. an MSE column beside accuracies); None: as many as the
+    cell's interval supports (jobs.stats.decimals: an AUC). A cell with an interval prints it, 95 %, and its
+    verdict against the paper's number."""
     columns = list(dict.fromkeys(c for row in cells.values() for c in row))
     places = digits if isinstance(digits, dict) else dict.fromkeys(columns, digits)
     lines = [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -215,10 +247,38 @@ def cells_markdown(cells: dict[str, dict[str, Cell]], digits: int | dict[str, in
             if cell is None or (cell.ours is None and cell.paper is None):
                 parts.append("–")
                 continue
-            ours = f"**{_fmt(cell.ours, places[c])}** (n={cell.n})" if cell.ours is not None else "not run"
-            parts.append(ours + (f" · paper {_fmt(cell.paper, places[c])}" if cell.paper is not None else ""))
+            i = cell.interval
+            fixed = places[c]
+            d: int = fixed if fixed is not None else (decimals(i) if i is not None else 2)
+            if cell.ours is None:
+                ours = "not run"
+            elif i is not None:
+                ours = f"**{_fmt(cell.ours, d)}** [{i.low:.{d}f}, {i.high:.{d}f}] (n={cell.n})"
+            else:
+                ours = f"**{_fmt(cell.ours, d)}** (n={cell.n})"
+            paper = f" · paper {_fmt(cell.paper, max(d, _places(cell.paper)))}" if cell.paper is not None else ""
+            parts.append(ours + paper + (f": *{cell.verdict}*" if cell.verdict else ""))
         lines.append(f"| {defense} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
+
+
+def _places(x: float) -> int:
+    """The decimals a paper's number was printed with (0.9985 -> 4, 0.99 -> 2), at most 4."""
+    text = f"{x:.4f}".rstrip("0")
+    return max(len(text.split(".")[1]) if "." in text else 0, 1)
+
+
+def verdict_line(cells: dict[str, dict[str, Cell]]) -> str:
+    """'Verdicts against the paper (...): reproduced 9, not reproduced 4 (1 above, 3 below), undecided 3.', or ''
+    when no cell has both an interval and a paper number."""
+    counts = tally(c.verdict for row in cells.values() for c in row.values())
+    if not counts:
+        return ""
+    return (
+        f"Verdicts against the paper, 95 % intervals: {counts}. *Reproduced*: the paper's number lies in our "
+        f"interval; *not reproduced*: it lies outside (above: ours higher); *undecided*: our interval is wider "
+        f"than ±{MAX_HALF_WIDTH:.2f}, too wide to tell a gap from none; *n too small*: fewer than {MIN_N} examples."
+    )
 
 
 def cells_figure(cells: dict[str, dict[str, Cell]], title: str, ylabel: str) -> Figure:
@@ -231,7 +291,13 @@ def cells_figure(cells: dict[str, dict[str, Cell]], title: str, ylabel: str) -> 
         x = np.arange(len(columns))
         ours = [cells[defense][c].ours if cells[defense][c].ours is not None else np.nan for c in columns]
         paper = [cells[defense][c].paper if cells[defense][c].paper is not None else np.nan for c in columns]
-        ax.bar(x - 0.2, ours, 0.4, label="ours", color="tab:blue")
+        bars = []
+        for c in columns:
+            cell = cells[defense][c]
+            i = cell.interval
+            bars.append([cell.ours - i.low, i.high - cell.ours] if i is not None and cell.ours is not None else [0, 0])
+        err = np.array(bars).T.reshape(2, len(columns))  # 95 % intervals (none: a zero bar)
+        ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="ours (95 % interval)", color="tab:blue")
         ax.bar(x + 0.2, paper, 0.4, label="paper", color="none", edgecolor="tab:gray", hatch="//")
         ax.set_xticks(x, columns, rotation=30)
         ax.set_ylim(0, 1.05)
@@ -455,7 +521,7 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
             cells.setdefault(d, {}).update(row)
     cells = {d: {c: cells[d][c] for c in spec.columns if c in cells[d]} for d in cfg.defenses if d in cells}
     flags = flags_summary(merged_flags([c for c, *_ in runs_used], merged))
-    digits = {c: {"auc": 4, "mse": 4}.get(m, 2) for c, m in per_column.items()}
+    digits: dict[str, int | None] = {c: {"auc": None, "mse": 4}.get(m, 2) for c, m in per_column.items()}
     partial, run_lines = [], []
     for c, folder, rel_c, r in runs_used:
         if r.empty:
@@ -482,24 +548,20 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
         )
         + "."
     )
+    if verdict_line(cells):
+        lines.append("\n" + verdict_line(cells))
     if spec.compare is not None:
         cheap, reference = spec.compare.cheap, spec.compare.reference
         iters = rows[~rows["attacked"]].groupby("defense")["effective_iterations"].mean()
         ratio = iters.get(cheap, np.nan) / iters.get(reference, np.nan)
         lines.append(
             f"\n**{cheap}** ({iters.get(cheap, np.nan):.0f} effective iterations per example, {ratio:.2f} of "
-            f"{reference}'s {iters.get(reference, np.nan):.0f}) against **{reference}**, on the same examples "
-            "(matches: no more than 0.02 below):"
+            f"{reference}'s {iters.get(reference, np.nan):.0f}) against **{reference}**, on the same examples; "
+            "the claim: as accurate (a difference of 0 in the 95 % interval of the paired difference):"
         )
         accuracy_columns = {c: a for c, a in spec.columns.items() if per_column[c] == "accuracy"}
         lines += paired_comparison(rows, cheap, reference, accuracy_columns)
-    raised = flags["flagged"]
-    lines.append(f"\nGradient-masking checks: {flags['checks']} run, {len(raised)} flagged" + (":" if raised else "."))
-    lines += [
-        f"- {f['defense']}: **{f['check']}** — {f['attack']} {f['acc']:.2f} vs {f['compared_with']} "
-        f"{f['acc_other']:.2f} (n={f['n']})"
-        for f in raised
-    ]
+    lines += masking_lines(flags)
     if spec.convergence:
         lines.append(convergence_text(key, spec, rows, [c for c, *_ in runs_used], figures))
     if spec.notes:
@@ -507,6 +569,25 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
     plotted = {d: {c: v for c, v in row.items() if per_column[c] == metric} for d, row in cells.items()}
     ylabel = {"auc": "ROC AUC", "mse": "reconstruction MSE"}.get(metric, "accuracy")
     return "\n".join(lines) + "\n", cells_figure(plotted, spec.title, ylabel)
+
+
+def masking_lines(flags: dict) -> list[str]:
+    """The masking checks' flags, each with its n; a flag on fewer than MIN_N examples reads *undecided* (a
+    difference of a few examples), not a finding."""
+    raised = flags["flagged"]
+    small = sum(f["n"] < MIN_N for f in raised)
+    head = f"\nGradient-masking checks: {flags['checks']} run, {len(raised)} flagged"
+    if small:
+        head += f" ({small} on n < {MIN_N}: undecided)"
+    lines = [head + (":" if raised else ".")]
+    for f in raised:
+        wilson_1, wilson_2 = wilson(round(f["acc"] * f["n"]), f["n"]), wilson(round(f["acc_other"] * f["n"]), f["n"])
+        lines.append(
+            f"- {f['defense']}: **{f['check']}** — {f['attack']} {f['acc']:.2f} [{wilson_1.low:.2f}, "
+            f"{wilson_1.high:.2f}] vs {f['compared_with']} {f['acc_other']:.2f} [{wilson_2.low:.2f}, "
+            f"{wilson_2.high:.2f}] (n={f['n']})" + (f": *undecided* (n < {MIN_N})" if f["n"] < MIN_N else "")
+        )
+    return lines
 
 
 def curves_section(key: str, spec: CurvesTable, runs: Path, figures: Path) -> tuple[str, Figure | None]:
@@ -580,7 +661,7 @@ def red_section(key: str, spec: RedTable, runs: Path, figures: Path) -> tuple[st
         t = tables[which]
         cells = {
             str(m): {
-                str(c): Cell(
+                str(c): fraction_cell(
                     None if pd.isna(t.loc[m, c]) else float(t.loc[m, c]),
                     int(tables["n"].loc[m, c]) if not pd.isna(tables["n"].loc[m, c]) else 0,
                     paper.get(m, {}).get(c),
@@ -590,7 +671,10 @@ def red_section(key: str, spec: RedTable, runs: Path, figures: Path) -> tuple[st
             for m in t.index
         }
         parts.append(
-            f"**{title}** (rows: method; columns: the input's attack)\n\n" + cells_markdown(cells, 3, "method") + "\n"
+            f"**{title}** (rows: method; columns: the input's attack)\n\n"
+            + cells_markdown(cells, 3, "method")
+            + ("\n\n" + verdict_line(cells) if verdict_line(cells) else "")
+            + "\n"
         )
     secs = rows.groupby("method")["seconds"].mean()
     parts.append(
@@ -695,7 +779,7 @@ def recovery_section(key: str, spec: RecoveryTable, runs: Path, figures: Path) -
     t1 = tables["table1"]
     cells = {
         str(c): {
-            col: Cell(float(t1.loc[c, col]), int(t1.loc[c, "n"]), paper.table1.get(c, {}).get(col))
+            col: fraction_cell(float(t1.loc[c, col]), int(t1.loc[c, "n"]), paper.table1.get(c, {}).get(col))
             for col in t1.columns
             if col != "n"
         }
@@ -705,6 +789,7 @@ def recovery_section(key: str, spec: RecoveryTable, runs: Path, figures: Path) -
         head
         + "**Table 1**: fraction of trials with ||z − z'||² / d < ε\n\n"
         + cells_markdown(cells, 3, "clipping")
+        + ("\n\n" + verdict_line(cells) if verdict_line(cells) else "")
         + "\n"
     ]
     t2 = tables["table2"]
@@ -738,7 +823,30 @@ SECTIONS: dict[type[BaseTable], Callable[..., tuple[str, Figure | None]]] = {
 def table_section(key: str, spec: Table, runs: Path, figures: Path) -> tuple[str, Figure | None]:
     """One table's markdown (and figure), from its config's run folder under `runs`; its kind picks the job.
     Figures a section writes itself (a convergence curve, red-theory's plots) go to `figures`."""
-    return SECTIONS[type(spec)](key, spec, runs, figures)
+    text, figure = SECTIONS[type(spec)](key, spec, runs, figures)
+    if isinstance(spec, ConfigTable) and spec.protocol:
+        text += deviations_text(spec, runs)
+    return text, figure
+
+
+def deviations_text(spec: ConfigTable, runs: Path) -> str:
+    """The section's "Deviations" list: every setting of the paper's protocol (`protocol:` in the paper-numbers
+    file) where the table's configs differ, read from the configs and the weights manifests they load."""
+    configs = []
+    for config in (spec.config, *getattr(spec, "also", [])):
+        cfg = _locate(spec, runs, config)[0]
+        weights = cfg.weights_dir() if hasattr(cfg, "weights_dir") else PROJECT_ROOT / cfg.weights
+        configs.append((cfg.model_dump(mode="json"), weights))
+    try:
+        lines, compared = deviations(spec.protocol, configs)
+    except KeyError as err:
+        raise SystemExit(f"{spec.title}: {err.args[0]}") from None
+    if not lines:
+        return f"\n**Deviations from the paper's protocol**: none of the {compared} settings it states.\n"
+    return (
+        f"\n**Deviations from the paper's protocol** ({len(lines)} of the {compared} settings it states, read from "
+        "the configs and weights manifests):\n" + "\n".join(lines) + "\n"
+    )
 
 
 HEADLINE_START, HEADLINE_END = "<!-- invgan report: headline -->", "<!-- /invgan report -->"

@@ -39,10 +39,31 @@ class BaseTable(_Strict):
     headline: bool = Field(False, description="also write this section into the README's headline block")
 
 
+class Setting(_Strict):
+    """One setting of a paper's protocol: the paper's value, and where the paper says so."""
+
+    paper: Any
+    source: str = Field("", description="where the paper says so, e.g. 'eq. 6' or 'Sec. 4'")
+
+
 class ConfigTable(BaseTable):
     """A section read from the run folder of one config."""
 
     config: Path = Field(description="the job's config, relative to configs/repro/ (an absolute path stays as it is)")
+    protocol: dict[str, Setting] = Field(
+        {},
+        description="the paper's protocol, setting by setting: a dotted path into the config (with the defaults "
+        "it leaves out), e.g. defenses.invgan.params.optimizer, or into a weights manifest, e.g. "
+        "weights.inverter.training.steps -> the paper's value (or {paper: value, source: where}); the report "
+        "lists every setting where ours differs as a Deviation",
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _plain_values(cls, protocol: Any) -> Any:
+        if not isinstance(protocol, dict):
+            return protocol
+        return {k: v if isinstance(v, dict) and "paper" in v else {"paper": v} for k, v in protocol.items()}
 
 
 class Comparison(_Strict):

@@ -5,6 +5,8 @@
 - `bootstrap_auc`: a ROC AUC with its percentile bootstrap interval (resampling positives and negatives
   separately, so every resample has both classes), and `decimals` says how many places that interval
   supports;
+- `paired_difference`: the mean difference of two defenses' correctness on the same examples, with its paired
+  percentile bootstrap interval (resampling examples, so each keeps its pair);
 - `verdict`: ours against a paper's number, one of four outcomes decided in this order: *n too small*,
   *undecided* (our interval is too wide to tell a gap from none), *reproduced* (the paper's number lies in
   our interval), *not reproduced* (above or below it).
@@ -74,6 +76,18 @@ def bootstrap_auc(labels, scores, *, resamples: int = 2000, seed: int = 0) -> In
     return Interval(value, float(low), float(high), int(min(len(pos), len(neg))))
 
 
+def paired_difference(a, b, *, resamples: int = 2000, seed: int = 0) -> Interval:
+    """mean(a - b) of paired per-example outcomes (e.g. correct under defense A and under B on the same examples)
+    with its 95 % percentile bootstrap interval over examples; n = the pairs."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if not len(d):
+        return Interval(math.nan, -1.0, 1.0, 0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Interval(float(d.mean()), float(low), float(high), len(d))
+
+
 def _average_ranks(a: np.ndarray) -> np.ndarray:
     """Row-wise ranks 1..m of a 2-D array, ties given their average rank (as scipy.stats.rankdata)."""
     order = np.argsort(a, axis=1, kind="stable")
@@ -111,10 +125,28 @@ def verdict(ours: Interval, paper: float | None, *, min_n: int = MIN_N, max_half
     return "not reproduced (above)" if ours.low > paper else "not reproduced (below)"
 
 
-def format_interval(i: Interval, places: int | None = None) -> str:
-    """'0.25 [0.11, 0.47] (n=20)'."""
+def format_interval(i: Interval, places: int | None = None, sign: str = "") -> str:
+    """'0.25 [0.11, 0.47] (n=20)'; sign='+': '+0.05 [-0.15, +0.25] (n=20)' (a difference)."""
     d = decimals(i) if places is None else places
-    return f"{i.value:.{d}f} [{i.low:.{d}f}, {i.high:.{d}f}] (n={i.n})"
+    return f"{i.value:{sign}.{d}f} [{i.low:{sign}.{d}f}, {i.high:{sign}.{d}f}] (n={i.n})"
+
+
+VERDICTS = ("reproduced", "not reproduced (above)", "not reproduced (below)", "undecided", "n too small")
+
+
+def tally(verdicts) -> str:
+    """'reproduced 9, not reproduced 4 (1 above, 3 below), undecided 3, n too small 1' (kinds with none left out;
+    '' for no verdicts)."""
+    counts = {v: 0 for v in VERDICTS}
+    for v in verdicts:
+        if v:
+            counts[v] += 1
+    above, below = counts["not reproduced (above)"], counts["not reproduced (below)"]
+    parts = [f"reproduced {counts['reproduced']}"] if counts["reproduced"] else []
+    if above + below:
+        parts.append(f"not reproduced {above + below} ({above} above, {below} below)")
+    parts += [f"{v} {counts[v]}" for v in ("undecided", "n too small") if counts[v]]
+    return ", ".join(parts)
 
 
 def needed(k: int, m: int, half_width: float) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from jobs import stats
 from jobs.config import load_config
 from jobs.evaluate import EvalWorker
 from jobs.paper_report import build_report, combined_correct, prefix_agreement
@@ -37,6 +39,12 @@ def fixture_run(tmp_path_factory):
             "columns": {"clean": ["clean"], "fgsm": ["fgsm"], "both": ["fgsm", "bpda"]},
             "paper": {"invgan": {"clean": 0.99, "fgsm": 0.78}},
             "notes": "Why ours differ: tiny.",
+            "protocol": {
+                "defenses.invgan.params.optimizer": {"paper": "sgd", "source": "eq. 6"},
+                "attacks.fgsm.params.eps": 0.3,
+                "weights.inverter.training.steps_done": 100000,
+                "limit": 4,
+            },
         },
         "tiny_auc": {
             "config": str(tmp / "tiny.yaml"),
@@ -61,8 +69,8 @@ def test_report_sets_our_cells_beside_the_papers_with_n(fixture_run):
     assert text.index("## Tiny table") < text.index("## Tiny AUC") < text.index("## Never run")  # the file's order
     assert "| defense | clean | fgsm | both |" in text and text.index("| none |") < text.index("| invgan |")
     inv = rows[rows["defense"] == "invgan"].set_index(["attack", "example_id"])["correct"]
-    clean = inv["clean"].mean()
-    assert f"**{clean:.2f}** (n=4) · paper 0.99" in text
+    clean = stats.wilson(int(inv["clean"].sum()), 4)
+    assert f"**{clean.value:.2f}** [{clean.low:.2f}, {clean.high:.2f}] (n=4) · paper 0.99: *n too small*" in text
     assert "paper 0.9985" in text and "Gradient-masking checks:" in text and "Why ours differ: tiny." in text
     assert (out.parent / "figures" / "tiny_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -79,7 +87,8 @@ def test_a_column_of_several_attacks_is_the_per_example_worst(fixture_run):
     expected = (wide["fgsm"] & wide["bpda"]).mean()
     assert combined_correct(d, ["fgsm", "bpda"]).mean() == expected
     assert combined_correct(d, ["fgsm", "absent"]) is None
-    assert f"**{expected:.2f}** (n=4)" in out.read_text()
+    i = stats.wilson(round(expected * 4), 4)
+    assert f"**{expected:.2f}** [{i.low:.2f}, {i.high:.2f}] (n=4)" in out.read_text()
 
 
 def test_the_shipped_paper_numbers_name_real_configs_and_columns():
@@ -207,13 +216,79 @@ def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
             "correct": [True, True, True, False] + [True] * 4,
         }
     )
-    (line,) = paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]}, min_n=1)
-    assert "0.75 vs 1.00 (n=4; difference -0.25 ± 0.50)" in line and "falls short by 0.25, within 2 standard" in line
-    assert "too few examples to tell (n < 20)" in paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]})[0]
-    same = fake.assign(correct=True)
-    assert "**matches**" in paired_comparison(same, "cheap", "ref", {"clean": ["clean"]}, min_n=1)[0]
-    many = pd.concat([fake.assign(example_id=fake.example_id + 4 * k) for k in range(10)])  # n = 40, -0.25
-    assert paired_comparison(many, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**falls short by 0.25**")
+    (line,) = paired_comparison(fake, "cheap", "ref", {"clean": ["clean"]})
+    assert "0.75 vs 1.00 (n=4; difference -0.25 [" in line and line.endswith("**n too small**")
+    same = pd.concat([fake.assign(example_id=fake.example_id + 4 * k, correct=True) for k in range(10)])
+    assert paired_comparison(same, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**reproduced**")
+    many = pd.concat([fake.assign(example_id=fake.example_id + 4 * k) for k in range(10)])  # n = 40, -0.25 ± 0.13
+    assert paired_comparison(many, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**undecided**")
+    lots = pd.concat([fake.assign(example_id=fake.example_id + 4 * k) for k in range(100)])  # n = 400: ± 0.04
+    assert paired_comparison(lots, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**not reproduced (below)**")
+
+
+def test_cells_carry_intervals_and_the_table_counts_its_verdicts():
+    """An accuracy cell prints its Wilson interval and its verdict against the paper; an AUC prints the decimals
+    its bootstrap interval supports; the table's verdicts are counted in one line."""
+    from jobs.paper_report import Cell, cells_markdown, verdict_line
+
+    cells = {
+        "a": {
+            "x": Cell(0.25, 20, 0.87, stats.wilson(5, 20)),  # [0.11, 0.47]: wider than ±0.10
+            "y": Cell(0.9, 400, 0.9, stats.wilson(360, 400)),  # the paper inside
+            "z": Cell(0.5, 400, 0.9, stats.wilson(200, 400)),  # the paper far above
+        },
+        "b": {"x": Cell(0.5, 4, 0.5, stats.wilson(2, 4)), "y": Cell(None, 0, 0.9), "z": Cell(0.3, 10, None)},
+    }
+    text = cells_markdown(cells, 2)
+    assert "**0.25** [0.11, 0.47] (n=20) · paper 0.87: *undecided*" in text
+    assert "**0.90** [0.87, 0.93] (n=400) · paper 0.90: *reproduced*" in text
+    assert "**0.50** [0.45, 0.55] (n=400) · paper 0.90: *not reproduced (below)*" in text
+    assert "(n=4) · paper 0.50: *n too small*" in text and "not run · paper 0.90" in text
+    assert "(n=10) |" in text  # no paper number: no verdict
+    line = verdict_line(cells)
+    assert "reproduced 1, not reproduced 1 (0 above, 1 below), undecided 1, n too small 1." in line
+    assert verdict_line({"b": {"z": cells["b"]["z"]}}) == ""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    auc = stats.bootstrap_auc(labels, labels + rng.normal(0, 1.0, 400))
+    auc_text = cells_markdown({"d": {"fgsm": Cell(auc.value, 200, 0.9985, auc)}}, None)
+    places = stats.decimals(auc)
+    assert f"**{auc.value:.{places}f}** [{auc.low:.{places}f}," in auc_text and "paper 0.9985" in auc_text
+
+
+def test_a_masking_flag_on_few_examples_reads_undecided():
+    from jobs.paper_report import masking_lines
+
+    flag = dict(defense="invgan", check="not_converged", attack="bpda_ce", compared_with="check/x2", acc=0.5)
+    flags = {"checks": 9, "flagged": [flag | {"acc_other": 0.25, "n": 4}, flag | {"acc_other": 0.3, "n": 40}]}
+    head, small, large = masking_lines(flags)
+    assert head == "\nGradient-masking checks: 9 run, 2 flagged (1 on n < 20: undecided):"
+    assert small.endswith("(n=4): *undecided* (n < 20)") and "bpda_ce 0.50 [0.15, 0.85]" in small
+    assert large.endswith("(n=40)")
+
+
+def test_the_deviations_list_is_read_from_the_config_and_the_weights(fixture_run):
+    """Each protocol setting is read from the run's config (with the defaults it leaves out) or the weights
+    manifest; only those that differ are listed; a path that names nothing stops the report naming it."""
+    from jobs.paper_spec import Setting
+    from jobs.protocol import deviations, resolve
+
+    text = fixture_run[0].read_text()
+    section = text[text.index("## Tiny table") : text.index("## Tiny AUC")]
+    assert "**Deviations from the paper's protocol** (2 of the 4 settings it states" in section
+    assert "- `defenses.invgan.params.optimizer`: ours **adam**; the paper **sgd** (eq. 6)" in section
+    assert "- `weights.inverter.training.steps_done`: ours **5000**; the paper **100000**" in section
+    assert "attacks.fgsm.params.eps" not in section and "`limit`" not in section  # the same as the paper's
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    config = cfg.model_dump(mode="json")
+    assert resolve(config, "defenses.invgan.params.lr", cfg.weights_dir()) == 0.05  # the class's default
+    assert resolve(config, "defenses.invgan.params.steps", cfg.weights_dir()) == 20  # the config's
+    assert resolve(config, "attacks.bpda.base.params.abs_stepsize", cfg.weights_dir()) == 0.1
+    assert resolve(config, "weights.generator.arch.latent_dim", cfg.weights_dir()) == 16
+    with pytest.raises(KeyError):
+        resolve(config, "defenses.invgan.params.optimiser", cfg.weights_dir())
+    with pytest.raises(KeyError, match="'defenses.nope.params.steps' names nothing"):
+        deviations({"defenses.nope.params.steps": Setting(paper=1)}, [(config, cfg.weights_dir())])
 
 
 def test_the_curves_verdict_finds_the_fewest_iterations_that_reach_the_reference():
@@ -294,9 +369,15 @@ def test_curves_and_red_sections_from_run_folders(tmp_path):
     (tmp_path / "paper.yaml").write_text(yaml.safe_dump(paper))
     text = build_report(tmp_path / "docs", runs=tmp_path / "runs", paper_numbers=tmp_path / "paper.yaml").read_text()
     assert "| invgan | 4 |" in text and "| defensegan | 4 |" in text and "- clean: invgan" in text
-    assert "**1.000** (n=4) · paper 0.940" in text  # bsd_gan clean signal accuracy
-    assert "| cnn | **1.000** (n=4) | **0.000** (n=4) | **0.000** (n=4) |" in text
-    assert "| bsd_gan | **1.000** (n=4) | **0.000** (n=4) |" in text  # attack type: linf is index 0 -> right
+    all4 = stats.wilson(4, 4)
+    assert f"**1.000** [{all4.low:.3f}, 1.000] (n=4) · paper 0.940: *n too small*" in text  # bsd_gan clean signal
+    none4 = stats.wilson(0, 4)
+    assert (
+        f"| cnn | **1.000** [{all4.low:.3f}, 1.000] (n=4) | **0.000** [0.000, {none4.high:.3f}] (n=4) | "
+        f"**0.000** [0.000, {none4.high:.3f}] (n=4) |" in text
+    )
+    # attack type: linf is index 0 -> right
+    assert f"| bsd_gan | **1.000** [{all4.low:.3f}, 1.000] (n=4) | **0.000** [0.000, {none4.high:.3f}] (n=4) |" in text
     assert (tmp_path / "docs" / "figures" / "curves.png").exists() and (
         tmp_path / "docs" / "figures" / "red.png"
     ).exists()
@@ -436,7 +517,9 @@ def test_a_second_runs_attacks_join_the_table_with_their_convergence_curve(fixtu
         bpda8 = dr[dr.attack == "bpda8"]["correct"].mean()
         worst = combined_correct(dr, ["fgsm", "bpda8"]).mean()
         line = next(line for line in text.splitlines() if line.startswith(f"| {d} | **"))
-        assert f"**{bpda8:.2f}** (n=4)" in line and line.rstrip(" |").endswith(f"**{worst:.2f}** (n=4)")
+        i, j = stats.wilson(round(bpda8 * 4), 4), stats.wilson(round(worst * 4), 4)
+        assert f"**{bpda8:.2f}** [{i.low:.2f}, {i.high:.2f}] (n=4)" in line
+        assert line.rstrip(" |").endswith(f"**{worst:.2f}** [{j.low:.2f}, {j.high:.2f}] (n=4)")
         curve = next(line for line in text.splitlines() if line.startswith(f"| {d} | 4 | "))
         assert curve.rstrip(" |").endswith(f"{bpda8:.2f}")  # k = 8: the attack's own cell
     assert "**Convergence of `bpda8`**" in text and "k=0 | k=1 | k=2 | k=5 | k=8 |" in text
@@ -478,3 +561,21 @@ def test_a_repro_runs_description_names_the_tables_it_feeds():
     assert any("#table2_mnist)" in f for f in fed) and any("#table3_mnist)" in f for f in fed)
     assert any("#table2_mnist)" in f for f in tables_fed_by("repro_table2_mnist_bpda500"))  # through `also`
     assert tables_fed_by("smoke") == []
+
+
+def test_every_protocol_setting_of_the_shipped_paper_numbers_names_a_real_setting():
+    """Each `protocol:` path resolves in its table's configs or weights (a typo would silently read as "no
+    deviation" otherwise), and the known deviations issue #22 lists are among those found."""
+    from jobs.paper_report import deviations_text
+    from jobs.paper_spec import PAPER_NUMBERS, ConfigTable, load_paper_numbers
+
+    found = {}
+    for key, spec in load_paper_numbers(PAPER_NUMBERS).items():
+        if isinstance(spec, ConfigTable) and spec.protocol:
+            found[key] = deviations_text(spec, ROOT / "runs")
+    assert {"table2_mnist", "red_table1_mnist", "recovery_digits", "chen_fig1_mnist", "table5_mnist"} <= set(found)
+    assert "`defenses.invgan.params.optimizer`: ours **adam**; the paper **sgd**" in found["table2_mnist"]
+    assert "`weights.inverter.training.steps_done`: ours **8000**" in found["table2_mnist"]
+    assert "`dictionary.normalize_atoms`: ours **True**; the paper **False**" in found["red_table1_mnist"]
+    assert "`attacks.nes.target`: ours **invgan**" in found["chen_fig1_mnist"]
+    assert "`dataset`: ours **mnist**; the paper **cifar10**" in found["table5_mnist"]

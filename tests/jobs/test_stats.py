@@ -72,3 +72,34 @@ def test_four_verdicts_in_their_order(k, n, paper, expected):
 
 def test_format_interval():
     assert stats.format_interval(stats.wilson(25, 100)) == "0.25 [0.18, 0.34] (n=100)"
+
+
+def test_paired_difference_known_answers_and_coverage():
+    """The mean of the per-example differences; identical outcomes give [0, 0]; over simulated pairs with a known
+    difference the 95 % paired bootstrap interval covers it about 95 % of the time (n = 100)."""
+    a = np.array([1, 1, 1, 0] * 10, dtype=bool)
+    b = np.ones(40, dtype=bool)
+    d = stats.paired_difference(a, b)
+    assert d.value == pytest.approx(-0.25) and d.n == 40 and d.high < 0  # 10 of 40 lost: clearly below 0
+    same = stats.paired_difference(a, a)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    assert stats.verdict(same, 0.0) == "reproduced" and stats.verdict(d, 0.0) == "undecided"  # ±0.13 at n = 40
+    big = stats.paired_difference(np.tile(a, 10), np.tile(b, 10))  # n = 400: ±0.04
+    assert big.half_width < 0.06 and stats.verdict(big, 0.0) == "not reproduced (below)"
+    assert stats.verdict(stats.paired_difference(a[:8], b[:8]), 0.0) == "n too small"
+    rng = np.random.default_rng(1)
+    covered, trials = 0, 300
+    for t in range(trials):  # A right with p 0.8, B with 0.7, correlated through a shared draw
+        u = rng.random(100)
+        x, y = u < 0.8, (u < 0.7) ^ (rng.random(100) < 0.05)
+        true = 0.8 - (0.7 * 0.95 + 0.3 * 0.05)
+        i = stats.paired_difference(x, y, resamples=500, seed=t)
+        covered += i.low <= true <= i.high
+    assert 0.90 <= covered / trials <= 0.99
+
+
+def test_tally_counts_each_verdict_and_splits_not_reproduced():
+    verdicts = ["reproduced"] * 3 + ["not reproduced (above)", "not reproduced (below)", "not reproduced (below)"]
+    verdicts += ["undecided", "", "n too small"]
+    assert stats.tally(verdicts) == "reproduced 3, not reproduced 3 (1 above, 2 below), undecided 1, n too small 1"
+    assert stats.tally(["", ""]) == "" and stats.tally(["undecided"]) == "undecided 1"

@@ -195,7 +195,9 @@ def verify(
 @shared_options()
 def report(
     out: Path = typer.Option(Path("docs"), help="folder for results.md and figures/"),
-    runs: Optional[Path] = typer.Option(None, help="run folders to read [$INVGAN_RUNS or ./runs]"),
+    runs: Optional[Path] = typer.Option(
+        None, help="run folders to read [results/: the rows tracked in the repository]"
+    ),
     readme: Optional[Path] = typer.Option(
         Path("README.md"), help="README whose headline block (between its markers) gets the headline table"
     ),
@@ -207,7 +209,8 @@ def report(
     Each table of configs/repro/paper_numbers.yaml: our cells (n per cell) beside the paper's, the run id, its
     compute and the gradient-masking flags, all derived from the run's rows.
 
-    A table whose run does not exist yet says which `invgan eval` command makes it.
+    A table whose run does not exist yet says which `invgan eval` command makes it (with `--out results/...`).
+    tests/jobs/test_committed_results.py checks that the committed report is what results/ gives.
     """
     from jobs.common import user_errors
     from jobs.paper_report import build_report

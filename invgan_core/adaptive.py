@@ -102,16 +102,41 @@ class WarmProjection:
         return p.x
 
 
-def bpda_logits(defense: Defended, ids: Optional[torch.Tensor], *, warm_steps: int | None = None) -> Logits:
+EOT_ID_STRIDE = 1 << 40  # copy k of example id i projects as id i + k * stride: its own restarts
+
+
+def bpda_logits(
+    defense: Defended, ids: Optional[torch.Tensor], *, warm_steps: int | None = None, eot: int = 1
+) -> Logits:
     """f(purify(x)) with the identity as the projection's backward; `warm_steps` warm-starts the
-    attacker's projections (`WarmProjection`)."""
+    attacker's projections (`WarmProjection`).
+
+    `eot` > 1: expectation over transformation (Athalye, Carlini & Wagner 2018) for a defense with random
+    restarts. The K copies of the batch go through one projection, copy k with ids shifted by k *
+    EOT_ID_STRIDE (its own restarts; copy 0 is the defender's draw when the draws are keyed on the id), and
+    the logits are log E_k[softmax]: the draws' mean class probabilities. The prediction is that mean's
+    argmax, and the cross-entropy's gradient is the average of the draws' gradients, each weighted by the
+    probability its draw gives the label (tests/core/test_adaptive.py checks it)."""
     _require(defense, "classifier", attack="BPDA")
+    if not (isinstance(eot, int) and eot >= 1):
+        raise ValueError(f"eot={eot!r}: give a whole number of draws >= 1")
+    if eot > 1 and warm_steps is not None:
+        raise ValueError("eot with warm_start: a warm projection has one restart, nothing to average over")
     purify = (lambda x, ids: defense.purify(x, ids).x) if warm_steps is None else WarmProjection(defense, warm_steps)
 
     def f(x):
+        if eot == 1:
+            with torch.no_grad():
+                x_proj = purify(x.detach(), ids)
+            return defense.classifier(_IdentityBackward.apply(x, x_proj))
+        n = len(x)
+        base = torch.arange(n, device=x.device) if ids is None else torch.as_tensor(ids, device=x.device)
+        copies = torch.cat([base + k * EOT_ID_STRIDE for k in range(eot)])
+        xs = x.repeat(eot, *([1] * (x.dim() - 1)))
         with torch.no_grad():
-            x_proj = purify(x.detach(), ids)
-        return defense.classifier(_IdentityBackward.apply(x, x_proj))
+            x_proj = purify(xs.detach(), copies)
+        logp = torch.log_softmax(defense.classifier(_IdentityBackward.apply(xs, x_proj)), dim=1)
+        return torch.logsumexp(logp.view(eot, n, -1), dim=0) - math.log(eot)
 
     return f
 
@@ -282,20 +307,27 @@ class BPDA(ThroughDefense):
 
     `warm_start`: the attacker's projection at step k starts from the latent of step k-1 and runs
     `warm_steps` steps (one restart) instead of the defense's full budget; the first step and the
-    success check stay cold (measured in benchmarks/fig_eval.py: cost and accuracy against cold)."""
+    success check stay cold (measured in benchmarks/fig_eval.py: cost and accuracy against cold).
 
-    def __init__(self, *, warm_start: bool = False, warm_steps: int = 20, attack: Attack | None = None):
+    `eot`: average the gradient over that many draws of the defense's restarts (`bpda_logits`); the success
+    check is then the K-draw average's prediction, and a row's prediction one fresh draw of the defense."""
+
+    def __init__(self, *, warm_start: bool = False, warm_steps: int = 20, eot: int = 1, attack: Attack | None = None):
         super().__init__(attack)
         if not (isinstance(warm_steps, int) and warm_steps >= 1):
             raise ValueError(f"warm_steps={warm_steps!r}: give a whole number of projection steps >= 1")
-        self.warm_start, self.warm_steps = bool(warm_start), warm_steps
+        if not (isinstance(eot, int) and not isinstance(eot, bool) and eot >= 1):
+            raise ValueError(f"eot={eot!r}: give a whole number of draws >= 1")
+        if eot > 1 and warm_start:
+            raise ValueError("eot > 1 with warm_start: a warm projection has one restart, nothing to average over")
+        self.warm_start, self.warm_steps, self.eot = bool(warm_start), warm_steps, eot
 
     @property
     def exact_forward(self) -> bool:
         return not self.warm_start  # a warm projection is the attacker's approximation, not the defense
 
     def rule(self, defense, ids):
-        return bpda_logits(defense, ids, warm_steps=self.warm_steps if self.warm_start else None)
+        return bpda_logits(defense, ids, warm_steps=self.warm_steps if self.warm_start else None, eot=self.eot)
 
 
 class Reparameterization(ThroughDefense):

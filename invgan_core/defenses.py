@@ -5,13 +5,18 @@ Common interface: `defense.purify(x, ids) -> Purified` and `defense.predict(x, i
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from invgan_core import rng
 from invgan_core.inversion import CONSTRAINTS, OPTIMIZERS, project
+
+_FRESH_DRAWS = 0x5EED  # keys a randomized defense's per-call seeds apart from every other use of its seed
 
 
 @dataclass
@@ -94,6 +99,12 @@ class DefenseGAN(Defense):
     `prune_every` halves each example's restarts (keeping its better half) every that many steps;
     `early_stop_tol` stops an example once its best loss has not dropped by more than that for
     `patience` steps. Both decide per example, so results stay independent of the batch.
+
+    Restarts are drawn per (seed, example id) by default: every call projects an input from the same starts,
+    so an attacker who runs the defense sees the defender's own draw (a valid deterministic defense). With
+    `randomized`, every call draws fresh starts (the deployed Defense-GAN): an attack then needs EOT over the
+    draws (`BPDA(eot=K)`, Athalye et al. 2018), and a row's prediction is one more fresh draw. The draws are
+    counted per defense object, so they are fresh but not reproducible across runs when threads share it.
     """
 
     name = "defensegan"
@@ -110,9 +121,12 @@ class DefenseGAN(Defense):
         prune_every: int | None = None,
         early_stop_tol: float | None = None,
         patience: int = 20,
+        randomized: bool = False,
         seed: int = 0,
     ):
         super().__init__(classifier)
+        if not isinstance(randomized, bool):
+            raise ValueError(f"randomized={randomized!r}: give true (fresh restarts per call) or false")
         self.check_params(
             dict(
                 restarts=restarts,
@@ -126,6 +140,15 @@ class DefenseGAN(Defense):
         )
         self.G, self.restarts, self.steps, self.lr, self.optimizer, self.seed = G, restarts, steps, lr, optimizer, seed
         self.prune_every, self.early_stop_tol, self.patience = prune_every, early_stop_tol, patience
+        self.randomized, self._draws, self._lock = randomized, itertools.count(1), threading.Lock()
+
+    def draw_seed(self) -> int:
+        """The seed of this call's restarts: the defense's seed, or (randomized) a fresh one per call."""
+        if not self.randomized:
+            return self.seed
+        with self._lock:
+            draw = next(self._draws)
+        return int(rng.hash_keys(self.seed, _FRESH_DRAWS, draw))
 
     def purify(self, x: torch.Tensor, ids=None) -> Purified:
         p = project(
@@ -137,7 +160,7 @@ class DefenseGAN(Defense):
             lr=self.lr,
             restarts=self.restarts,
             optimizer=self.optimizer,
-            seed=self.seed,
+            seed=self.draw_seed(),
             prune_every=self.prune_every,
             early_stop_tol=self.early_stop_tol,
             patience=self.patience,

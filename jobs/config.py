@@ -78,6 +78,7 @@ class CurvesSpec(_Strict):
     defenses: list[Literal["invgan", "defensegan"]] = ["invgan", "defensegan"]
     restarts: int = Field(10, gt=0, description="Defense-GAN restarts at every budget")
     lr: float = Field(0.05, gt=0)
+    optimizer: Literal["adam", "sgd", "momentum"] = "adam"
 
     @field_validator("budgets")
     @classmethod

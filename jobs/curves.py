@@ -24,17 +24,17 @@ def point_defenses(cfg: EvalConfig) -> dict[str, tuple[str, int, DefenseSpec]]:
     spec = cfg.curves
     if spec is None:
         raise ValueError("the config has no `curves:` section (see configs/curves.yaml)")
-    points = {}
+    points, opt = {}, {"lr": spec.lr, "optimizer": spec.optimizer}
     for budget in spec.budgets:
         if "invgan" in spec.defenses:
-            invgan = DefenseSpec(kind="invgan", params={"steps": budget, "lr": spec.lr})
+            invgan = DefenseSpec(kind="invgan", params={"steps": budget, **opt})
             points[f"invgan_T{budget}"] = ("invgan", max(budget, 1), invgan)
         if "defensegan" in spec.defenses:
             steps = budget // spec.restarts
             points[f"defensegan_{spec.restarts}x{steps}"] = (
                 "defensegan",
                 spec.restarts * steps,
-                DefenseSpec(kind="defensegan", params={"restarts": spec.restarts, "steps": steps, "lr": spec.lr}),
+                DefenseSpec(kind="defensegan", params={"restarts": spec.restarts, "steps": steps, **opt}),
             )
     return points
 

@@ -24,6 +24,7 @@ from jobs.config import _Strict, describe_error
 
 REPRO_DIR = PROJECT_ROOT / "configs" / "repro"
 PAPER_NUMBERS = REPRO_DIR / "paper_numbers.yaml"
+RESULTS_DIR = PROJECT_ROOT / "results"  # the tracked run folders docs/results.md is generated from
 
 Metric = Literal["accuracy", "auc", "mse"]
 Attacks = Annotated[list[str], Field(min_length=1)]

@@ -79,6 +79,8 @@ def row_steps_per_query(attack, defense_row_steps: float) -> float:
         return (1 + attack.samples) * defense_row_steps
     if isinstance(attack, adaptive.Unrolled):
         return defense_row_steps + 3.0 * attack.unroll_steps
+    if isinstance(attack, adaptive.BPDA):
+        return attack.eot * defense_row_steps  # EOT: K copies of the example through the projection
     return defense_row_steps
 
 

@@ -170,6 +170,7 @@ BUDGETS = {
     "samples": _COUNT,
     "unroll_steps": _COUNT,
     "warm_steps": _COUNT,
+    "eot": _COUNT,
     "restarts": _COUNT,
     "seeds": _COUNT,
     "rounds": _COUNT,

@@ -339,3 +339,43 @@ def test_bpda_drops_fallen_examples_without_changing_anyones_result(digits_model
         alone = attack(defense, x[i : i + 1], y[i : i + 1], ids=ids[i : i + 1])
         torch.testing.assert_close(alone.x_adv[0], together.x_adv[i])
         assert (bool(alone.success[0]), int(alone.queries[0])) == (bool(together.success[i]), int(together.queries[i]))
+
+
+def test_a_randomized_defensegan_draws_fresh_restarts_per_call_and_a_derandomized_one_does_not(digits_models):
+    models, test = digits_models
+    x, ids = test.images[:4], torch.as_tensor(test.ids[:4])
+    kw = dict(restarts=3, steps=5, seed=7)
+    fixed = DefenseGAN(models["generator"], models["classifier"], **kw)
+    fresh = DefenseGAN(models["generator"], models["classifier"], randomized=True, **kw)
+    torch.testing.assert_close(fixed.purify(x, ids).z, fixed.purify(x, ids).z)
+    a, b = fresh.purify(x, ids).z, fresh.purify(x, ids).z
+    assert (a - b).abs().amax(1).min() > 1e-3  # every example's kept latent moved: new starts, not a shared one
+    with pytest.raises(ValueError, match="randomized"):
+        DefenseGAN(models["generator"], models["classifier"], randomized="yes")
+
+
+def test_bpda_eot_averages_the_single_draw_gradients_weighted_by_each_draws_probability(digits_models):
+    """EOT over K draws, one batch of K copies, logits log E_k[p_k]: the cross-entropy gradient of example i is
+    sum_k w_ki g_ki, with g_ki the gradient of draw k alone (BPDA with ids + k * EOT_ID_STRIDE: a derandomised
+    defense reproduces each copy) and w_ki = p_ki(y) / sum_j p_ji(y). Predictions: the argmax of the mean p."""
+    from invgan_core.adaptive import EOT_ID_STRIDE
+
+    models, test = digits_models
+    defense = DefenseGAN(models["generator"], models["classifier"], restarts=2, steps=4)
+    x, y, ids = test.images[:3], test.labels[:3], torch.as_tensor(test.ids[:3])
+    k = 3
+    eot = _grad(bpda_logits(defense, ids, eot=k), x, y).view(len(x), -1)
+    rules = [bpda_logits(defense, ids + i * EOT_ID_STRIDE) for i in range(k)]
+    singles = torch.stack([_grad(f, x, y).view(len(x), -1) for f in rules])  # (K, N, D)
+    with torch.no_grad():
+        probs = torch.stack([f(x).softmax(1) for f in rules])  # (K, N, C)
+    p_y = probs[:, torch.arange(len(x)), y]  # (K, N)
+    expected = ((p_y / p_y.sum(0))[..., None] * singles).sum(0)
+    torch.testing.assert_close(eot, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(singles[0], singles[1])  # the copies really are different draws
+    with torch.no_grad():
+        torch.testing.assert_close(bpda_logits(defense, ids, eot=k)(x).exp(), probs.mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eot"):
+        BPDA(eot=0)
+    with pytest.raises(ValueError, match="warm"):
+        BPDA(eot=2, warm_start=True)

@@ -143,6 +143,68 @@ def _evaluate(cfg: TrainConfig, models, test, device) -> dict[str, float]:
     return {}
 
 
+class _StoppingRule:
+    """`--patience` for the inverter: every `eval_every` steps, the latent error ||I(G(z)) - z|| on 1,000 prior
+    draws and the T = 0 accuracy (the classifier on G(I(x))) on validation images (never the test split). A
+    check improves if the latent error falls by more than 1 % of the best so far or the accuracy rises by more
+    than 0.005; after `patience` checks without, training stops. The best check's inverter is the one saved.
+    Its state (the curve, the best weights) lives in the work dir, so a resumed run continues the same rule."""
+
+    LATENT_REL, ACCURACY_ABS, PROBES = 0.01, 0.005, 1000
+
+    def __init__(self, cfg: TrainConfig, device):
+        assert cfg.work_dir is not None and cfg.classifier is not None and cfg.patience is not None
+        self.patience, self.path = cfg.patience, cfg.work_dir / "stopping"
+        self.classifier = load_model(cfg.classifier, kind="classifier")[0].to(device).eval()
+        val = load_dataset(cfg.dataset, "validation", cfg.data_dir)
+        self.x, self.y = val.images[: self.PROBES].to(device), val.labels[: self.PROBES].to(device)
+        self.state: dict[str, Any] = {"curve": [], "best_step": None, "since": 0}
+        if (self.path / "state.json").exists():
+            self.state = json.loads((self.path / "state.json").read_text())
+
+    def check(self, step: int, I, G) -> bool:
+        """Measure, record, keep the best weights; True once `patience` checks in a row did not improve."""
+        I.eval()
+        with torch.no_grad():
+            z = sample_prior(G.prior, self.PROBES, G.latent_dim, torch.Generator().manual_seed(12345)).to(self.x.device)
+            latent = (I(G(z)) - z).norm(dim=1).mean().item()
+            accuracy = (self.classifier(G(I(self.x))).argmax(1) == self.y).float().mean().item()
+        I.train()
+        curve = self.state["curve"]
+        best_latent = min((c["sample_latent_error"] for c in curve), default=float("inf"))
+        best_accuracy = max((c["t0_accuracy"] for c in curve), default=-1.0)
+        improved = latent < best_latent * (1 - self.LATENT_REL) or accuracy > best_accuracy + self.ACCURACY_ABS
+        curve.append({"step": step, "sample_latent_error": latent, "t0_accuracy": accuracy})
+        if improved:
+            self.state["best_step"], self.state["since"] = step, 0
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / "best.safetensors.tmp"
+            tmp.write_bytes(save_tensors({k: v.detach().cpu().contiguous() for k, v in I.state_dict().items()}))
+            tmp.replace(self.path / "best.safetensors")
+        else:
+            self.state["since"] += 1
+        atomic_write_json(self.path / "state.json", self.state)
+        return self.state["since"] >= self.patience
+
+    def restore_best(self, I) -> None:
+        """Load the best check's weights into I (nothing when no check ran)."""
+        if self.state["best_step"] is not None:
+            I.load_state_dict(load_tensors((self.path / "best.safetensors").read_bytes()))
+
+    def record(self, stopped_at: int) -> dict[str, Any]:
+        """The manifest's account of the rule: its settings, the curve, the best and the last step."""
+        return {
+            "rule": (
+                f"stop after {self.patience} checks without the latent error falling by > {self.LATENT_REL:.0%} "
+                f"or the T = 0 accuracy rising by > {self.ACCURACY_ABS} (validation, {len(self.x)} images); "
+                "keep the best check"
+            ),
+            "best_step": self.state["best_step"],
+            "stopped_at": stopped_at,
+            "curve": self.state["curve"],
+        }
+
+
 # on_checkpoint(step, models, metrics): called on the main process right after every saved state;
 # `models` as in run()'s result (inverter: [I, D, G]), `metrics` the last step's losses.
 CheckpointHook = Callable[[int, list, dict], None]
@@ -190,11 +252,14 @@ def run(
     start, run_id = _resume(cfg, accelerator)
     if log:
         run_id = _start_run(cfg, run_id)
+    rule = _StoppingRule(cfg, accelerator.device) if cfg.patience is not None and main else None
     t0, step = time.monotonic(), start
     history: list[tuple[int, dict]] = []
     bar = _progress(cfg, start, main)
+    # a rerun after the stopping rule ended training trains no further
+    done = _agree(accelerator, rule is not None and rule.state["since"] >= rule.patience)
     with _run_status(log):  # `kill` / `ray job stop`: the MLflow run ends KILLED, not RUNNING
-        while step < cfg.steps:
+        while step < cfg.steps and not done:
             _reseed(cfg, step, accelerator.process_index)
             metrics = loop.step(step)
             step += 1
@@ -208,6 +273,15 @@ def run(
                     history.append((step, metrics))
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
                 timed_out = _agree(accelerator, out_of_time)
+            stop = False
+            if cfg.patience is not None and step % cfg.eval_every == 0:
+                if rule is not None:
+                    I = accelerator.unwrap_model(loop.wrapped[0])
+                    stop = rule.check(step, I, models[2])
+                    if log:
+                        mlflow.log_metrics({f"validation/{k}": v for k, v in rule.state["curve"][-1].items()}, step)
+                stop = _agree(accelerator, stop)
+                timed_out = timed_out or stop
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
                 _save_state(accelerator, cfg, step, run_id)
                 if on_checkpoint is not None and main:
@@ -219,18 +293,28 @@ def run(
                 break
         bar.close()
         accelerator.wait_for_everyone()
+        stopped = done or (
+            cfg.patience is not None
+            and step < cfg.steps
+            and not (cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes)
+        )
         result: dict[str, Any] = {
             "step": step,
-            "finished": step >= cfg.steps,
+            "finished": step >= cfg.steps or stopped,
             "mlflow_run_id": run_id,
             "work_dir": str(cfg.work_dir),
         }
         result["models"] = [accelerator.unwrap_model(m) for m in loop.wrapped] + models[len(loop.wrapped) :]
         if main:
+            stopping = None
+            if rule is not None:
+                rule.restore_best(result["models"][0])
+                stopping = rule.record(step)
+                result["stopping"] = stopping
             metrics = _evaluate(cfg, result["models"], test, accelerator.device)
             if log:
                 mlflow.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=step)
-            result["files"] = _save_models(cfg, result["models"], len(train), metrics, step)
+            result["files"] = _save_models(cfg, result["models"], len(train), metrics, step, stopping)
             if log:  # the weights as logged models of the run, each with its manifest
                 assert run_id is not None, "set by _start_run"
                 client = mlflow.MlflowClient()
@@ -645,7 +729,9 @@ def _progress(cfg: TrainConfig, start: int, main: bool):
     )
 
 
-def _save_models(cfg: TrainConfig, models, train_examples: int, metrics: dict, step: int) -> list[str]:
+def _save_models(
+    cfg: TrainConfig, models, train_examples: int, metrics: dict, step: int, stopping: dict | None = None
+) -> list[str]:
     assert cfg.out is not None, "filled by TrainConfig's validator"
     names = SAVED[cfg.kind]
     common = {
@@ -662,6 +748,8 @@ def _save_models(cfg: TrainConfig, models, train_examples: int, metrics: dict, s
         "git_commit": git_commit(),
         "metrics": metrics,
     }
+    if stopping is not None:  # the stopping rule, its learning curve and the step whose weights these are
+        common["stopping"] = stopping
     written = []
     for name, model in zip(names, models, strict=False):  # inverter: only I of [I, D, G] is saved
         save_model(cfg.out / name, model, kind=name, arch=model.arch, **common)

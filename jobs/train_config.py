@@ -108,6 +108,18 @@ class TrainConfig(BaseModel):
     lambda_adv: float = Field(1.0, description="inverter: λ1, weight of the adversarial loss")
     lambda_semantic: float = Field(100.0, description="inverter: λ2, weight of L_semantic")
     lambda_latent: float = Field(1.0, description="inverter: λ3, weight of the latent loss")
+    patience: Optional[int] = Field(
+        None,
+        gt=0,
+        description="inverter: stop once neither the latent error nor the T = 0 accuracy on validation images has "
+        "improved for N checks (then --steps is the cap) and save the best check's weights; the learning curve "
+        "goes into the manifest [off: train --steps]",
+    )
+    eval_every: int = Field(500, gt=0, description="inverter: steps between the checks of --patience")
+    classifier: Optional[Path] = Field(
+        None,
+        description="inverter: classifier of the T = 0 accuracy checked by --patience [the generator's folder's]",
+    )
     eval_split: Literal["test", "validation"] = Field(
         "test",
         description="held-out split of the manifest's figures (searches use validation, carved from train)",
@@ -129,4 +141,9 @@ class TrainConfig(BaseModel):
             self.work_dir = runs_dir() / "train" / f"{self.dataset}-{self.kind}"
         if self.generator is None:
             self.generator = self.out / "generator"
+        if self.patience is not None:
+            if self.kind != "inverter":
+                raise ValueError(f"patience: the stopping rule checks an inverter; {self.kind} trains --steps")
+            if self.classifier is None:
+                self.classifier = self.generator.parent / "classifier"
         return self

@@ -204,3 +204,45 @@ def test_training_run_is_running_while_it_trains_and_ends_with_its_fate(tmp_path
     assert seen["status"] == "RUNNING"
     ended = client.get_run(seen["run_id"])
     assert ended.info.status == status and type(raised).__name__ in ended.data.tags["error"]
+
+
+def test_the_inverter_stopping_rule_stops_keeps_the_best_check_and_records_its_curve(tmp_path):
+    """With a learning rate too small to change anything, no check after the first improves: training stops
+    after `patience` more checks, the saved inverter is the best check's (its latent error recomputed from the
+    saved file equals the curve's), and the manifest holds the rule, the curve and both steps. A rerun trains no
+    further."""
+    import json
+
+    from invgan_core.checkpoint import load_model
+    from invgan_core.models import sample_prior
+
+    digits = ROOT / "weights" / "digits"
+    kw = dict(
+        kind="inverter",
+        generator=digits / "generator",
+        classifier=digits / "classifier",
+        steps=200,
+        lr=1e-12,
+        patience=2,
+        eval_every=10,
+        checkpoint_every=10,
+    )
+    result = run(_cfg(tmp_path, **kw))
+    assert result["step"] == 30 and result["finished"]  # checks at 10 (best), 20, 30: two without improving
+    manifest = json.loads((tmp_path / "w" / "inverter.json").read_text())
+    stopping = manifest["stopping"]
+    assert stopping["best_step"] == 10 and stopping["stopped_at"] == 30
+    assert [c["step"] for c in stopping["curve"]] == [10, 20, 30] and "2 checks" in stopping["rule"]
+    I, _ = load_model(tmp_path / "w" / "inverter", kind="inverter")
+    G, _ = load_model(digits / "generator", kind="generator")
+    with torch.no_grad():
+        z = sample_prior(G.prior, 1000, G.latent_dim, torch.Generator().manual_seed(12345))
+        latent = (I(G(z)) - z).norm(dim=1).mean().item()
+    assert latent == pytest.approx(stopping["curve"][0]["sample_latent_error"], rel=1e-5)
+    again = run(_cfg(tmp_path, **kw))
+    assert again["step"] == 30  # the rule had ended it
+
+
+def test_the_stopping_rule_is_refused_for_other_kinds(tmp_path):
+    with pytest.raises(ValueError, match="patience"):
+        _cfg(tmp_path, kind="classifier", patience=3)

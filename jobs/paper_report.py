@@ -227,6 +227,38 @@ def paired_comparison(
     return lines
 
 
+def versus_lines(
+    rows: pd.DataFrame,
+    other: pd.DataFrame,
+    columns: dict[str, list[str]],
+    defenses: list[str],
+    *,
+    min_n: int = MIN_N,
+) -> list[str]:
+    """One line per (defense of `defenses`, column) both runs have: this run's accuracy against the other's on
+    the same examples, the paired difference (this minus the other) with its 95 % bootstrap interval, and the
+    verdict on the claim that the change makes no difference (jobs.stats.verdict with 0 as the claim)."""
+    lines = []
+    for defense in defenses:
+        if defense not in set(rows["defense"]) or defense not in set(other["defense"]):
+            continue
+        for column, attacks in columns.items():
+            a = combined_correct(rows[rows["defense"] == defense], attacks)
+            b = combined_correct(other[other["defense"] == defense], attacks)
+            if a is None or b is None:
+                continue
+            common = a.index.intersection(b.index)
+            if not len(common):
+                continue
+            diff = paired_difference(a[common].to_numpy(), b[common].to_numpy())
+            lines.append(
+                f"- {defense}, {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; "
+                f"difference {diff.value:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]): "
+                f"**{verdict(diff, 0.0, min_n=min_n)}**"
+            )
+    return lines
+
+
 def _fmt(v: float | None, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -561,6 +593,18 @@ def eval_section(key: str, spec: EvalTable, runs: Path, figures: Path) -> tuple[
         )
         accuracy_columns = {c: a for c, a in spec.columns.items() if per_column[c] == "accuracy"}
         lines += paired_comparison(rows, cheap, reference, accuracy_columns)
+    if spec.versus is not None:
+        other_cfg, other_dir, other_rel, _ = _locate(spec, runs, spec.versus.config)
+        changed = [d for d, ds in cfg.defenses.items() if other_cfg.defenses.get(d, ds) != ds]
+        other = read_rows(other_dir, EVAL_ROWS) if (other_dir / "rows").is_dir() else pd.DataFrame()
+        lines.append(
+            f"\n**Against {spec.versus.label}** (`{other_rel}`), each cell of a defense the two configs set "
+            "differently beside the same cell there, on the same examples; the claim: no difference (0 in the 95 % "
+            "interval of the paired difference, this run's accuracy minus that one's):"
+        )
+        accuracy_columns = {c: a for c, a in spec.columns.items() if per_column[c] == "accuracy"}
+        found = versus_lines(rows, scored(other), accuracy_columns, changed) if not other.empty else []
+        lines += found or [f"- no examples in common yet (`{other_rel}`: {len(other)} rows)."]
     lines += masking_lines(flags)
     if spec.convergence:
         lines.append(convergence_text(key, spec, rows, [c for c, *_ in runs_used], figures))

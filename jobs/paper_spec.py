@@ -74,6 +74,14 @@ class Comparison(_Strict):
     reference: str
 
 
+class Versus(_Strict):
+    """Every cell set against the same cell (defense, column) of another config's run, on the same examples
+    (`versus_lines`): an ablation that changes one setting, e.g. the projection optimiser."""
+
+    config: Path = Field(description="the other run's config, as `config`")
+    label: str = Field(description="what the other run is, e.g. 'gradient descent'")
+
+
 class EvalTable(ConfigTable):
     """An `invgan eval` run (InvGAN Tables 2, 3, 5): defenses x the paper's columns."""
 
@@ -86,6 +94,7 @@ class EvalTable(ConfigTable):
     column_metrics: dict[str, Metric] = Field({}, description="a column whose metric is not the table's")
     paper: Numbers = Field({}, description="defense -> column -> the paper's number")
     compare: Comparison | None = None
+    versus: Versus | None = None
     also: list[Path] = Field([], description="more configs (as `config`) whose runs on the same examples add attacks")
     convergence: str | None = Field(None, description="a first-success attack: its accuracy after k steps")
 

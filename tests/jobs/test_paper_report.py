@@ -226,6 +226,30 @@ def test_an_mse_column_and_the_paired_verdict(fixture_run, tmp_path):
     assert paired_comparison(lots, "cheap", "ref", {"clean": ["clean"]})[0].endswith("**not reproduced (below)**")
 
 
+def test_an_ablation_sets_each_cell_against_the_same_cell_of_the_other_run_on_shared_examples():
+    """`versus`: defense by defense (only the ones named), column by column, on the examples both runs have;
+    the paired difference is this run minus the other and the claim is no difference."""
+    from jobs.paper_report import versus_lines
+
+    def run(correct_dg: list[bool], ids: list[int]) -> pd.DataFrame:
+        n = len(ids)
+        return pd.DataFrame(
+            {
+                "example_id": ids * 2,
+                "attack": ["bpda"] * (2 * n),
+                "defense": ["dg"] * n + ["none"] * n,
+                "correct": correct_dg + [False] * n,
+            }
+        )
+
+    ours = run([True, False, True, True] * 25 + [True], list(range(101)))  # one example the other lacks
+    theirs = run([True, False, False, True] * 25, list(range(100)))
+    (line,) = versus_lines(ours, theirs, {"bpda": ["bpda"]}, ["dg"])  # `none` not asked for
+    assert line.startswith("- dg, bpda: 0.75 vs 0.50 (n=100; difference +0.25 [")
+    assert line.endswith("**not reproduced (above)**")  # +0.25 with 100 pairs: 0 lies outside, ours higher
+    assert versus_lines(ours, theirs.assign(example_id=theirs.example_id + 1000), {"bpda": ["bpda"]}, ["dg"]) == []
+
+
 def test_cells_carry_intervals_and_the_table_counts_its_verdicts():
     """An accuracy cell prints its Wilson interval and its verdict against the paper; an AUC prints the decimals
     its bootstrap interval supports; the table's verdicts are counted in one line."""

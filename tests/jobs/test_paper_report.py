@@ -250,6 +250,27 @@ def test_an_ablation_sets_each_cell_against_the_same_cell_of_the_other_run_on_sh
     assert versus_lines(ours, theirs.assign(example_id=theirs.example_id + 1000), {"bpda": ["bpda"]}, ["dg"]) == []
 
 
+def test_the_recovery_ordering_is_read_on_paired_trials():
+    """Lipton & Tripathi's ordering per ε on the same trials: a clear gain holds, a loss is reversed, equal
+    rows are not decided."""
+    from jobs.paper_report import ordering_text
+
+    n = 200
+    err = {
+        "none": np.full(n, 0.5),  # never recovered at ε = 0.1
+        "clip": np.where(np.arange(n) < 100, 0.01, 0.5),  # half recovered
+        "stochastic_clip": np.where(np.arange(n) < 50, 0.01, 0.5),  # a quarter: fewer than clip
+    }
+    rows = pd.DataFrame(
+        [{"table": 1, "trial": t, "constraint": c, "sq_err": e[t]} for c, e in err.items() for t in range(n)]
+    )
+    text = ordering_text(rows, [0.1, 1.0])
+    clip_none, stoch_clip, stoch_none = [line for line in text.splitlines() if line.startswith("| ") and "−" in line]
+    assert "+0.500 [" in clip_none and "*holds*" in clip_none.split("|")[2]
+    assert "-0.250 [" in stoch_clip and "*reversed*" in stoch_clip.split("|")[2]
+    assert all("+0.000 [+0.000, +0.000] *not decided*" in line.split("|")[3] for line in (clip_none, stoch_none))
+
+
 def test_cells_carry_intervals_and_the_table_counts_its_verdicts():
     """An accuracy cell prints its Wilson interval and its verdict against the paper; an AUC prints the decimals
     its bootstrap interval supports; the table's verdicts are counted in one line."""

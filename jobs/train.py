@@ -146,8 +146,9 @@ def _evaluate(cfg: TrainConfig, models, test, device) -> dict[str, float]:
 class _StoppingRule:
     """`--patience` for the inverter: every `eval_every` steps, the latent error ||I(G(z)) - z|| on 1,000 prior
     draws and the T = 0 accuracy (the classifier on G(I(x))) on validation images (never the test split). A
-    check improves if the latent error falls by more than 1 % of the best so far or the accuracy rises by more
-    than 0.005; after `patience` checks without, training stops. The best check's inverter is the one saved.
+    check improves if, since the last improving check, the latent error has fallen by more than 1 % or the
+    accuracy risen by more than 0.005 (so slow steady progress adds up); after `patience` checks without,
+    training stops. The best check's inverter is the one saved.
     Its state (the curve, the best weights) lives in the work dir, so a resumed run continues the same rule."""
 
     LATENT_REL, ACCURACY_ABS, PROBES = 0.01, 0.005, 1000
@@ -171,9 +172,12 @@ class _StoppingRule:
             accuracy = (self.classifier(G(I(self.x))).argmax(1) == self.y).float().mean().item()
         I.train()
         curve = self.state["curve"]
-        best_latent = min((c["sample_latent_error"] for c in curve), default=float("inf"))
-        best_accuracy = max((c["t0_accuracy"] for c in curve), default=-1.0)
-        improved = latent < best_latent * (1 - self.LATENT_REL) or accuracy > best_accuracy + self.ACCURACY_ABS
+        # against the last improving check (the weights kept), so slow steady progress adds up to an improvement
+        ref = next((c for c in curve if c["step"] == self.state["best_step"]), None)
+        ref_latent, ref_accuracy = (
+            (float("inf"), -1.0) if ref is None else (ref["sample_latent_error"], ref["t0_accuracy"])
+        )
+        improved = latent < ref_latent * (1 - self.LATENT_REL) or accuracy > ref_accuracy + self.ACCURACY_ABS
         curve.append({"step": step, "sample_latent_error": latent, "t0_accuracy": accuracy})
         if improved:
             self.state["best_step"], self.state["since"] = step, 0
@@ -196,8 +200,8 @@ class _StoppingRule:
         return {
             "rule": (
                 f"stop after {self.patience} checks without the latent error falling by > {self.LATENT_REL:.0%} "
-                f"or the T = 0 accuracy rising by > {self.ACCURACY_ABS} (validation, {len(self.x)} images); "
-                "keep the best check"
+                f"or the T = 0 accuracy rising by > {self.ACCURACY_ABS} since the last improving check "
+                f"(validation, {len(self.x)} images); keep that check's weights"
             ),
             "best_step": self.state["best_step"],
             "stopped_at": stopped_at,

@@ -202,6 +202,23 @@ def find_run_dir(cfg, runs: Path) -> Path:
     return exact
 
 
+def _paired_line(label: str, ours: pd.DataFrame, theirs: pd.DataFrame, attacks: list[str], min_n: int) -> str | None:
+    """`label`: both sides' accuracy under `attacks` (all of them) on the examples they share, their paired
+    difference (ours minus theirs) with its 95 % bootstrap interval, and jobs.stats.verdict with 0 as the claim;
+    None when they share no example."""
+    a, b = combined_correct(ours, attacks), combined_correct(theirs, attacks)
+    if a is None or b is None:
+        return None
+    common = a.index.intersection(b.index)
+    if not len(common):
+        return None
+    diff = paired_difference(a[common].to_numpy(), b[common].to_numpy())
+    return (
+        f"- {label}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
+        f"{diff.value:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]): **{verdict(diff, 0.0, min_n=min_n)}**"
+    )
+
+
 def paired_comparison(
     rows: pd.DataFrame, cheap: str, reference: str, columns: dict[str, list[str]], *, min_n: int = MIN_N
 ) -> list[str]:
@@ -210,21 +227,9 @@ def paired_comparison(
     one is as accurate (jobs.stats.verdict with 0 as the claimed difference): n too small (fewer than `min_n`
     pairs), undecided (the interval wider than ±0.10), reproduced (0 lies in it), not reproduced (above: the
     cheap one better; below: worse)."""
-    lines = []
-    for column, attacks in columns.items():
-        a = combined_correct(rows[rows["defense"] == cheap], attacks)
-        b = combined_correct(rows[rows["defense"] == reference], attacks)
-        if a is None or b is None:
-            continue
-        common = a.index.intersection(b.index)
-        if not len(common):
-            continue
-        diff = paired_difference(a[common].to_numpy(), b[common].to_numpy())
-        lines.append(
-            f"- {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; difference "
-            f"{diff.value:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]): **{verdict(diff, 0.0, min_n=min_n)}**"
-        )
-    return lines
+    a, b = rows[rows["defense"] == cheap], rows[rows["defense"] == reference]
+    lines = [_paired_line(column, a, b, attacks, min_n) for column, attacks in columns.items()]
+    return [line for line in lines if line is not None]
 
 
 def versus_lines(
@@ -238,25 +243,12 @@ def versus_lines(
     """One line per (defense of `defenses`, column) both runs have: this run's accuracy against the other's on
     the same examples, the paired difference (this minus the other) with its 95 % bootstrap interval, and the
     verdict on the claim that the change makes no difference (jobs.stats.verdict with 0 as the claim)."""
-    lines = []
-    for defense in defenses:
-        if defense not in set(rows["defense"]) or defense not in set(other["defense"]):
-            continue
-        for column, attacks in columns.items():
-            a = combined_correct(rows[rows["defense"] == defense], attacks)
-            b = combined_correct(other[other["defense"] == defense], attacks)
-            if a is None or b is None:
-                continue
-            common = a.index.intersection(b.index)
-            if not len(common):
-                continue
-            diff = paired_difference(a[common].to_numpy(), b[common].to_numpy())
-            lines.append(
-                f"- {defense}, {column}: {a[common].mean():.2f} vs {b[common].mean():.2f} (n={len(common)}; "
-                f"difference {diff.value:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]): "
-                f"**{verdict(diff, 0.0, min_n=min_n)}**"
-            )
-    return lines
+    lines = [
+        _paired_line(f"{d}, {column}", rows[rows["defense"] == d], other[other["defense"] == d], attacks, min_n)
+        for d in defenses
+        for column, attacks in columns.items()
+    ]
+    return [line for line in lines if line is not None]
 
 
 def _fmt(v: float | None, digits: int) -> str:

@@ -105,6 +105,14 @@ class WarmProjection:
 EOT_ID_STRIDE = 1 << 40  # copy k of example id i projects as id i + k * stride: its own restarts
 
 
+def _check_eot(eot: int, warm_start: bool) -> None:
+    """Refuse an EOT count no attack can run, or EOT over a warm projection (one restart: nothing to average)."""
+    if not (isinstance(eot, int) and not isinstance(eot, bool) and eot >= 1):
+        raise ValueError(f"eot={eot!r}: give a whole number of draws >= 1")
+    if eot > 1 and warm_start:
+        raise ValueError("eot > 1 with warm_start: a warm projection has one restart, nothing to average over")
+
+
 def bpda_logits(
     defense: Defended, ids: Optional[torch.Tensor], *, warm_steps: int | None = None, eot: int = 1
 ) -> Logits:
@@ -118,10 +126,7 @@ def bpda_logits(
     argmax, and the cross-entropy's gradient is the average of the draws' gradients, each weighted by the
     probability its draw gives the label (tests/core/test_adaptive.py checks it)."""
     _require(defense, "classifier", attack="BPDA")
-    if not (isinstance(eot, int) and eot >= 1):
-        raise ValueError(f"eot={eot!r}: give a whole number of draws >= 1")
-    if eot > 1 and warm_steps is not None:
-        raise ValueError("eot with warm_start: a warm projection has one restart, nothing to average over")
+    _check_eot(eot, warm_start=warm_steps is not None)
     purify = (lambda x, ids: defense.purify(x, ids).x) if warm_steps is None else WarmProjection(defense, warm_steps)
 
     def f(x):
@@ -316,10 +321,7 @@ class BPDA(ThroughDefense):
         super().__init__(attack)
         if not (isinstance(warm_steps, int) and warm_steps >= 1):
             raise ValueError(f"warm_steps={warm_steps!r}: give a whole number of projection steps >= 1")
-        if not (isinstance(eot, int) and not isinstance(eot, bool) and eot >= 1):
-            raise ValueError(f"eot={eot!r}: give a whole number of draws >= 1")
-        if eot > 1 and warm_start:
-            raise ValueError("eot > 1 with warm_start: a warm projection has one restart, nothing to average over")
+        _check_eot(eot, bool(warm_start))
         self.warm_start, self.warm_steps, self.eot = bool(warm_start), warm_steps, eot
 
     @property

@@ -188,6 +188,11 @@ class _StoppingRule:
         else:
             self.state["since"] += 1
         atomic_write_json(self.path / "state.json", self.state)
+        return self.ended
+
+    @property
+    def ended(self) -> bool:
+        """`patience` checks in a row did not improve: training is over (also for a rerun of the same run)."""
         return self.state["since"] >= self.patience
 
     def restore_best(self, I) -> None:
@@ -253,15 +258,16 @@ def run(
     prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
     loop = _Loop(cfg, accelerator, list(prepared[: len(trainable)]), list(prepared[len(trainable) :]), models, train)
 
+    # the stopping rule's classifier and validation images load before any run starts (a missing file stops here)
+    rule = _StoppingRule(cfg, accelerator.device) if cfg.patience is not None and main else None
     start, run_id = _resume(cfg, accelerator)
     if log:
         run_id = _start_run(cfg, run_id)
-    rule = _StoppingRule(cfg, accelerator.device) if cfg.patience is not None and main else None
     t0, step = time.monotonic(), start
     history: list[tuple[int, dict]] = []
     bar = _progress(cfg, start, main)
     # a rerun after the stopping rule ended training trains no further
-    done = _agree(accelerator, rule is not None and rule.state["since"] >= rule.patience)
+    done = _agree(accelerator, rule is not None and rule.ended)
     with _run_status(log):  # `kill` / `ray job stop`: the MLflow run ends KILLED, not RUNNING
         while step < cfg.steps and not done:
             _reseed(cfg, step, accelerator.process_index)
@@ -277,15 +283,15 @@ def run(
                     history.append((step, metrics))
                 out_of_time = cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes
                 timed_out = _agree(accelerator, out_of_time)
-            stop = False
             if cfg.patience is not None and step % cfg.eval_every == 0:
+                stop = False
                 if rule is not None:
                     I = accelerator.unwrap_model(loop.wrapped[0])
                     stop = rule.check(step, I, models[2])
                     if log:
                         mlflow.log_metrics({f"validation/{k}": v for k, v in rule.state["curve"][-1].items()}, step)
-                stop = _agree(accelerator, stop)
-                timed_out = timed_out or stop
+                done = _agree(accelerator, stop)
+                timed_out = timed_out or done
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
                 _save_state(accelerator, cfg, step, run_id)
                 if on_checkpoint is not None and main:
@@ -297,14 +303,9 @@ def run(
                 break
         bar.close()
         accelerator.wait_for_everyone()
-        stopped = done or (
-            cfg.patience is not None
-            and step < cfg.steps
-            and not (cfg.max_minutes is not None and time.monotonic() - t0 > 60 * cfg.max_minutes)
-        )
         result: dict[str, Any] = {
             "step": step,
-            "finished": step >= cfg.steps or stopped,
+            "finished": step >= cfg.steps or done,  # done: the stopping rule ended training
             "mlflow_run_id": run_id,
             "work_dir": str(cfg.work_dir),
         }

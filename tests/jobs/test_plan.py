@@ -73,6 +73,14 @@ def test_unseen_pairs_are_priced_at_their_whole_budget_and_flagged():
     assert not cells[("fgsm", "defensegan")].bound
 
 
+def test_bpda_with_eot_is_priced_as_k_copies_through_the_projection():
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["attacks.bpda.params={eot: 4}"])
+    model = plan.CostModel({"mnist5k": 1e-4}, {"mnist5k": 1e-4})
+    bpda = {(c.attack, c.defense): c for c in plan.plan(cfg, 60, model)[0]}[("bpda", "defensegan")]
+    # 10 steps x 4 copies x (10 x 200 row-steps) per example, plus the row's own projection
+    assert bpda.seconds == pytest.approx(10 * (4 * 10 * 2000 * 1e-4 + 2000 * 1e-4))
+
+
 def test_wall_time_puts_each_shard_on_the_first_free_worker():
     assert plan.wall_seconds([3, 1, 1, 1], 2, 1, 0) == 3 + plan.START_SECONDS
     assert plan.wall_seconds([1, 1, 1, 3], 2, 1, 0) == 4 + plan.START_SECONDS  # in order: the long one comes last
